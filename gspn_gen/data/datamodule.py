@@ -1,0 +1,189 @@
+"""Pixel-space LightningDataModules: the embedded digits, Fashion-MNIST, any torchvision data set.
+
+Every datamodule yields batches `(x, y)` with x in [-1, 1] of shape (B, C, H, W) and int64 labels,
+and exposes `num_classes`, `channels`, `size`, `class_names` and `codec` before `setup()` so that
+LightningCLI can link them into the model's arguments (the checkpoint then knows them).
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from gspn_gen.data import digits as digits_data
+
+IDENTITY_CODEC = {"name": "identity"}
+
+
+def _to_model_space(images: np.ndarray) -> torch.Tensor:
+    """uint8 (N, H, W) or (N, H, W, C) -> float (N, C, H, W) in [-1, 1]."""
+    t = torch.from_numpy(images).float().div_(127.5).sub_(1.0)
+    return t[:, None] if t.ndim == 3 else t.permute(0, 3, 1, 2).contiguous()
+
+
+class _PixelDataModule(L.LightningDataModule):
+    """Shared loader plumbing for in-memory pixel data sets."""
+
+    codec = IDENTITY_CODEC
+
+    def __init__(self, batch_size: int, num_workers: int):
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(
+            self.train_set,
+            batch_size=self.batch_size,
+            shuffle=True,
+            drop_last=len(self.train_set) >= self.batch_size,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_set, batch_size=self.batch_size, num_workers=self.num_workers)
+
+
+class DigitsDataModule(_PixelDataModule):
+    """scikit-learn's 1,797 handwritten digits (embedded, offline), fixed 1,500/297 train/val split."""
+
+    num_classes = digits_data.NUM_CLASSES
+    channels = 1
+    class_names = digits_data.CLASS_NAMES
+
+    def __init__(self, image_size: int = 16, batch_size: int = 64, num_workers: int = 0):
+        """Args:
+            image_size: 8, 16 or 32 (the 8x8 originals upsampled bilinearly).
+            batch_size: images per training batch (per device).
+            num_workers: DataLoader worker processes (0: load in the main process; the data is tiny).
+        """
+        super().__init__(batch_size, num_workers)
+        if image_size not in digits_data.SUPPORTED_SIZES:
+            raise ValueError(f"image_size must be one of {digits_data.SUPPORTED_SIZES}, got {image_size}")
+        self.size = image_size
+
+    def setup(self, stage: str | None = None) -> None:
+        for split in ("train", "val"):
+            images, labels = digits_data.load_digits_split(split, self.size)
+            ds = TensorDataset(_to_model_space(images), torch.from_numpy(labels))
+            setattr(self, f"{split}_set", ds)
+
+
+FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                   "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+FASHION_DEFAULT_ROOT = "/usr/share/dataset-fashion-mnist"
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    """Read a (gzipped) IDX file, the format of (Fashion-)MNIST."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    ndim = data[3]
+    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+def _find_idx(root: Path, stem: str) -> Path:
+    for name in (f"{stem}.gz", stem):
+        hits = sorted(root.rglob(name))
+        if hits:
+            return hits[0]
+    raise FileNotFoundError(
+        f"no {stem}(.gz) under {root}: install Debian's package (`apt-get install dataset-fashion-mnist`, "
+        "`dpkg -L dataset-fashion-mnist` shows where) or pass --data.init_args.root DIR"
+    )
+
+
+class FashionMNISTDataModule(_PixelDataModule):
+    """Fashion-MNIST (70,000 real 28x28 grey images, 10 classes) from local IDX files (no download)."""
+
+    num_classes = 10
+    channels = 1
+    class_names = FASHION_CLASSES
+
+    def __init__(self, root: str = FASHION_DEFAULT_ROOT, image_size: int = 32, batch_size: int = 128,
+                 num_workers: int = 0):
+        """Args:
+            root: folder holding the (gzipped) IDX files, searched recursively.
+            image_size: 28 (native), 32 (padded 2 px per side) or any other size (resized).
+            batch_size: images per training batch (per device).
+            num_workers: DataLoader worker processes.
+        """
+        super().__init__(batch_size, num_workers)
+        self.root = Path(root)
+        self.size = image_size
+
+    def _load(self, prefix: str) -> TensorDataset:
+        images = _read_idx(_find_idx(self.root, f"{prefix}-images-idx3-ubyte"))
+        labels = _read_idx(_find_idx(self.root, f"{prefix}-labels-idx1-ubyte")).astype(np.int64)
+        x = _to_model_space(images)
+        if self.size == 32:
+            x = torch.nn.functional.pad(x, (2, 2, 2, 2), value=-1.0)
+        elif self.size != 28:
+            x = torch.nn.functional.interpolate(x, size=(self.size, self.size), mode="bilinear",
+                                                antialias=True, align_corners=False)
+        return TensorDataset(x, torch.from_numpy(labels))
+
+    def setup(self, stage: str | None = None) -> None:
+        self.train_set = self._load("train")
+        self.val_set = self._load("t10k")
+
+
+class TorchvisionDataModule(_PixelDataModule):
+    """Any torchvision classification data set by name (CIFAR10, MNIST, ...) from `root`.
+
+    Nothing is downloaded unless `download=True`. Images are resized to `image_size` and scaled to [-1, 1].
+    """
+
+    def __init__(self, name: str, root: str, image_size: int = 32, channels: int = 3,
+                 num_classes: int = 10, batch_size: int = 128, num_workers: int = 4, download: bool = False):
+        """Args:
+            name: class name in torchvision.datasets, e.g. CIFAR10 or MNIST.
+            root: the data set's root directory.
+            image_size: images are resized and center-cropped to this size.
+            channels: 3 for RGB, 1 to convert to grey.
+            num_classes: number of classes of the data set.
+            batch_size: images per training batch (per device).
+            num_workers: DataLoader worker processes.
+            download: let torchvision download the data set (off by default).
+        """
+        super().__init__(batch_size, num_workers)
+        import torchvision
+
+        if not hasattr(torchvision.datasets, name):
+            raise ValueError(f"unknown torchvision data set {name!r} (e.g. CIFAR10, MNIST, FashionMNIST)")
+        self.name, self.root, self.download = name, root, download
+        self.size, self.channels, self.num_classes = image_size, channels, num_classes
+        self.class_names = [str(i) for i in range(num_classes)]
+
+    def _dataset(self, train: bool) -> Dataset:
+        import torchvision
+        from torchvision import transforms as T
+
+        tf = [T.Resize(self.size), T.CenterCrop(self.size)]
+        if self.channels == 1:
+            tf.append(T.Grayscale())
+        tf += [T.ToTensor(), T.Normalize([0.5] * self.channels, [0.5] * self.channels)]
+        cls = getattr(torchvision.datasets, self.name)
+        if not self.download and not os.path.isdir(self.root):
+            raise FileNotFoundError(f"data root {self.root!r} does not exist (set download=true to fetch it)")
+        return cls(self.root, train=train, transform=T.Compose(tf), download=self.download)
+
+    def setup(self, stage: str | None = None) -> None:
+        self.train_set = self._dataset(True)
+        self.val_set = self._dataset(False)
+        names = getattr(self.train_set, "classes", None)
+        if names and len(names) == self.num_classes:
+            self.class_names = list(names)

@@ -1,0 +1,125 @@
+"""Training data from extracted latent shards (see gspn_gen.data.extract for the layout).
+
+    python train_gen.py fit --config ... --data.root /data/in256
+
+Shards are memory-mapped (safetensors `safe_open`, opened lazily in each worker), so a worker reads
+only the rows it serves and nothing is loaded up front except the labels.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import os
+
+import lightning as L
+import torch
+from safetensors import safe_open
+from torch.utils.data import DataLoader, Dataset
+
+FORMAT = "gspn-gen-latents"
+VERSION = 1
+
+
+def read_meta(root: str) -> dict:
+    """Load and check `root/meta.json`; a missing or foreign file raises ValueError."""
+    path = os.path.join(root, "meta.json")
+    if not os.path.isfile(path):
+        raise ValueError(
+            f"no meta.json in {root!r}: make latent shards first with `python -m gspn_gen.data.extract "
+            f"--images DIR --out {root} --image-size 256 --vae ...` (an unfinished extraction has no meta.json yet; "
+            "re-run the same command to resume it)"
+        )
+    with open(path) as f:
+        meta = json.load(f)
+    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        raise ValueError(
+            f"{path} is not a {FORMAT} v{VERSION} file (format={meta.get('format')!r}, version={meta.get('version')!r})"
+        )
+    return meta
+
+
+class LatentShards(Dataset):
+    """Item i -> (latent float32 (C, h, w), label): the image's latent or, at random, its mirror's."""
+
+    def __init__(self, root: str, shards: list[dict], random_flip: bool = True):
+        self.paths = [os.path.join(root, s["file"]) for s in shards]
+        self.random_flip = random_flip
+        labels, self.starts = [], [0]
+        for path, shard in zip(self.paths, shards):
+            if not os.path.isfile(path):
+                raise ValueError(f"shard {path} listed in meta.json is missing")
+            with safe_open(path, framework="pt") as f:
+                labels.append(f.get_tensor("labels"))
+            if len(labels[-1]) != shard["count"]:
+                raise ValueError(f"shard {path} holds {len(labels[-1])} latents, meta.json says {shard['count']}")
+            self.starts.append(self.starts[-1] + shard["count"])
+        self.labels = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.int64)
+        self.handles: dict[int, object] = {}  # shard -> safe_open handle, per process
+
+    def __getstate__(self) -> dict:
+        # safe_open handles cannot be pickled; each DataLoader worker opens its own.
+        return {**self.__dict__, "handles": {}}
+
+    def __len__(self) -> int:
+        return self.starts[-1]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} latents")
+        shard = bisect.bisect_right(self.starts, index) - 1
+        if shard not in self.handles:
+            self.handles[shard] = safe_open(self.paths[shard], framework="pt")  # mmap; keeps no fd open
+        flip = int(torch.randint(2, ())) if self.random_flip else 0
+        latent = self.handles[shard].get_slice("latents")[index - self.starts[shard], flip]  # (C, h, w) fp16
+        return latent.float(), int(self.labels[index])
+
+
+class LatentDataModule(L.LightningDataModule):
+    """Batches (x float32 (B, C, h, w) scaled latents, y int64 (B,)) from an extracted shard directory.
+
+    The attributes of the data contract (num_classes, channels, size, class_names, codec) come from
+    meta.json in __init__, so LightningCLI can link them into the model before setup().
+    """
+
+    def __init__(
+        self,
+        root: str,                 # directory written by gspn_gen.data.extract
+        batch_size: int = 32,      # per device
+        num_workers: int = 4,      # DataLoader workers per device
+        random_flip: bool = True,  # serve the mirrored image's latent half of the time
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        if batch_size < 1 or num_workers < 0:
+            raise ValueError(f"need batch_size >= 1 and num_workers >= 0, got {batch_size} and {num_workers}")
+        self.root, self.batch_size, self.num_workers, self.random_flip = root, batch_size, num_workers, random_flip
+        self.meta = read_meta(root)
+        channels, height, width = self.meta["latent_shape"]
+        if height != width:
+            raise ValueError(f"latents in {root!r} are not square: {self.meta['latent_shape']}")
+        self.num_classes: int = self.meta["num_classes"]
+        self.channels: int = channels
+        self.size: int = height
+        self.class_names: list[str] = list(self.meta["class_names"])
+        self.codec: dict = dict(self.meta["codec"])
+        self.dataset: LatentShards | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.dataset is None:
+            self.dataset = LatentShards(self.root, self.meta["shards"], self.random_flip)
+
+    def train_dataloader(self) -> DataLoader:
+        self.setup()
+        if len(self.dataset) < self.batch_size:
+            raise ValueError(f"{self.root!r} holds {len(self.dataset)} latents, fewer than batch_size={self.batch_size}")
+        # A plain shuffled loader: under DDP Lightning swaps in a DistributedSampler (use_distributed_sampler).
+        return DataLoader(
+            self.dataset,
+            batch_size=self.batch_size,
+            shuffle=True,
+            drop_last=True,
+            num_workers=self.num_workers,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=self.num_workers > 0,
+        )

@@ -1,0 +1,191 @@
+"""The LightningModule: backbone + diffusion process + EMA + optimiser/schedule + logging.
+
+The constructor's typed arguments are the `model:` section of a LightningCLI config, and
+`save_hyperparameters()` stores them in every checkpoint, so `sample.py` rebuilds the exact model,
+diffusion and codec from the checkpoint alone. The data-dependent arguments (`num_classes`,
+`in_channels`, `input_size`, `codec`, `class_names`) are linked from the datamodule by the CLI.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from typing import Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import grad_norm, rank_zero_only
+
+from gspn_gen.diffusion import create_diffusion
+from gspn_gen.models.zoo import build_model
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised when the training loss becomes NaN or infinite; training stops, the last checkpoint stays."""
+
+
+class GenerationModule(L.LightningModule):
+    """Class-conditional diffusion / flow training of a DiT-style backbone (GSPN or attention mixer)."""
+
+    def __init__(
+        self,
+        model: str = "GSPN-T/2",
+        model_args: dict | None = None,
+        diffusion: Literal["gaussian", "flow"] = "gaussian",
+        diffusion_args: dict | None = None,
+        num_classes: int = 10,
+        in_channels: int = 1,
+        input_size: int = 16,
+        codec: dict | None = None,
+        class_names: list[str] | None = None,
+        lr: float = 1e-4,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_steps: int = 0,
+        lr_schedule: Literal["constant", "cosine"] = "constant",
+        min_lr_ratio: float = 0.0,
+        ema_decay: float = 0.9999,
+        ema_warmup: bool = True,
+        sample_every: int = 0,
+        sample_cfg_scale: float = 4.0,
+        sample_steps: int = 50,
+        sample_per_class: int = 4,
+        sample_max_classes: int = 10,
+        fused_adamw: bool | None = None,
+    ):
+        """Build backbone, diffusion process and EMA copy.
+
+        Args:
+            model: preset name from the registry (`python -m gspn_gen.models.zoo` lists them), e.g. GSPN-XL/2.
+            model_args: overrides of the preset's constructor arguments (hidden_size, depth, chunk, ...).
+            diffusion: training objective and sampler family: gaussian (ADM/DiT DDPM) or flow (SiT).
+            diffusion_args: arguments of the process, e.g. {learn_sigma: false, clip_denoised: true}.
+            num_classes: number of classes (linked from the datamodule); id num_classes is the null class.
+            in_channels: channels of the model-space input (linked from the datamodule).
+            input_size: spatial size of the model-space input, latent or pixels (linked from the datamodule).
+            codec: how samples are decoded to images (linked from the datamodule's codec).
+            class_names: class names for sample grids (linked from the datamodule).
+            lr: peak AdamW learning rate.
+            weight_decay: AdamW weight decay.
+            betas: AdamW betas.
+            warmup_steps: linear LR warmup steps.
+            lr_schedule: constant after warmup, or cosine decay to lr * min_lr_ratio at the last step.
+            min_lr_ratio: final LR fraction of the cosine schedule.
+            ema_decay: decay of the EMA weights used for sampling.
+            ema_warmup: use min(ema_decay, (1 + step) / (10 + step)) so early EMA weights are not stale.
+            sample_every: write an EMA class grid every this many steps (0 disables).
+            sample_cfg_scale: guidance scale of those grids.
+            sample_steps: sampling steps of those grids.
+            sample_per_class: images per class in those grids.
+            sample_max_classes: at most this many classes (the first ones) in those grids.
+            fused_adamw: use the fused AdamW kernel (default: on CUDA only).
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        if lr <= 0:
+            raise ValueError(f"lr must be > 0, got {lr}")
+        if not 0.0 <= ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
+        self.diffusion = create_diffusion(diffusion, **(diffusion_args or {}))
+        self.model = build_model(
+            model,
+            input_size=input_size,
+            in_channels=in_channels,
+            num_classes=num_classes,
+            learn_sigma=self.diffusion.learn_sigma,
+            **(model_args or {}),
+        )
+        self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
+        self._last_step_time: float | None = None
+
+    @property
+    def null_class(self) -> int:
+        return self.hparams.num_classes
+
+    # ---------------------------------------------------------------- training
+    def training_step(self, batch, batch_idx):
+        x, y = batch  # (B, C, H, W), (B,)
+        losses = self.diffusion.training_losses(self.model, x, y)
+        loss = losses["loss"].mean()
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"loss is {loss.item()} at global step {self.global_step}: training stopped; "
+                "the last good checkpoint is left as it was (lower the lr or enable gradient clipping)"
+            )
+        self.log("train/loss", loss, prog_bar=True)
+        for name, value in losses.items():
+            if name != "loss":
+                self.log(f"train/{name}", value.mean())
+        return loss
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        norms = grad_norm(self.model, norm_type=2)
+        self.log("train/grad_norm", norms["grad_2.0_norm_total"], prog_bar=True)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        self._update_ema()
+        now = time.perf_counter()
+        if self._last_step_time is not None:
+            images = batch[0].shape[0] * self.trainer.world_size
+            self.log("train/images_per_sec", images / max(now - self._last_step_time, 1e-9), prog_bar=True)
+        self._last_step_time = now
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+        every = self.hparams.sample_every
+        if every and self.global_step % every == 0:
+            self.log_sample_grid()
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        decay = self.hparams.ema_decay
+        if self.hparams.ema_warmup:
+            step = self.global_step
+            decay = min(decay, (1 + step) / (10 + step))
+        ema = list(self.ema.parameters())
+        src = list(self.model.parameters())
+        torch._foreach_lerp_(ema, src, 1.0 - decay)
+        for b_ema, b in zip(self.ema.buffers(), self.model.buffers()):
+            b_ema.copy_(b)
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        fused = hp.fused_adamw if hp.fused_adamw is not None else self.device.type == "cuda"
+        opt = torch.optim.AdamW(self.model.parameters(), lr=hp.lr, betas=tuple(hp.betas),
+                                weight_decay=hp.weight_decay, fused=fused)
+        total = self.trainer.estimated_stepping_batches if hp.lr_schedule == "cosine" else None
+        if total is not None and not math.isfinite(total):
+            raise ValueError("lr_schedule 'cosine' needs a finite trainer.max_steps or max_epochs")
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(hp.warmup_steps, total, hp.min_lr_ratio))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ---------------------------------------------------------------- sampling
+    @rank_zero_only
+    def log_sample_grid(self) -> None:
+        """Write a class grid from the EMA model to <log_dir>/samples/step-XXXXXXX.png (and TensorBoard)."""
+        from gspn_gen.sampling import class_grid, generate, save_image
+
+        hp = self.hparams
+        classes = list(range(min(hp.num_classes, hp.sample_max_classes)))
+        labels = torch.tensor(classes).repeat_interleave(hp.sample_per_class)
+        images = generate(self, labels, seed=0, cfg_scale=hp.sample_cfg_scale, steps=hp.sample_steps)
+        grid = class_grid(images, labels.tolist(), hp.sample_per_class, hp.class_names)
+        log_dir = self.trainer.log_dir or self.trainer.default_root_dir
+        save_image(grid, f"{log_dir}/samples/step-{self.global_step:07d}.png")
+        for logger in self.loggers:
+            if hasattr(logger.experiment, "add_image"):
+                logger.experiment.add_image("samples/ema", torch.from_numpy(grid).permute(2, 0, 1),
+                                            self.global_step)
+
+
+def lr_lambda(warmup_steps: int, total_steps: int | None, min_ratio: float):
+    """Linear warmup to 1, then constant (total_steps None) or cosine down to `min_ratio`."""
+
+    def f(step: int) -> float:
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if total_steps is None:
+            return 1.0
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return f

@@ -1,0 +1,15 @@
+"""Diffusion backbones with a GSPN or attention token mixer, and their named presets."""
+
+from gspn_gen.models.backbone import DiffusionBackbone
+from gspn_gen.models.mixer import AttentionMixer, GSPNMixer
+
+__all__ = ["MODELS", "AttentionMixer", "DiffusionBackbone", "GSPNMixer", "build_model", "list_models"]
+
+
+def __getattr__(name: str):
+    # The registry loads on first use, so `python -m gspn_gen.models.zoo` runs zoo only once.
+    if name in ("MODELS", "build_model", "list_models"):
+        from gspn_gen.models import zoo
+
+        return getattr(zoo, name)
+    raise AttributeError(f"module 'gspn_gen.models' has no attribute {name!r}")

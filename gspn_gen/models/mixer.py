@@ -1,0 +1,126 @@
+"""Token mixers: GSPN propagation (arXiv 2501.12381) and DiT's multi-head self-attention.
+
+Both take tokens (N, T, D) with their grid (H, W), T = H * W in row-major order, and return (N, T, D),
+so one block class holds either (DESIGN.md §4).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gspn_gen.kernels import gspn_mix
+
+
+def tokens_to_map(x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """(N, T, C) row-major tokens -> contiguous (N, C, H, W) map."""
+    n, _, c = x.shape
+    return x.transpose(1, 2).reshape(n, c, *grid).contiguous()
+
+
+def map_to_tokens(x: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) map -> (N, T, C) row-major tokens."""
+    return x.flatten(2).transpose(1, 2)
+
+
+class AttentionMixer(nn.Module):
+    """Multi-head self-attention in DiT's (timm's) layout: fused qkv with bias, output projection; SDPA."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
+        super().__init__()
+        if num_heads < 1 or dim % num_heads:
+            raise ValueError(f"num_heads={num_heads} must be >= 1 and divide the width dim={dim}")
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        n, t, d = x.shape
+        qkv = self.qkv(x).reshape(n, t, 3, self.num_heads, d // self.num_heads)  # (N, T, 3, h, D/h)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)                            # 3 x (N, h, T, D/h)
+        x = F.scaled_dot_product_attention(q, k, v)                               # (N, h, T, D/h)
+        x = x.transpose(1, 2).reshape(n, t, d)                                    # (N, T, D)
+        return self.proj(x)                                                       # (N, T, D)
+
+
+# GSPN mixer (paper §3, Fig. 3; DESIGN.md §3-4). A small "proxy" projection of the features feeds
+# 1x1 projections that give, per pixel and per direction d, the three neighbour gate logits, the input
+# weight lam_d and the output weight u_d of y = sum_d u_d * scan_d(lam_d * x). lam and u are plain linear
+# outputs, as in the official code: the Stability-Context gates alone keep the scan bounded (each
+# hidden state is a convex mix of the previous line plus lam * x), and the norm after the merge takes
+# out the scale growth of long scans. Options reproduce the official generation block:
+# `direct_term` adds x * D (its d_conv, Mamba's D skip; one D per direction, summed after the merge)
+# and `conv_out` its output path (1x1 conv, depthwise 3x3, y * relu(y)) before the out-projection.
+class GSPNMixer(nn.Module):
+    """GSPN token mixer: in-proj, depthwise conv, proxy -> (gates, lam, u), 4-direction scan, norm, out-proj."""
+
+    def __init__(
+        self,
+        dim: int,
+        proxy_dim: int | None = None,      # width the gates, lam and u are projected from; None: dim // 16
+        channels_per_gate: int = 1,        # k: gate channel j serves channels j*k .. j*k+k-1 (GSPN-2)
+        chunk: int | None = None,          # local propagation in blocks of `chunk` lines; None: global
+        conv_kernel: int = 3,              # depthwise conv size (the official generator uses 7)
+        direct_term: bool = False,         # add x * D, D projected from the proxy (official d_conv)
+        conv_out: bool = False,            # official output path: 1x1 conv, depthwise 3x3, y * relu(y)
+        backend: str = "auto",             # gspn_mix backend: "auto" | "cuda" | "reference"
+    ):
+        super().__init__()
+        proxy_dim = max(dim // 16, 1) if proxy_dim is None else proxy_dim
+        if proxy_dim < 1:
+            raise ValueError(f"proxy_dim={proxy_dim} must be >= 1")
+        if channels_per_gate < 1 or dim % channels_per_gate:
+            raise ValueError(f"channels_per_gate={channels_per_gate} must be >= 1 and divide dim={dim}")
+        if chunk is not None and chunk < 1:
+            raise ValueError(f"chunk={chunk} must be >= 1 or None (global propagation)")
+        if conv_kernel < 1 or conv_kernel % 2 == 0:
+            raise ValueError(f"conv_kernel={conv_kernel} must be odd and >= 1")
+        self.dim = dim
+        self.gate_channels = dim // channels_per_gate
+        self.chunk = chunk
+        self.backend = backend
+
+        self.in_proj = nn.Linear(dim, dim)
+        self.conv = nn.Conv2d(dim, dim, conv_kernel, padding=conv_kernel // 2, groups=dim)
+        self.proxy = nn.Conv2d(dim, proxy_dim, 1, bias=False)
+        self.gate_proj = nn.Conv2d(proxy_dim, 4 * 3 * self.gate_channels, 1)
+        self.lam_proj = nn.Conv2d(proxy_dim, 4 * dim, 1)
+        self.u_proj = nn.Conv2d(proxy_dim, 4 * dim, 1)
+        self.direct_proj = nn.Conv2d(proxy_dim, 4 * dim, 1) if direct_term else None
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.conv_out = nn.Sequential(
+            nn.Conv2d(dim, dim, 1, bias=False),
+            nn.Conv2d(dim, dim, 3, padding=1, groups=dim, bias=False),
+        ) if conv_out else None
+        self.out_proj = nn.Linear(dim, dim)
+
+    def extra_repr(self) -> str:
+        return f"chunk={self.chunk}, gate_channels={self.gate_channels}, backend={self.backend!r}"
+
+    def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        h, w = grid
+        n, c = x.shape[0], self.dim
+        x = self.conv(tokens_to_map(self.in_proj(x), grid))                       # (N, C, H, W)
+        p = self.proxy(x)                                                         # (N, P, H, W)
+        gates = self.gate_proj(p).view(n, 4, 3, self.gate_channels, h, w)         # (N, 4, 3, Cg, H, W)
+        lam = self.lam_proj(p).view(n, 4, c, h, w)                                # (N, 4, C, H, W)
+        u = self.u_proj(p).view(n, 4, c, h, w)                                    # (N, 4, C, H, W)
+        y = gspn_mix(x, gates, lam, u, chunk=self.chunk, backend=self.backend)    # (N, C, H, W)
+        if self.direct_proj is not None:
+            y = y + x * self.direct_proj(p).view(n, 4, c, h, w).sum(1)            # (N, C, H, W)
+        y = self.norm(map_to_tokens(y))                                           # (N, T, C)
+        if self.conv_out is not None:
+            y = self.conv_out(tokens_to_map(y, grid))                             # (N, C, H, W)
+            y = map_to_tokens(y * F.relu(y))                                      # (N, T, C)
+        return self.out_proj(y)                                                   # (N, T, C)
+
+    def scan_flops(self, batch: int, grid: tuple[int, int]) -> int:
+        """FLOPs of the gspn_mix call, by formula (matmuls elsewhere are counted by torch).
+
+        Per direction and pixel: lam * x (1), three gated neighbours and their sum (6), u * h and the
+        merge (2) on each of C channels; the gate normalisation (3 sigmoids, a sum of 3, 3 divides: 8)
+        on each of Cg gate channels.
+        """
+        h, w = grid
+        return 4 * batch * h * w * (9 * self.dim + 8 * self.gate_channels)

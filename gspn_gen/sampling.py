@@ -1,0 +1,103 @@
+"""Generation from a trained GenerationModule: guided sampling, decoding, grids, image files.
+
+Used by the training callback (periodic EMA grids) and by `sample.py`, so both draw the same way.
+Sample i's noise depends only on (seed, indices[i]) (gspn_gen.diffusion.rng), never on batching.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from gspn_gen.codecs import build_codec
+from gspn_gen.diffusion import PerSampleRNG, cfg_model_fn
+
+
+@torch.no_grad()
+def generate(
+    module,                                   # GenerationModule (hparams + model + ema + diffusion)
+    labels: torch.Tensor,                     # (N,) int64 class ids
+    seed: int = 0,
+    indices: Sequence[int] | None = None,     # global sample ids for the per-sample seeds; default 0..N-1
+    cfg_scale: float = 1.0,
+    steps: int | None = None,
+    sampler: str | None = None,
+    guidance_interval: tuple[float, float] | None = None,
+    use_ema: bool = True,
+    progress: bool = False,
+) -> np.ndarray:
+    """Sample images for `labels`; returns uint8 (N, H, W, 3) RGB (grey repeated to 3 channels)."""
+    hp = module.hparams
+    net = module.ema if use_ema else module.model
+    was_training = net.training
+    net.eval()
+    device = next(net.parameters()).device
+    labels = labels.to(device=device, dtype=torch.long)
+    n = labels.shape[0]
+    indices = list(range(n)) if indices is None else list(indices)
+    rng = PerSampleRNG(seed, indices, device)
+    noise = rng.randn((hp.in_channels, hp.input_size, hp.input_size))
+    model_fn = cfg_model_fn(net, cfg_scale, hp.num_classes, interval=guidance_interval,
+                            time_scale=module.diffusion.time_scale)
+    z = module.diffusion.sample(model_fn, noise, labels, rng, sampler=sampler, steps=steps, progress=progress)
+    images = build_codec(hp.codec or {"name": "identity"}).to(device).decode(z)
+    net.train(was_training)
+    return to_uint8(images)
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(N, C, H, W) in [-1, 1] -> uint8 (N, H, W, 3); one channel is repeated to RGB."""
+    x = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def class_grid(
+    images: np.ndarray,                       # (N, H, W, 3) uint8, grouped by class: per_class images each
+    labels: Sequence[int],
+    per_class: int,
+    class_names: Sequence[str] | None = None,
+    pad: int = 2,
+    min_cell: int = 32,
+) -> np.ndarray:
+    """One row per class with its name on the left; small images are upscaled (nearest) to `min_cell`."""
+    from PIL import Image, ImageDraw
+
+    n, h, w, _ = images.shape
+    scale = max(1, -(-min_cell // max(h, w)))
+    h, w = h * scale, w * scale
+    rows = n // per_class
+    names = [str(class_names[labels[r * per_class]]) if class_names else str(labels[r * per_class])
+             for r in range(rows)]
+    label_w = 8 + 7 * max(len(s) for s in names)
+    canvas = Image.new("RGB", (label_w + per_class * (w + pad) + pad, rows * (h + pad) + pad), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for r in range(rows):
+        y0 = pad + r * (h + pad)
+        draw.text((4, y0 + h // 2 - 5), names[r], fill=(0, 0, 0))
+        for c in range(per_class):
+            tile = Image.fromarray(images[r * per_class + c]).resize((w, h), Image.NEAREST)
+            canvas.paste(tile, (label_w + pad + c * (w + pad), y0))
+    return np.asarray(canvas)
+
+
+def save_image(image: np.ndarray, path: str) -> None:
+    """Write a uint8 (H, W, 3) array as PNG via a temp name, then rename."""
+    from PIL import Image
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp"
+    Image.fromarray(image).save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def save_npz(images: np.ndarray, labels: np.ndarray, path: str) -> None:
+    """Write an ADM-style batch (`arr_0` uint8 NHWC, `arr_1` int64 labels) via a temp name, then rename."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp.npz"
+    np.savez(tmp, arr_0=images, arr_1=labels.astype(np.int64))
+    os.replace(tmp, path)

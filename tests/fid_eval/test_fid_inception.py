@@ -1,0 +1,102 @@
+"""Inception through torch-fidelity's real loading path, with a random weights file the test writes."""
+
+import io
+import time
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+
+from fid_eval import evaluate
+from fid_eval.__main__ import main
+from fid_eval.errors import FidEvalError
+from fid_eval.extractors import build_extractor
+from fid_eval.inception import WEIGHTS_FILE, default_weights_path
+
+
+def _random_inception_state_dict() -> dict:
+    """A state_dict with inception-v3-compat's exact keys and shapes, random values (seeded)."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    empty = io.BytesIO()
+    torch.save({}, empty)
+    empty.seek(0)
+    torch.manual_seed(0)
+    with mock.patch.object(FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd: None):
+        net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=empty)
+    return net.state_dict()
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    path = tmp_path_factory.mktemp("inception") / "random-inception.pth"
+    torch.save(_random_inception_state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def inception(weights):
+    return build_extractor("inception", str(weights), "cpu")
+
+
+@pytest.fixture(autouse=True)
+def no_torch_hub_weights(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))  # the default location is empty
+
+
+def test_missing_weights_fail_at_once_with_where_to_put_them(capsys):
+    assert default_weights_path().name == WEIGHTS_FILE and "torch_home" in str(default_weights_path())
+    start = time.time()
+    with pytest.raises(FidEvalError, match=rf"not found at .*{WEIGHTS_FILE}.*--weights PATH"):
+        build_extractor("inception")
+    rc = main(["--samples", "digits:val", "--ref", "digits:train", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "hub/checkpoints" in err and "Traceback" not in err
+    assert time.time() - start < 5
+
+
+def test_features_from_a_random_weights_file(inception):
+    images = np.random.default_rng(0).integers(0, 256, (2, 24, 20, 3), dtype=np.uint8)
+    features, logits = inception(images)
+    assert features.shape == (2, 2048) and logits.shape == (2, 1008)
+    assert np.isfinite(features).all() and np.isfinite(logits).all()
+    assert not inception.official and "not comparable" in inception.note
+    assert inception.fingerprint.startswith("inception-v3-compat-")
+
+
+def test_wrongly_shaped_weights_are_refused(tmp_path):
+    state_dict = _random_inception_state_dict()
+    state_dict["fc.weight"] = torch.zeros(10, 2048)
+    torch.save(state_dict, tmp_path / "wrong.pth")
+    with pytest.raises(FidEvalError, match=r"wrong.pth: does not fit inception-v3-compat .*fc\.weight"):
+        build_extractor("inception", str(tmp_path / "wrong.pth"), "cpu")
+    del state_dict["fc.weight"]
+    torch.save(state_dict, tmp_path / "missing.pth")
+    with pytest.raises(FidEvalError, match="does not fit inception-v3-compat .*Missing key"):
+        build_extractor("inception", str(tmp_path / "missing.pth"), "cpu")
+
+
+def test_unreadable_weights_are_refused(tmp_path):
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(FidEvalError, match="junk.pth: not a readable PyTorch weights file"):
+        build_extractor("inception", str(tmp_path / "junk.pth"), "cpu")
+    torch.save(torch.zeros(3), tmp_path / "tensor.pth")
+    with pytest.raises(FidEvalError, match="expected a state_dict"):
+        build_extractor("inception", str(tmp_path / "tensor.pth"), "cpu")
+
+
+def test_adm_reference_batch_uses_its_stored_mu_sigma(tmp_path, inception, monkeypatch):
+    rng = np.random.default_rng(0)
+    mu, sigma = rng.standard_normal(2048), np.eye(2048)
+    np.savez(tmp_path / "ref.npz", arr_0=rng.integers(0, 256, (3, 16, 16, 3), dtype=np.uint8), mu=mu, sigma=sigma)
+    np.savez(tmp_path / "samples.npz", arr_0=rng.integers(0, 256, (2, 16, 16, 3), dtype=np.uint8))
+    seen = []  # the 2048-d FID itself is tested in test_fid_metrics; here: which statistics reach it
+    monkeypatch.setattr("fid_eval.evaluation.frechet_distance", lambda *stats: seen.append(stats) or 1.0)
+    report = evaluate(str(tmp_path / "samples.npz"), str(tmp_path / "ref.npz"), "fid", inception,
+                      cache_dir=tmp_path / "cache", progress=False)
+    (sample_mu, _, ref_mu, ref_sigma), = seen
+    assert np.array_equal(ref_mu, mu) and np.array_equal(ref_sigma, sigma) and sample_mu.shape == (2048,)
+    assert report["ref"]["fid_statistics"] == "stored mu/sigma of the reference batch"
+    assert not (tmp_path / "cache").exists()  # the reference images were never featurised
+    assert any("FID-0.002K" in n for n in report["notes"])

@@ -1,0 +1,195 @@
+"""Public GSPN ops (kernels/ops.py): validation messages, backend dispatch, import without CuPy."""
+
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+from gspn_gen.kernels import available_backends, gspn_mix, gspn_scan, ops
+from gspn_gen.kernels.reference import gspn_mix_reference, gspn_scan_reference
+
+
+def mix_args(n=2, c=4, cg=2, h=3, w=5, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(0)
+    return {"x": torch.randn(n, c, h, w, generator=gen).to(dtype),
+            "gate_logits": torch.randn(n, 4, 3, cg, h, w, generator=gen).to(dtype),
+            "lam": torch.randn(n, 4, c, h, w, generator=gen).to(dtype),
+            "u": torch.randn(n, 4, c, h, w, generator=gen).to(dtype)}
+
+
+def scan_args(n=2, c=4, cg=2, h=3, w=5, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(1)
+    return {"x": torch.randn(n, c, h, w, generator=gen).to(dtype),
+            "lam": torch.randn(n, c, h, w, generator=gen).to(dtype),
+            **{k: torch.rand(n, cg, h, w, generator=gen).to(dtype) for k in ("g_up", "g_mid", "g_down")}}
+
+
+def test_public_api():
+    from gspn_gen import kernels
+
+    assert sorted(kernels.__all__) == ["available_backends", "gspn_mix", "gspn_scan"]
+    assert available_backends()[0] == "reference"
+    assert set(available_backends()) <= {"reference", "cuda"}
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_cpu_dispatches_to_reference(backend, dtype):
+    args = mix_args(dtype=dtype)
+    y = gspn_mix(**args, chunk=2, backend=backend)
+    assert y.dtype == dtype and y.shape == args["x"].shape
+    torch.testing.assert_close(y, gspn_mix_reference(*args.values(), 2), rtol=0, atol=0)
+    s = scan_args(dtype=dtype)
+    expected = gspn_scan_reference(*s.values())
+    torch.testing.assert_close(gspn_scan(**s, backend=backend), expected, rtol=0, atol=0)
+
+
+def test_gradients_flow_through_public_op():
+    args = {k: v.requires_grad_() for k, v in mix_args().items()}
+    gspn_mix(**args).square().sum().backward()
+    assert all(t.grad is not None and t.grad.shape == t.shape for t in args.values())
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+# ---------------------------------------------------------------------------------------------
+
+def _with(args, **changes):
+    return {**args, **changes}
+
+
+MIX_BAD = [
+    ({"x": torch.randn(2, 4, 3)}, r"x must have shape \(N, C, H, W\)"),
+    ({"x": torch.randn(2, 4, 3, 5).long()},
+     r"x must be float32, float64, bfloat16 or float16, got torch.int64"),
+    ({"gate_logits": torch.randn(2, 4, 3, 2, 3)}, r"gate_logits must have shape \(N, 4, 3, Cg, H, W\)"),
+    ({"gate_logits": torch.randn(2, 4, 2, 2, 3, 5)},
+     r"gate_logits must have shape \(N, 4, 3, Cg, H, W\) = \(2, 4, 3, 2, 3, 5\)"),
+    ({"gate_logits": torch.randn(2, 4, 3, 2, 5, 3)}, r"gate_logits must have shape"),
+    ({"gate_logits": torch.randn(2, 4, 3, 3, 3, 5)},
+     r"gate_logits has Cg = 3 gate channels, which must divide C = 4"),
+    ({"lam": torch.randn(2, 4, 4, 3)}, r"lam must have shape \(N, 4, C, H, W\)"),
+    ({"lam": torch.randn(2, 3, 4, 3, 5)},
+     r"lam must have shape \(N, 4, C, H, W\) = \(2, 4, 4, 3, 5\), got \(2, 3, 4, 3, 5\)"),
+    ({"u": torch.randn(1, 4, 4, 3, 5)},
+     r"u must have shape \(N, 4, C, H, W\) = \(2, 4, 4, 3, 5\), got \(1, 4, 4, 3, 5\)"),
+    ({"u": torch.randn(2, 4, 4, 3, 5, dtype=torch.float64)},
+     r"u has dtype torch.float64, expected torch.float32 like x"),
+    ({"lam": torch.randn(2, 4, 4, 3, 5, device="meta")}, r"lam is on meta, expected cpu like x"),
+    ({"x": torch.randn(0, 4, 3, 5)},
+     r"x must have shape \(N, C, H, W\) with no zero sizes, got \(0, 4, 3, 5\)"),
+]
+
+
+@pytest.mark.parametrize("changes,message", MIX_BAD)
+def test_mix_rejects_bad_inputs(changes, message):
+    with pytest.raises(ValueError, match=message):
+        gspn_mix(**_with(mix_args(), **changes))
+
+
+SCAN_BAD = [
+    ({"lam": torch.randn(2, 4, 3, 4)},
+     r"lam must have shape \(N, C, H, W\) = \(2, 4, 3, 5\), got \(2, 4, 3, 4\)"),
+    ({"g_mid": torch.rand(2, 2, 3)}, r"g_mid must have shape \(N, Cg, H, W\)"),
+    ({"g_down": torch.rand(2, 1, 3, 5)},
+     r"g_down must have shape \(N, Cg, H, W\) like g_up = \(2, 2, 3, 5\)"),
+    ({"g_up": torch.rand(2, 3, 3, 5), "g_mid": torch.rand(2, 3, 3, 5), "g_down": torch.rand(2, 3, 3, 5)},
+     r"g_up has Cg = 3 gate channels, which must divide C = 4"),
+    ({"g_mid": torch.rand(2, 2, 3, 5, dtype=torch.float16)},
+     r"g_mid has dtype torch.float16, expected torch.float32"),
+]
+
+
+def test_non_tensor_input_is_a_type_error():
+    with pytest.raises(TypeError, match=r"u must be a torch.Tensor of shape \(N, 4, C, H, W\), got list"):
+        gspn_mix(**_with(mix_args(), u=[1.0]))
+
+
+@pytest.mark.parametrize("changes,message", SCAN_BAD)
+def test_scan_rejects_bad_inputs(changes, message):
+    with pytest.raises(ValueError, match=message):
+        gspn_scan(**_with(scan_args(), **changes))
+
+
+@pytest.mark.parametrize("chunk", [0, -2, 2.0, True, "4"])
+def test_bad_chunk(chunk):
+    with pytest.raises(ValueError, match=r"chunk must be None \(global scan\) or an int >= 1"):
+        gspn_mix(**mix_args(), chunk=chunk)
+    with pytest.raises(ValueError, match=r"chunk must be None \(global scan\) or an int >= 1"):
+        gspn_scan(**scan_args(), chunk=chunk)
+
+
+def test_bad_backend():
+    message = r"backend must be one of \('auto', 'cuda', 'reference'\), got 'gpu'"
+    with pytest.raises(ValueError, match=message):
+        gspn_mix(**mix_args(), backend="gpu")
+
+
+# ---------------------------------------------------------------------------------------------
+# The CUDA backend, where there is none
+# ---------------------------------------------------------------------------------------------
+
+def test_cuda_backend_on_cpu_tensors_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"backend='cuda' needs CUDA tensors, got x on cpu"):
+        gspn_mix(**mix_args(), backend="cuda")
+    with pytest.raises(ValueError, match=r"backend='cuda' needs CUDA tensors"):
+        gspn_scan(**scan_args(), backend="cuda")
+
+
+def test_cuda_backend_rejects_float64():
+    fake = SimpleNamespace(device=torch.device("cuda"), dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"backend='cuda' supports float32, float16 and bfloat16"):
+        ops._select("cuda", fake)
+    assert ops._select("auto", fake) is None  # auto: float64 runs the reference
+
+
+def test_missing_cuda_backend(monkeypatch):
+    """backend='cuda' without usable kernels names the fix; 'auto' quietly takes the reference."""
+    reason = "CuPy is not installed: pip install 'gspn-gen[cuda13]' (or 'gspn-gen[cuda12]' for CUDA 12)"
+    monkeypatch.setattr(ops, "_cuda_backend", lambda: (None, reason))
+    fake = SimpleNamespace(device=torch.device("cuda", 0), dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match=r"backend='cuda' is unavailable: CuPy is not installed: "
+                                           r"pip install 'gspn-gen\[cuda13\]'"):
+        ops._select("cuda", fake)
+    assert ops._select("auto", fake) is None
+    assert available_backends() == ["reference"]
+
+
+def test_import_and_errors_without_cupy():
+    """`from gspn_gen.kernels import gspn_mix` works when CuPy cannot be imported, and the CUDA
+    backend then reports the pip extra to install (run in a fresh interpreter)."""
+    code = (
+        "import sys; sys.modules['cupy'] = None\n"
+        "import torch\n"
+        "from types import SimpleNamespace\n"
+        "from gspn_gen.kernels import gspn_mix, available_backends\n"
+        "from gspn_gen.kernels import ops\n"
+        "assert available_backends() == ['reference'], available_backends()\n"
+        "try:\n"
+        "    ops._select('cuda', SimpleNamespace(device=torch.device('cuda'), dtype=torch.float32))\n"
+        "except RuntimeError as err:\n"
+        "    print(err)\n"
+        "x = torch.randn(1, 2, 3, 4)\n"
+        "lam, u = torch.randn(1, 4, 2, 3, 4), torch.randn(1, 4, 2, 3, 4)\n"
+        "y = gspn_mix(x, torch.randn(1, 4, 3, 2, 3, 4), lam, u)\n"
+        "assert y.shape == x.shape\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         check=False)
+    assert out.returncode == 0, out.stderr
+    assert "backend='cuda' is unavailable" in out.stdout and "pip install 'gspn-gen[cuda" in out.stdout
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_reference_backend_on_cuda_matches_cpu():
+    args = mix_args(n=2, c=8, cg=4, h=6, w=5)
+    args = {k: v.requires_grad_() for k, v in args.items()}
+    cuda = {k: v.detach().cuda().requires_grad_() for k, v in args.items()}
+    y = gspn_mix(**args, chunk=2)
+    y_cuda = gspn_mix(**cuda, chunk=2, backend="reference")
+    torch.testing.assert_close(y_cuda.cpu(), y, rtol=1e-5, atol=1e-5)
+    y.sum().backward()
+    y_cuda.sum().backward()
+    for k in args:
+        torch.testing.assert_close(cuda[k].grad.cpu(), args[k].grad, rtol=1e-4, atol=1e-4)

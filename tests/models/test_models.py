@@ -1,0 +1,191 @@
+"""Backbone, mixers and presets: shapes, adaLN-Zero init, class dropout, structure, parameter counts."""
+
+import pytest
+import torch
+
+from gspn_gen.models import DiffusionBackbone, GSPNMixer, build_model, list_models
+from gspn_gen.models.zoo import MODELS, count_flops, count_params
+
+# Reduced presets that still run their real layers on CPU within a second.
+SMALL = {
+    "GSPN-T/1": {},
+    "GSPN-T/2": {},
+    "DiT-T/1": {},
+    "DiT-T/2": {},
+    "GSPN-XL/2": {"depth": 2, "input_size": 16},
+    "DiT-XL/4": {"depth": 1, "input_size": 16},
+    "GSPN-paper-B/2": {"depth": 5, "input_size": 16, "hidden_size": 96},
+}
+
+
+def build_small(name: str, **overrides) -> DiffusionBackbone:
+    torch.manual_seed(0)
+    return build_model(name, **{**SMALL[name], **overrides})
+
+
+def inputs(model: DiffusionBackbone, n: int = 2, size: tuple[int, int] | None = None):
+    h, w = size or 2 * (model.grid[0] * model.patch_size,)
+    x = torch.randn(n, model.in_channels, h, w)
+    t = torch.randint(0, 1000, (n,)).float()
+    y = torch.randint(0, model.num_classes, (n,))
+    return x, t, y
+
+
+def perturb_zero_init(model: torch.nn.Module) -> None:
+    """Move the zero-initialised parameters a small random step away from zero."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad and not p.any():
+                p.normal_(std=0.02)
+
+
+@pytest.mark.parametrize("name", list(SMALL))
+def test_output_shape_and_adaln_zero_init(name):
+    model = build_small(name)                                           # learn_sigma: 2C channels out
+    x, t, y = inputs(model)
+    out = model(x, t, y)
+    assert out.shape == (2, 2 * x.shape[1], *x.shape[2:])
+    assert torch.equal(out, torch.zeros_like(out))                      # adaLN-Zero: exactly zero
+
+
+@pytest.mark.parametrize("name", ["GSPN-T/2", "DiT-T/2"])
+def test_output_shape_without_learned_sigma(name):
+    model = build_small(name, learn_sigma=False, in_channels=3).eval()
+    x, t, y = inputs(model)
+    assert model(x, t, y).shape == x.shape
+
+
+@pytest.mark.parametrize("name", ["GSPN-T/2", "DiT-T/2"])
+def test_other_resolution_and_aspect(name):
+    # GSPN needs no position embedding; attention gets the sin-cos one of the new grid.
+    model = build_small(name).eval()
+    perturb_zero_init(model)
+    x, t, y = inputs(model, size=(8, 12))
+    out = model(x, t, y)
+    assert out.shape == (2, 2, 8, 12) and torch.isfinite(out).all()
+
+
+def test_class_dropout_only_in_training_and_null_id_accepted():
+    model = build_small("GSPN-T/2", class_dropout_prob=0.5)
+    table = model.y_embedder.embedding_table.weight
+    null = model.num_classes
+    y = torch.arange(null).repeat(20)                                   # 200 labels, never null
+
+    model.train()
+    emb = model.y_embedder(y)
+    dropped = (emb == table[null]).all(dim=1)
+    assert 0 < dropped.sum() < len(y)                                   # some dropped, some kept
+    assert torch.equal(emb[~dropped], table[y[~dropped]])               # kept ones untouched
+
+    model.eval()
+    assert torch.equal(model.y_embedder(y), table[y])                   # no dropout in eval mode
+
+    x, t, _ = inputs(model)
+    out = model(x, t, torch.full((2,), null))                           # the null id is a valid label
+    assert out.shape == (2, 2, 16, 16)
+
+
+def test_class_dropout_zero_keeps_labels_in_training():
+    model = build_small("DiT-T/2", class_dropout_prob=0.0).train()
+    y = torch.arange(10)
+    assert torch.equal(model.y_embedder(y), model.y_embedder.embedding_table.weight[y])
+
+
+def test_timestep_embedding_separates_ddpm_and_flow_times():
+    emb = build_small("GSPN-T/2").t_embedder
+    for t in (torch.tensor([10.0, 11.0, 999.0]), torch.tensor([0.0, 0.01, 1.0])):
+        f = emb.frequencies(t)
+        assert torch.isfinite(f).all()
+        assert torch.cdist(f, f).fill_diagonal_(1.0).min() > 1e-3       # distinct times, distinct features
+
+
+def test_gspn_and_dit_presets_differ_only_in_the_mixer():
+    with torch.device("meta"):
+        gspn, dit = build_model("GSPN-XL/2"), build_model("DiT-XL/2")
+    outside = {
+        name: p.shape for name, p in gspn.named_parameters() if ".mixer." not in name
+    }
+    outside_dit = {
+        name: p.shape for name, p in dit.named_parameters() if ".mixer." not in name and name != "pos_embed"
+    }
+    assert outside == outside_dit
+    assert isinstance(gspn.blocks[0].mixer, GSPNMixer) and not isinstance(dit.blocks[0].mixer, GSPNMixer)
+    assert gspn.pos_embed is None and not dit.pos_embed.requires_grad
+
+
+@pytest.mark.parametrize("chunk", [1, None])
+def test_gspn_mixer_reach_follows_grid_and_chunk(chunk):
+    # chunk=1 stops every scan at each line: a token then reaches only the 3x3 depthwise-conv
+    # neighbourhood, in the row-major (H, W) frame; a global scan carries it beyond.
+    torch.manual_seed(0)
+    mixer = GSPNMixer(8, chunk=chunk).double()
+    grid, (i, j) = (5, 7), (2, 3)
+    x = torch.randn(1, 35, 8, dtype=torch.float64)
+    moved = x.clone()
+    moved[0, i * grid[1] + j] += 1.0
+    changed = (mixer(moved, grid) - mixer(x, grid)).abs().amax(-1).reshape(grid) > 1e-12
+    near = torch.zeros(grid, dtype=torch.bool)
+    near[i - 1:i + 2, j - 1:j + 2] = True
+    assert changed[i, j]
+    assert changed[~near].any() == (chunk is None)
+
+
+def test_gspn_local_and_global_layers():
+    model = build_small("GSPN-T/2", chunk=3, global_layers=2)
+    assert [b.mixer.chunk for b in model.blocks] == [3, 3, 3, 3, None, None]
+    model = build_small("GSPN-T/2", chunk=None, global_layers=0)
+    assert all(b.mixer.chunk is None for b in model.blocks)
+
+
+def test_paper_layout_structure():
+    model = build_small("GSPN-paper-B/2")                               # depth 5
+    assert [b.skip_linear is not None for b in model.blocks] == [False, False, False, True, True]
+    assert all(b.adaLN_modulation is None and b.mlp is None for b in model.blocks)
+    assert [b.mixer.chunk for b in model.blocks] == [2, 2, 2, None, None]
+
+
+def test_dit_xl2_matches_dit_parameter_count_and_flops():
+    with torch.device("meta"):
+        model = build_model("DiT-XL/2")
+    assert count_params(model) == 675_129_632                           # DiT's models.py count
+    assert count_flops(model, 32) / 2e9 == pytest.approx(118.6, rel=0.01)  # DiT paper, fvcore units
+
+
+@pytest.mark.parametrize("name, official", [
+    ("GSPN-paper-B/2", 144.0e6), ("GSPN-paper-L/2", 465.2e6), ("GSPN-paper-XL/2", 723.5e6),
+])
+def test_paper_presets_match_official_parameter_counts(name, official):
+    with torch.device("meta"):
+        model = build_model(name)
+    assert count_params(model) == pytest.approx(official, rel=0.03)
+
+
+@pytest.mark.parametrize("name", ["GSPN-T/2", "GSPN-paper-B/2"])
+def test_gradients_reach_every_parameter(name):
+    model = build_small(name, channels_per_gate=2).train()
+    perturb_zero_init(model)
+    out = model(*inputs(model))
+    out.square().mean().backward()
+    for pname, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and torch.isfinite(p.grad).all(), pname
+            assert p.grad.abs().sum() > 0, pname
+
+
+def test_registry_and_errors():
+    names = list_models()
+    assert names == list(MODELS)
+    for size in ("S", "B", "L", "XL"):
+        assert {f"DiT-{size}/2", f"DiT-{size}/4", f"DiT-{size}/8", f"GSPN-{size}/2", f"GSPN-{size}/4"} <= set(names)
+    assert {"GSPN-paper-B/2", "GSPN-paper-XL/4", "GSPN-T/1", "DiT-T/2"} <= set(names)
+    with pytest.raises(ValueError, match="DiT-XL/2"):
+        build_model("DiT-XXL/2")
+    with pytest.raises(ValueError, match="hidden"):
+        build_model("GSPN-T/2", hiden_size=64)
+    with pytest.raises(ValueError, match="mixer"):
+        build_model("GSPN-T/2", mixer="conv")
+    with pytest.raises(ValueError, match="channels_per_gate"):
+        build_model("GSPN-T/2", channels_per_gate=3)
+    model = build_small("GSPN-T/2")
+    with pytest.raises(ValueError, match="x must be"):
+        model(torch.zeros(2, 3, 16, 16), torch.zeros(2), torch.zeros(2, dtype=torch.long))

@@ -1,0 +1,9 @@
+"""Train a class-conditional generator with LightningCLI: `python train_gen.py fit --config CONFIG.yaml`.
+
+See gspn_gen/train_cli.py (and `python train_gen.py fit --help`) for the options and launch examples.
+"""
+
+from gspn_gen.train_cli import main
+
+if __name__ == "__main__":
+    main()
