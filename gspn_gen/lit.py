@@ -123,8 +123,11 @@ class GenerationModule(L.LightningModule):
         norms = grad_norm(self.model, norm_type=2)
         self.log("train/grad_norm", norms["grad_2.0_norm_total"], prog_bar=True)
 
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        self._update_ema()  # here, not in on_train_batch_end: checkpoint callbacks run before that hook
+
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        self._update_ema()
         now = time.perf_counter()
         if self._last_step_time is not None:
             images = batch[0].shape[0] * self.trainer.world_size
@@ -146,6 +149,26 @@ class GenerationModule(L.LightningModule):
         torch._foreach_lerp_(ema, src, 1.0 - decay)
         for b_ema, b in zip(self.ema.buffers(), self.model.buffers()):
             b_ema.copy_(b)
+
+    # Resume must continue the same random stream (noise, timesteps, shuffling), not restart the seed.
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["rng_torch"] = torch.get_rng_state()
+        if torch.cuda.is_available():
+            checkpoint["rng_cuda"] = torch.cuda.get_rng_state_all()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "rng_torch" in checkpoint:
+            torch.set_rng_state(checkpoint["rng_torch"])
+        if "rng_cuda" in checkpoint and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(checkpoint["rng_cuda"])
+        if self.trainer is not None and self.trainer.global_rank > 0:
+            # The checkpoint holds rank 0's stream; other ranks branch off it deterministically.
+            torch.manual_seed(int(torch.randint(2**62, (1,)).item()) + self.trainer.global_rank)
+
+    def on_fit_start(self) -> None:
+        if self.trainer.world_size > 1 and self.trainer.ckpt_path is None:
+            # seed_everything gives every rank the same seed: give each rank its own noise stream.
+            torch.manual_seed(torch.initial_seed() + 1_000_003 * self.trainer.global_rank)
 
     def configure_optimizers(self):
         hp = self.hparams

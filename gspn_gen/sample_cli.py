@@ -17,6 +17,7 @@ import torch
 from tqdm import tqdm
 
 from gspn_gen.checkpoints import CheckpointError, load_module
+from gspn_gen.codecs import CodecLoadError
 from gspn_gen.lit import GenerationModule
 from gspn_gen.sampling import class_grid, generate, save_image, save_npz
 
@@ -54,6 +55,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=64, help="samples per forward pass (default 64)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda when available)")
     p.add_argument("--no-ema", action="store_true", help="use the raw training weights instead of the EMA")
+    p.add_argument("--vae", default=None, metavar="ID_OR_DIR",
+                   help="load the checkpoint's VAE from here instead (e.g. a local copy on an offline machine)")
     p.add_argument("--shard-size", type=int, default=1000,
                    help=".npz: samples per resumable shard in OUT.parts/ (default 1000); a crashed run resumes "
                         "with the same command, skipping finished shards")
@@ -69,11 +72,17 @@ def fail(message: str) -> None:
     sys.exit(2)
 
 
-def load(path: str, device) -> GenerationModule:
+def load(args, device) -> GenerationModule:
     try:
-        return load_module(path, device)
+        module = load_module(args.ckpt, device)
     except CheckpointError as e:
         fail(str(e))
+    if args.vae:
+        codec = module.hparams.codec or {}
+        if codec.get("name") != "sd-vae":
+            fail(f"--vae given, but this checkpoint's codec is {codec.get('name', 'identity')!r}, not a VAE")
+        module.hparams.codec = {**codec, "path": args.vae}
+    return module
 
 
 def sample_range(module, labels: torch.Tensor, start: int, stop: int, args, progress: bool) -> np.ndarray:
@@ -87,14 +96,14 @@ def sample_range(module, labels: torch.Tensor, start: int, stop: int, args, prog
         e = min(s + args.batch_size, stop)
         try:
             chunks.append(generate(module, labels[s:e], indices=range(s, e), **kw))
-        except ValueError as err:  # e.g. an unknown sampler name
+        except (ValueError, CodecLoadError) as err:  # an unknown sampler name, a VAE that cannot load
             fail(str(err))
     return np.concatenate(chunks)
 
 
 def write_grid(args) -> None:
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    module = load(args.ckpt, device)
+    module = load(args, device)
     num_classes = module.hparams.num_classes
     classes = args.classes if args.classes is not None else list(range(min(num_classes, 16)))
     bad = [c for c in classes if not 0 <= c < num_classes]
@@ -114,7 +123,7 @@ def write_npz(args) -> None:
     fabric = Fabric(accelerator=args.accelerator, devices=args.devices, num_nodes=args.num_nodes,
                     strategy="ddp" if world > 1 else "auto")
     fabric.launch()
-    module = load(args.ckpt, fabric.device)
+    module = load(args, fabric.device)
     labels = torch.arange(args.num_samples) % module.hparams.num_classes
     parts = Path(f"{args.out}.parts")
     settings = {k: getattr(args, k) for k in ("seed", "cfg_scale", "guidance_interval", "sampler", "steps",

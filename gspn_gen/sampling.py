@@ -43,9 +43,18 @@ def generate(
     model_fn = cfg_model_fn(net, cfg_scale, hp.num_classes, interval=guidance_interval,
                             time_scale=module.diffusion.time_scale)
     z = module.diffusion.sample(model_fn, noise, labels, rng, sampler=sampler, steps=steps, progress=progress)
-    images = build_codec(hp.codec or {"name": "identity"}).to(device).decode(z)
+    images = decoder(module, device).decode(z)
     net.train(was_training)
     return to_uint8(images)
+
+
+def decoder(module, device: torch.device):
+    """The module's codec (from its hparams), built once and cached on the module (a VAE is large)."""
+    spec = module.hparams.codec or {"name": "identity"}
+    cached = getattr(module, "_codec_cache", None)
+    if cached is None or cached[0] != (spec, device):
+        module._codec_cache = ((spec, device), build_codec(spec).to(device))
+    return module._codec_cache[1]
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:

@@ -172,3 +172,51 @@ def test_help_texts_explain_options():
     for opt in ("--ckpt", "--classes", "--per-class", "--num-samples", "--cfg-scale", "--steps",
                 "--sampler", "--seed"):
         assert opt in sample.stdout
+
+
+def test_two_rank_sampling_equals_one_process(checkpoint, tmp_path):
+    args = ["--ckpt", str(checkpoint), "--num-samples", "14", "--steps", "3", "--sampler", "ddpm",
+            "--shard-size", "4", "--batch-size", "3"]
+    one, two = tmp_path / "one.npz", tmp_path / "two.npz"
+    sample_cli.main([*args, "--out", str(one)])
+    proc = run("sample.py", *args, "--devices", "2", "--accelerator", "cpu", "--out", str(two))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    a, b = np.load(one), np.load(two)
+    np.testing.assert_array_equal(a["arr_0"], b["arr_0"])
+    np.testing.assert_array_equal(a["arr_1"], b["arr_1"])
+    assert not (tmp_path / "two.npz.parts").exists()
+
+
+def test_interrupted_sampling_resumes_where_it_stopped(checkpoint, tmp_path, monkeypatch):
+    args = ["--ckpt", str(checkpoint), "--num-samples", "12", "--steps", "3", "--shard-size", "4"]
+    full = tmp_path / "full.npz"
+    sample_cli.main([*args, "--out", str(full)])
+
+    out = tmp_path / "resumed.npz"
+    calls = {"n": 0}
+    real_save = sample_cli.save_npz
+
+    def crash_after_two(images, labels, path):
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("simulated crash")
+        calls["n"] += 1
+        real_save(images, labels, path)
+
+    monkeypatch.setattr(sample_cli, "save_npz", crash_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        sample_cli.main([*args, "--out", str(out)])
+    assert len(list((tmp_path / "resumed.npz.parts").glob("shard-*.npz"))) == 2 and not out.exists()
+
+    monkeypatch.setattr(sample_cli, "save_npz", real_save)
+    drawn = []
+    real_range = sample_cli.sample_range
+    monkeypatch.setattr(sample_cli, "sample_range",
+                        lambda m, lab, s, e, *a, **k: drawn.append((s, e)) or real_range(m, lab, s, e, *a, **k))
+    sample_cli.main([*args, "--out", str(out)])
+    assert drawn == [(8, 12)]  # only the missing shard
+    np.testing.assert_array_equal(np.load(out)["arr_0"], np.load(full)["arr_0"])
+
+    with pytest.raises(SystemExit):  # leftover shards drawn with other settings are refused
+        (tmp_path / "other.npz.parts").mkdir()
+        (tmp_path / "other.npz.parts" / "settings.json").write_text('{"seed": 5}')
+        sample_cli.main([*args, "--out", str(tmp_path / "other.npz")])

@@ -6,7 +6,7 @@ import torch
 from gspn_gen.models import DiffusionBackbone, GSPNMixer, build_model, list_models
 from gspn_gen.models.zoo import MODELS, count_flops, count_params
 
-# Reduced presets that still run their real layers on CPU within a second.
+# Presets small enough (or cut down enough) to run forward and backward on CPU in seconds.
 SMALL = {
     "GSPN-T/1": {},
     "GSPN-T/2": {},
@@ -24,7 +24,8 @@ def build_small(name: str, **overrides) -> DiffusionBackbone:
 
 
 def inputs(model: DiffusionBackbone, n: int = 2, size: tuple[int, int] | None = None):
-    h, w = size or 2 * (model.grid[0] * model.patch_size,)
+    side = model.grid[0] * model.patch_size                             # the preset's input_size
+    h, w = size or (side, side)
     x = torch.randn(n, model.in_channels, h, w)
     t = torch.randint(0, 1000, (n,)).float()
     y = torch.randint(0, model.num_classes, (n,))
