@@ -50,7 +50,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="guide only where t / T lies in [LO, HI] (default: everywhere)")
     p.add_argument("--sampler", default=None,
                    help="gaussian: ddim (default) or ddpm; flow: heun (default), euler or sde")
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: 50)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="sampling steps (default: the process's own: gaussian 50 DDIM steps, flow 25 Heun steps)")
     p.add_argument("--seed", type=int, default=0, help="global seed; sample i's noise depends only on (seed, i)")
     p.add_argument("--batch-size", type=int, default=64, help="samples per forward pass (default 64)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda when available)")

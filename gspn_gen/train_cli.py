@@ -4,7 +4,7 @@ One GPU or many nodes: set `trainer.devices`, `trainer.num_nodes`, `trainer.stra
 the config or on the command line; SLURM and torchrun launch it as usual. Examples:
 
     python train_gen.py fit --config configs/experiments/demo_digits.yaml
-    python train_gen.py fit --config configs/experiments/gspn-xl2_in256.yaml --data.init_args.root /data/in256
+    python train_gen.py fit --config configs/experiments/gspn-xl2_in256.yaml --data.root /data/in256
     python train_gen.py fit --config ... --ckpt_path runs/x/last.ckpt      # resume
     python train_gen.py fit --config ... --print_config                     # show the merged config
 """

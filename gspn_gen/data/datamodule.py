@@ -102,7 +102,7 @@ def _find_idx(root: Path, stem: str) -> Path:
             return hits[0]
     raise FileNotFoundError(
         f"no {stem}(.gz) under {root}: install Debian's package (`apt-get install dataset-fashion-mnist`, "
-        "`dpkg -L dataset-fashion-mnist` shows where) or pass --data.init_args.root DIR"
+        "`dpkg -L dataset-fashion-mnist` shows where) or pass --data.root DIR"
     )
 
 

@@ -52,9 +52,12 @@ def _presets() -> dict[str, dict]:
             models[f"GSPN-paper-{size}/{p}"] = {
                 **_IMAGENET, "hidden_size": width, "depth": depth, "patch_size": p, **_PAPER_LAYER,
             }
-    for p in (1, 2):
+    # CPU demo presets; GSPN-T uses compact gates (one gate channel per 4 channels, GSPN-2) to
+    # cut the scan's memory traffic, which dominates a CPU step at this width.
+    for p in (1, 2, 4):
         models[f"DiT-T/{p}"] = {**sized(_TINY, 128, 6, 4), "patch_size": p, "mixer": "attention"}
-        models[f"GSPN-T/{p}"] = {**sized(_TINY, 128, 6, 4), "patch_size": p, "mixer": "gspn"}
+        models[f"GSPN-T/{p}"] = {**sized(_TINY, 128, 6, 4), "patch_size": p, "mixer": "gspn",
+                                 "channels_per_gate": 4}
     return models
 
 
