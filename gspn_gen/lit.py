@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+import warnings
 from typing import Literal
 
 import lightning as L
@@ -19,6 +20,9 @@ from lightning.pytorch.utilities import grad_norm, rank_zero_only
 
 from gspn_gen.diffusion import create_diffusion
 from gspn_gen.models.zoo import build_model
+
+# The EMA copy is deliberately kept in eval mode; Lightning would warn about it at every fit start.
+warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -196,7 +200,7 @@ class GenerationModule(L.LightningModule):
         save_image(grid, f"{log_dir}/samples/step-{self.global_step:07d}.png")
         for logger in self.loggers:
             if hasattr(logger.experiment, "add_image"):
-                logger.experiment.add_image("samples/ema", torch.from_numpy(grid).permute(2, 0, 1),
+                logger.experiment.add_image("samples/ema", torch.from_numpy(grid.copy()).permute(2, 0, 1),
                                             self.global_step)
 
 
