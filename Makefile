@@ -19,13 +19,13 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 
 demo: install
 	$(PY) train_gen.py fit --config configs/experiments/demo_digits.yaml
-	$(PY) sample.py --ckpt $(DEMO_DIR)/last.ckpt --classes 0 1 2 3 4 5 6 7 8 9 --per-class 10 --steps 25 \
+	$(PY) sample.py --ckpt $(DEMO_DIR)/checkpoints/last.ckpt --classes 0 1 2 3 4 5 6 7 8 9 --per-class 10 --steps 25 \
 		--cfg-scale 4 --out $(DEMO_DIR)/grid.png
-	$(PY) sample.py --ckpt $(DEMO_DIR)/last.ckpt --num-samples 1000 --cfg-scale 4 --steps 25 \
+	$(PY) sample.py --ckpt $(DEMO_DIR)/checkpoints/last.ckpt --num-samples 1000 --cfg-scale 4 --steps 25 \
 		--out $(DEMO_DIR)/samples.npz
 	$(PY) -m fid_eval --samples $(DEMO_DIR)/samples.npz --ref digits:val --extractor digits --device cpu \
 		--out $(DEMO_DIR)/metrics.json
-	@echo "demo outputs: $(DEMO_DIR)/last.ckpt $(DEMO_DIR)/grid.png $(DEMO_DIR)/samples.npz $(DEMO_DIR)/metrics.json"
+	@echo "demo outputs: $(DEMO_DIR)/checkpoints/last.ckpt $(DEMO_DIR)/grid.png $(DEMO_DIR)/samples.npz $(DEMO_DIR)/metrics.json"
 
 test: install
 	$(PY) -m pytest -q

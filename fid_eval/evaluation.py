@@ -8,7 +8,6 @@ an ADM reference batch's stored Inception mu/sigma are used for FID when present
 from __future__ import annotations
 
 import platform
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -210,5 +209,3 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def print_table(report: dict, file=sys.stdout) -> None:
-    print(format_table(report), file=file)

@@ -22,7 +22,7 @@ from fid_eval.errors import FidEvalError
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 DIGITS_PREFIX = "digits:"
 DIGITS_SPLITS = ("train", "val", "all")
-DIGITS_SIZE = 16  # the demo's image size (CONTRACTS §5)
+DIGITS_SIZE = 16  # the demo's image size (samples are uint8 NHWC RGB, DESIGN.md §8)
 
 
 def _to_rgb(images: np.ndarray) -> np.ndarray:

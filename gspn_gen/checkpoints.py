@@ -45,6 +45,5 @@ def load_module(path: str, device: str | torch.device = "cpu") -> GenerationModu
         raise CheckpointError(
             f"checkpoint {path!r} does not match its own config: missing {missing[:3]}, unexpected {unexpected[:3]}"
         )
-    module.global_step_at_save = int(ckpt.get("global_step", 0))
     return module.to(device).eval()
 

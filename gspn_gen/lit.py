@@ -16,7 +16,8 @@ from typing import Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import grad_norm, rank_zero_only
+from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.utilities import grad_norm, rank_zero_only, rank_zero_warn
 
 from gspn_gen.diffusion import create_diffusion
 from gspn_gen.models.zoo import build_model
@@ -102,6 +103,7 @@ class GenerationModule(L.LightningModule):
         )
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
         self._last_step_time: float | None = None
+        self._last_grid_step = -1
 
     @property
     def null_class(self) -> int:
@@ -112,9 +114,11 @@ class GenerationModule(L.LightningModule):
         x, y = batch  # (B, C, H, W), (B,)
         losses = self.diffusion.training_losses(self.model, x, y)
         loss = losses["loss"].mean()
-        if not torch.isfinite(loss):
+        finite = self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True)
+        if not finite:  # every rank stops together, so none waits in an all-reduce
             raise NonFiniteLossError(
-                f"loss is {loss.item()} at global step {self.global_step}: training stopped; "
+                f"loss is {loss.item()} at global step {self.global_step} (on this or another rank): "
+                "training stopped; "
                 "the last good checkpoint is left as it was (lower the lr or enable gradient clipping)"
             )
         self.log("train/loss", loss, prog_bar=True)
@@ -139,8 +143,13 @@ class GenerationModule(L.LightningModule):
         self._last_step_time = now
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         every = self.hparams.sample_every
-        if every and self.global_step % every == 0:
-            self.log_sample_grid()
+        if every and self.global_step % every == 0 and self.global_step != self._last_grid_step:
+            self._last_grid_step = self.global_step  # once per step, also with gradient accumulation
+            if isinstance(self.trainer.strategy, FSDPStrategy):
+                # The sharded EMA cannot run on rank 0 alone; sample from a checkpoint with sample.py.
+                rank_zero_warn("sample_every is ignored under FSDP", category=UserWarning)
+            else:
+                self.log_sample_grid()
 
     @torch.no_grad()
     def _update_ema(self) -> None:
@@ -158,14 +167,16 @@ class GenerationModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["rng_torch"] = torch.get_rng_state()
         if torch.cuda.is_available():
-            checkpoint["rng_cuda"] = torch.cuda.get_rng_state_all()
+            checkpoint["rng_cuda"] = torch.cuda.get_rng_state()  # this rank's device only
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if self._trainer is None:  # plain load_from_checkpoint: leave the caller's RNG alone
+            return
         if "rng_torch" in checkpoint:
             torch.set_rng_state(checkpoint["rng_torch"])
         if "rng_cuda" in checkpoint and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(checkpoint["rng_cuda"])
-        if self.trainer is not None and self.trainer.global_rank > 0:
+            torch.cuda.set_rng_state(checkpoint["rng_cuda"])
+        if self.trainer.global_rank > 0:
             # The checkpoint holds rank 0's stream; other ranks branch off it deterministically.
             torch.manual_seed(int(torch.randint(2**62, (1,)).item()) + self.trainer.global_rank)
 

@@ -22,9 +22,9 @@ from gspn_gen.lit import GenerationModule
 from gspn_gen.sampling import class_grid, generate, save_image, save_npz
 
 EPILOG = """examples:
-  python sample.py --ckpt runs/demo/last.ckpt --classes 0 1 2 3 --per-class 8 --out grid.png
-  python sample.py --ckpt runs/x/last.ckpt --classes 207 360 387 974 --cfg-scale 4 --out grid.png
-  python sample.py --ckpt runs/x/last.ckpt --num-samples 50000 --cfg-scale 1.5 --out samples.npz
+  python sample.py --ckpt runs/demo/checkpoints/last.ckpt --classes 0 1 2 3 --per-class 8 --out grid.png
+  python sample.py --ckpt runs/x/checkpoints/last.ckpt --classes 207 360 387 974 --cfg-scale 4 --out grid.png
+  python sample.py --ckpt runs/x/checkpoints/last.ckpt --num-samples 50000 --cfg-scale 1.5 --out samples.npz
 
 Sample i always uses the noise of (seed, i), so results do not depend on --batch-size or --devices.
 Multi-GPU: python sample.py --ckpt ... --num-samples 50000 --devices 8 --out samples.npz
@@ -35,7 +35,7 @@ For FID, DiT and SiT report cfg-scale 1.5 (and 1.0 for unguided); grids usually 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="sample.py", description=__doc__.splitlines()[0].split(": ", 1)[1],
                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", required=True, help="Lightning checkpoint written by train_gen.py (e.g. runs/demo/last.ckpt)")
+    p.add_argument("--ckpt", required=True, help="Lightning checkpoint written by train_gen.py (e.g. runs/demo/checkpoints/last.ckpt)")
     p.add_argument("--out", required=True,
                    help="output: a .png/.jpg writes a labelled class grid, a .npz an ADM-style batch "
                         "(arr_0 uint8 NHWC, arr_1 int64 labels)")
@@ -131,8 +131,9 @@ def write_npz(args) -> None:
                                               "no_ema", "num_samples", "shard_size")}
     settings["ckpt"] = os.path.abspath(args.ckpt)
     if fabric.global_rank == 0:
-        check_manifest(parts, settings)
+        write_manifest(parts, settings)
     fabric.barrier()
+    check_manifest(parts, settings)  # on every rank, so a mismatch stops all of them
     shards = range(-(-args.num_samples // args.shard_size))
     mine = [k for k in shards if k % fabric.world_size == fabric.global_rank]
     todo = [k for k in mine if not (parts / f"shard-{k:05d}.npz").exists()]
@@ -145,25 +146,34 @@ def write_npz(args) -> None:
         save_npz(images, labels[start:stop].numpy(), str(parts / f"shard-{k:05d}.npz"))
     fabric.barrier()
     if fabric.global_rank == 0:
-        files = [parts / f"shard-{k:05d}.npz" for k in shards]
-        arrays = [np.load(f) for f in files]
-        save_npz(np.concatenate([a["arr_0"] for a in arrays]), np.concatenate([a["arr_1"] for a in arrays]),
-                 args.out)
+        images = None  # filled shard by shard: rank 0 holds one copy of the batch, not two
+        for k in shards:
+            with np.load(parts / f"shard-{k:05d}.npz") as shard:
+                block = shard["arr_0"]
+                if images is None:
+                    images = np.empty((args.num_samples, *block.shape[1:]), dtype=block.dtype)
+                images[k * args.shard_size: k * args.shard_size + len(block)] = block
+        save_npz(images, labels.numpy(), args.out)
         shutil.rmtree(parts)
         print(f"wrote {args.out} ({args.num_samples} samples, classes balanced, cfg {args.cfg_scale})")
 
 
+def write_manifest(parts: Path, settings: dict) -> None:
+    """Record the sampling settings beside the shards (temp name, then rename), unless already there."""
+    manifest = parts / "settings.json"
+    if not manifest.exists():
+        parts.mkdir(parents=True, exist_ok=True)
+        tmp = manifest.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(settings, indent=1))
+        os.replace(tmp, manifest)
+
+
 def check_manifest(parts: Path, settings: dict) -> None:
     """Refuse to resume shards that were drawn with other settings."""
-    manifest = parts / "settings.json"
-    if manifest.exists():
-        old = json.loads(manifest.read_text())
-        if old != settings:
-            diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
-            fail(f"{parts} holds shards drawn with other settings {diff}; delete it or rerun with the same ones")
-    else:
-        parts.mkdir(parents=True, exist_ok=True)
-        manifest.write_text(json.dumps(settings, indent=1))
+    old = json.loads((parts / "settings.json").read_text())
+    if old != settings:
+        diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
+        fail(f"{parts} holds shards drawn with other settings {diff}; delete it or rerun with the same ones")
 
 
 def run(args: argparse.Namespace) -> None:

@@ -40,7 +40,7 @@ def generate(
     indices = list(range(n)) if indices is None else list(indices)
     rng = PerSampleRNG(seed, indices, device)
     noise = rng.randn((hp.in_channels, hp.input_size, hp.input_size))
-    model_fn = cfg_model_fn(net, cfg_scale, hp.num_classes, interval=guidance_interval,
+    model_fn = cfg_model_fn(net, cfg_scale, module.null_class, interval=guidance_interval,
                             time_scale=module.diffusion.time_scale)
     z = module.diffusion.sample(model_fn, noise, labels, rng, sampler=sampler, steps=steps, progress=progress)
     images = decoder(module, device).decode(z)

@@ -5,7 +5,7 @@ the config or on the command line; SLURM and torchrun launch it as usual. Exampl
 
     python train_gen.py fit --config configs/experiments/demo_digits.yaml
     python train_gen.py fit --config configs/experiments/gspn-xl2_in256.yaml --data.root /data/in256
-    python train_gen.py fit --config ... --ckpt_path runs/x/last.ckpt      # resume
+    python train_gen.py fit --config ... --ckpt_path runs/x/checkpoints/last.ckpt      # resume
     python train_gen.py fit --config ... --print_config                     # show the merged config
 """
 

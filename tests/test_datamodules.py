@@ -38,8 +38,9 @@ def test_digits_datamodule_rejects_bad_size():
 
 
 def write_idx(path, array: np.ndarray) -> None:
+    """An IDX file (the (Fashion-)MNIST format), gzipped when the name ends in .gz."""
     header = bytes([0, 0, 8, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
-    with gzip.open(path, "wb") as f:
+    with (gzip.open if str(path).endswith(".gz") else open)(path, "wb") as f:
         f.write(header + array.astype(np.uint8).tobytes())
 
 
@@ -58,3 +59,20 @@ def test_fashion_mnist_reads_idx_files_and_pads_to_32(tmp_path):
 def test_fashion_mnist_missing_files_say_how_to_get_them(tmp_path):
     with pytest.raises(FileNotFoundError, match="dataset-fashion-mnist"):
         FashionMNISTDataModule(root=str(tmp_path)).setup("fit")
+
+
+def test_torchvision_grey_set_as_rgb(tmp_path):
+    from gspn_gen.data.datamodule import TorchvisionDataModule
+
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 6), ("t10k", 3)):
+        write_idx(raw / f"{prefix}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)))
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte", np.arange(n) % 10)
+    dm = TorchvisionDataModule("MNIST", str(tmp_path), image_size=32, channels=3, batch_size=3, num_workers=0)
+    dm.setup("fit")
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (3, 3, 32, 32) and torch.equal(x[:, 0], x[:, 1])  # grey repeated to RGB
+    with pytest.raises(ValueError, match="unknown torchvision data set"):
+        TorchvisionDataModule("NoSuchSet", str(tmp_path))

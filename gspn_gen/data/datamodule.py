@@ -141,6 +141,13 @@ class FashionMNISTDataModule(_PixelDataModule):
         self.val_set = self._load("t10k")
 
 
+class _ToRGB:
+    """PIL image -> RGB (a picklable transform, so DataLoader workers can use it)."""
+
+    def __call__(self, image):
+        return image.convert("RGB")
+
+
 class TorchvisionDataModule(_PixelDataModule):
     """Any torchvision classification data set by name (CIFAR10, MNIST, ...) from `root`.
 
@@ -173,8 +180,7 @@ class TorchvisionDataModule(_PixelDataModule):
         from torchvision import transforms as T
 
         tf = [T.Resize(self.size), T.CenterCrop(self.size)]
-        if self.channels == 1:
-            tf.append(T.Grayscale())
+        tf.append(T.Grayscale() if self.channels == 1 else _ToRGB())  # grey sets (MNIST) -> 3 equal channels
         tf += [T.ToTensor(), T.Normalize([0.5] * self.channels, [0.5] * self.channels)]
         cls = getattr(torchvision.datasets, self.name)
         if not self.download and not os.path.isdir(self.root):

@@ -23,6 +23,7 @@ re-launches this command line for the other ranks, so several devices need the C
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -273,8 +274,9 @@ def extract(
     todo = plan.num_shards - len(plan.finished(out))  # old shards made otherwise fail here, before launching
     say(f"{len(plan.dataset)} images in {len(plan.dataset.classes)} classes -> {plan.num_shards} shards "
         f"({plan.num_shards - todo} already done) in {out}")
-    if todo and rank_zero_only.rank == 0 and os.path.exists(os.path.join(out, "meta.json")):
-        os.remove(os.path.join(out, "meta.json"))  # until rewritten, the directory is not a finished set
+    if todo and rank_zero_only.rank == 0:
+        with contextlib.suppress(FileNotFoundError):  # until rewritten, the directory is not a finished set
+            os.remove(os.path.join(out, "meta.json"))
     trainer = L.Trainer(
         accelerator=accelerator,
         devices=devices,

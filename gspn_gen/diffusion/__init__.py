@@ -1,4 +1,4 @@
-"""Diffusion processes, samplers, guidance and per-sample seeds (DESIGN.md §5, CONTRACTS §3).
+"""Diffusion processes, samplers, guidance and per-sample seeds (DESIGN.md §5).
 
 Knows nothing of the architecture: every process calls `model(x_t, t, y)`.
 """

@@ -10,7 +10,7 @@ uses loss type MSE, so the VLB term is added unscaled). Without learned sigma th
 the fixed posterior variance ("fixed small") and the loss is the plain MSE.
 
 A process may keep only a subset of the original steps (respacing, `respace.py`); the model is then
-always called with the ORIGINAL timestep, as a float in [0, T) (CONTRACTS §2). All schedule math is
+always called with the ORIGINAL timestep, as a float in [0, T) (DESIGN.md §5). All schedule math is
 float64; tensors are gathered per device and cast to the data's dtype at use.
 """
 

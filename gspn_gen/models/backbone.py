@@ -1,6 +1,6 @@
 """DiT-style class-conditional diffusion backbone whose token mixer is GSPN or attention.
 
-Call convention (CONTRACTS §2): model(x_t, t, y) -> (N, 2C or C, H, W). The model knows nothing of
+Call convention (DESIGN.md §4-5): model(x_t, t, y) -> (N, 2C or C, H, W). The model knows nothing of
 the noise schedule. Two layouts share the embedders and the final layer:
 - default: DiT's stack of adaLN-Zero blocks (Peebles & Xie 2023, §3.2), GSPN or attention as mixer;
 - `paper_layout`: the official GSPN generator (U-ViT long skips, the condition added to the tokens
