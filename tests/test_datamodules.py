@@ -73,6 +73,6 @@ def test_torchvision_grey_set_as_rgb(tmp_path):
     dm = TorchvisionDataModule("MNIST", str(tmp_path), image_size=32, channels=3, batch_size=3, num_workers=0)
     dm.setup("fit")
     x, y = next(iter(dm.train_dataloader()))
-    assert x.shape == (3, 3, 32, 32) and torch.equal(x[:, 0], x[:, 1])  # grey repeated to RGB
+    assert x.shape == (3, 3, 32, 32) and y.dtype == torch.int64 and torch.equal(x[:, 0], x[:, 1])  # grey repeated to RGB
     with pytest.raises(ValueError, match="unknown torchvision data set"):
         TorchvisionDataModule("NoSuchSet", str(tmp_path))
