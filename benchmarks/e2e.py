@@ -42,8 +42,9 @@ from pathlib import Path
 
 import torch
 from gspn_gen.kernels import available_backends
-from gspn_gen.kernels.bench import _cpu_name, _slug, _write_json
+from gspn_gen.kernels.bench import _cpu_name, _slug
 
+from gspn_gen.fileio import write_json
 from gspn_gen.lit import GenerationModule
 from gspn_gen.models.zoo import MODELS, count_params
 
@@ -341,7 +342,7 @@ def main(argv=None) -> dict:
         row, profile_text = bench_preset(name, mode, args, device, deadline)
         result["rows"].append(row)
         profiles.append(profile_text)
-        _write_json(result, path)
+        write_json(path, result)
     print_tables(result)
     print(f"wrote {path}")
     if args.profile:

@@ -11,13 +11,12 @@ Any bad input, missing weights file or mismatch is one line on stderr and exit c
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 from pathlib import Path
 
 from fid_eval.errors import FidEvalError
 from fid_eval.extractors import EXTRACTORS
+from gspn_gen.fileio import write_json
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -66,13 +65,6 @@ def _stats_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _write_json(report: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def _run_stats(args: argparse.Namespace) -> None:
     from fid_eval.extractors import build_extractor
     from fid_eval.inputs import open_images
@@ -94,7 +86,7 @@ def _run_eval(args: argparse.Namespace) -> None:
                       progress=not args.no_progress)
     print(format_table(report))
     if args.out is not None:
-        _write_json(report, args.out)
+        write_json(args.out, report)
         print(f"wrote {args.out}")
 
 

@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from gspn_gen.checkpoints import CheckpointError, load_module
 from gspn_gen.codecs import CodecLoadError
+from gspn_gen.fileio import write_json
 from gspn_gen.lit import GenerationModule
 from gspn_gen.sampling import class_grid, generate, save_image, save_npz
 
@@ -160,12 +161,8 @@ def write_npz(args) -> None:
 
 def write_manifest(parts: Path, settings: dict) -> None:
     """Record the sampling settings beside the shards (temp name, then rename), unless already there."""
-    manifest = parts / "settings.json"
-    if not manifest.exists():
-        parts.mkdir(parents=True, exist_ok=True)
-        tmp = manifest.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(settings, indent=1))
-        os.replace(tmp, manifest)
+    if not (parts / "settings.json").exists():
+        write_json(parts / "settings.json", settings)
 
 
 def check_manifest(parts: Path, settings: dict) -> None:

@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
-import os
 import platform
 import re
 import time
@@ -35,6 +33,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from gspn_gen.kernels.reference import gspn_mix_reference
+
+from gspn_gen.fileio import write_json
 
 GPU_SHAPES = [(32, 16, 16), (8, 32, 32), (4, 64, 64), (1, 128, 128), (2, 256, 256)]  # (N, H, W)
 CPU_SHAPES = [(64, 96, 24, 8, 8), (8, 192, 48, 32, 32)]  # (N, C, Cg, H, W)
@@ -374,13 +374,6 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "unknown"
 
 
-def _write_json(result: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def _shape(text: str) -> tuple[int, int, int]:
     parts = [int(p) for p in text.lower().split("x")]
     if len(parts) != 3 or min(parts) < 1:
@@ -405,8 +398,8 @@ def main(argv=None) -> dict:
         raise SystemExit("no CUDA device is visible to PyTorch; use --cpu for the CPU table")
     device = _cpu_name() if args.cpu else torch.cuda.get_device_name()
     path = args.json or Path("benchmarks/results") / f"kernels-{_slug(device)}-{_dt.date.today().isoformat()}.json"
-    result = run_cpu(args) if args.cpu else run_gpu(args, save=lambda r: _write_json(r, path))
-    _write_json(result, path)
+    result = run_cpu(args) if args.cpu else run_gpu(args, save=lambda r: write_json(path, r))
+    write_json(path, result)
     print(f"wrote {path}")
     return result
 

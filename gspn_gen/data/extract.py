@@ -41,19 +41,11 @@ from torch.utils.data import DataLoader
 from gspn_gen.codecs import DEFAULT_VAE_SCALE, CodecLoadError, build_codec, sd_vae_spec
 from gspn_gen.data.images import ImageFolderDataset
 from gspn_gen.data.latents import FORMAT, VERSION
+from gspn_gen.fileio import write_json
 
 
 def shard_name(shard: int) -> str:
     return f"shard-{shard:05d}.safetensors"
-
-
-def write_json(path: str, obj) -> None:
-    """Write JSON to a temp name, then rename (readers never see half a file)."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 @rank_zero_only
