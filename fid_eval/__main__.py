@@ -61,7 +61,9 @@ def _stats_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, help="folder, ADM .npz, or digits:train|val")
     p.add_argument("--out", type=Path, required=True, help="statistics file to write (.npz or .pt)")
     _common(p)
-    p.add_argument("--cache-dir", type=Path, default=None, help="also store/reuse them in this cache")
+    p.add_argument("--cache-dir", type=Path, default=None,
+                   help="the statistics cache this reads and fills as well as writing --out "
+                        "(default $GSPN_FID_CACHE or ~/.cache/gspn_gen/fid_stats)")
     return p
 
 
