@@ -73,7 +73,7 @@ class InceptionExtractor(Extractor):
 
         super().__init__(device)
         state_dict, path = load_inception_state_dict(weights)
-        # torch-fidelity torch.load()s its argument without weights_only; hand it a buffer re-serialised
+        # torch-fidelity unpickles its argument with no weights_only guard; hand it a buffer re-serialised
         # from the tensors we loaded safely, so nothing but tensors is ever unpickled.
         buffer = io.BytesIO()
         torch.save(state_dict, buffer)
