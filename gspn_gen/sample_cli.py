@@ -90,8 +90,8 @@ def load(args, device) -> GenerationModule:
 def sample_range(module, labels: torch.Tensor, start: int, stop: int, args, progress: bool) -> np.ndarray:
     """Samples start..stop-1 (global ids, so seeds do not depend on batching) in --batch-size chunks."""
     kw = {"seed": args.seed, "cfg_scale": args.cfg_scale, "steps": args.steps, "sampler": args.sampler,
-              "guidance_interval": tuple(args.guidance_interval) if args.guidance_interval else None,
-              "use_ema": not args.no_ema}
+          "guidance_interval": tuple(args.guidance_interval) if args.guidance_interval else None,
+          "use_ema": not args.no_ema}
     chunks = []
     starts = range(start, stop, args.batch_size)
     for s in tqdm(starts, desc="sampling", unit="batch", file=sys.stderr, disable=not progress):
