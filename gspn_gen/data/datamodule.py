@@ -82,7 +82,7 @@ class DigitsDataModule(_PixelDataModule):
 
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
-FASHION_DEFAULT_ROOT = "/usr/share/dataset-fashion-mnist"
+FASHION_DEFAULT_ROOT = "/usr/share/datasets/fashion-mnist"
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -92,7 +92,7 @@ def _read_idx(path: Path) -> np.ndarray:
         data = f.read()
     ndim = data[3]
     dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims).copy()
 
 
 def _find_idx(root: Path, stem: str) -> Path:
