@@ -35,7 +35,7 @@ class GenerationModule(L.LightningModule):
 
     def __init__(
         self,
-        model: str = "GSPN-T/2",
+        model: str = "GSPN-T/4",
         model_args: dict | None = None,
         diffusion: Literal["gaussian", "flow"] = "gaussian",
         diffusion_args: dict | None = None,
