@@ -15,6 +15,7 @@ import sys
 
 import lightning as L
 import torch
+from jsonargparse import ArgumentError
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
@@ -54,11 +55,15 @@ def main(args: list[str] | None = None) -> None:
             GenerationModule,
             L.LightningDataModule,
             subclass_mode_data=True,
-            parser_kwargs={"parser_mode": "omegaconf"},
+            # errors raise instead of printing the whole usage, so main() can say them in one line
+            parser_kwargs={"parser_mode": "omegaconf", "exit_on_error": False},
             save_config_kwargs={"overwrite": True},
             auto_configure_optimizers=False,
             args=args,
         )
+    except ArgumentError as e:
+        print(f"error: {str(e).strip()}  (see: python train_gen.py fit --help)", file=sys.stderr)
+        sys.exit(2)
     except NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)

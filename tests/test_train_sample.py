@@ -104,7 +104,9 @@ def test_bad_config_gives_one_clear_error(tmp_path, capsys, override, expected):
     with pytest.raises(SystemExit) as exc:
         fit(write_config(tmp_path, max_steps=1), *override)
     assert exc.value.code == 2
-    assert expected in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert expected in err and "usage:" not in err  # one error line, not the whole usage text
+    assert err.strip().splitlines()[-1].startswith("error:")
 
 
 @pytest.fixture(scope="module")
