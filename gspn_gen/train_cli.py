@@ -38,7 +38,7 @@ class GenerationCLI(LightningCLI):
         try:
             super().instantiate_classes()
         except (ValueError, FileNotFoundError) as e:
-            print(f"error: {e}", file=sys.stderr)
+            print(f"error: {_one_line(str(e))}", file=sys.stderr)
             sys.exit(2)
 
     def _instantiate_trainer(self, config: dict, callbacks: list) -> L.Trainer:
@@ -46,6 +46,13 @@ class GenerationCLI(LightningCLI):
             root = config.get("default_root_dir") or "runs/default"
             config["logger"] = [TensorBoardLogger(root, name="", version=""), CSVLogger(root, name="", version="")]
         return super()._instantiate_trainer(config, callbacks)
+
+
+def _one_line(message: str) -> str:
+    """jsonargparse's multi-line Union report -> the reasons that matter, on one line."""
+    lines = [line.strip() for line in message.strip().splitlines()]
+    reasons = [line[2:] for line in lines if line.startswith("- ") and "NoneType" not in line]
+    return "; ".join(reasons) if reasons else lines[0]
 
 
 def main(args: list[str] | None = None) -> None:
@@ -62,7 +69,7 @@ def main(args: list[str] | None = None) -> None:
             args=args,
         )
     except ArgumentError as e:
-        print(f"error: {str(e).strip()}  (see: python train_gen.py fit --help)", file=sys.stderr)
+        print(f"error: {_one_line(str(e))}  (see: python train_gen.py fit --help)", file=sys.stderr)
         sys.exit(2)
     except NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)
