@@ -52,7 +52,7 @@ def _one_line(message: str) -> str:
     """jsonargparse's multi-line Union report -> the reasons that matter, on one line."""
     lines = [line.strip() for line in message.strip().splitlines()]
     reasons = [line[2:] for line in lines if line.startswith("- ") and "NoneType" not in line]
-    return "; ".join(reasons) if reasons else lines[0]
+    return "; ".join(reasons) if reasons else (lines[0] if lines else "invalid arguments")
 
 
 def main(args: list[str] | None = None) -> None:
