@@ -1,0 +1,86 @@
+"""Random inputs for the GSPN ops and the tolerance rule every backend is held to (tests and benchmarks).
+
+Tolerance (flash-attention's rule, DESIGN.md §3 "Correctness bar"): against the float64 oracle
+(`reference.py`), a backend's largest error on each output and gradient must be at most twice the
+largest error of the oracle itself run on the same low-precision inputs, plus a small floor relative
+to the tensor's scale (for tensors the low-precision oracle gets exactly right).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .reference import gspn_mix_reference, gspn_scan_reference, stability_gates
+
+__all__ = ["FLOOR", "MIX_NAMES", "SCAN_NAMES", "assert_matches", "check_mix", "check_scan", "mix_inputs",
+           "run", "scan_inputs"]
+
+FLOOR = {torch.float64: 1e-12, torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 5e-4}
+MIX_NAMES = ("y", "dx", "dgate_logits", "dlam", "du")
+SCAN_NAMES = ("h", "dx", "dlam", "dg_up", "dg_mid", "dg_down")
+
+
+def mix_inputs(N: int, C: int, Cg: int, H: int, W: int, dtype=torch.float32, device="cpu", seed: int = 0):
+    """([x, gate_logits, lam, u], dy) of gspn_mix's shapes, fresh per seed, drawn on the CPU.
+
+    x, u, dy ~ N(0, 1); gate logits ~ N(0, 4) (gates far from uniform); lam ~ U(0.5, 1.5).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, C, H, W, generator=gen)
+    logits = 2 * torch.randn(N, 4, 3, Cg, H, W, generator=gen)
+    lam = 0.5 + torch.rand(N, 4, C, H, W, generator=gen)
+    u = torch.randn(N, 4, C, H, W, generator=gen)
+    dy = torch.randn(N, C, H, W, generator=gen)
+    return [t.to(device=device, dtype=dtype) for t in (x, logits, lam, u)], dy.to(device=device, dtype=dtype)
+
+
+def scan_inputs(N: int, C: int, Cg: int, H: int, W: int, dtype=torch.float32, device="cpu", seed: int = 0):
+    """([x, lam, g_up, g_mid, g_down], dy) of gspn_scan's shapes (gates normalised), fresh per seed."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, C, H, W, generator=gen)
+    lam = 0.5 + torch.rand(N, C, H, W, generator=gen)
+    gates = stability_gates(2 * torch.randn(N, 3, Cg, H, W, generator=gen, dtype=torch.float64))
+    dy = torch.randn(N, C, H, W, generator=gen)
+    return [t.to(device=device, dtype=dtype) for t in (x, lam, *gates)], dy.to(device=device, dtype=dtype)
+
+
+def run(fn, inputs, dy, chunk, dtype=None) -> list[torch.Tensor]:
+    """[output, gradient of every input] of fn(*inputs, chunk), on fresh leaves (cast to dtype if given)."""
+    leaves = [t.detach().to(dtype or t.dtype).requires_grad_() for t in inputs]
+    out = fn(*leaves, chunk)
+    grads = torch.autograd.grad(out, leaves, dy.to(out.dtype))
+    return [out.detach(), *grads]
+
+
+def assert_matches(names, ours, exact, lowp, dtype, context: str) -> None:
+    """Each tensor of `ours` within 2x the low-precision oracle's error (+ floor) of the float64 `exact`."""
+    for name, a, e, r in zip(names, ours, exact, lowp):
+        assert a.shape == e.shape, f"{name}: shape {tuple(a.shape)} != {tuple(e.shape)} ({context})"
+        assert a.dtype == dtype, f"{name}: dtype {a.dtype}, expected {dtype} ({context})"
+        e = e.double().cpu()
+        a, r = a.double().cpu(), r.double().cpu()
+        assert torch.isfinite(a).all(), f"{name}: non-finite values ({context})"
+        err = (a - e).abs().max().item()
+        ref_err = (r - e).abs().max().item()
+        bound = 2 * ref_err + FLOOR[dtype] * max(1.0, e.abs().max().item())
+        assert err <= bound, f"{name}: max error {err:.3g} > {bound:.3g} (oracle in {dtype}: {ref_err:.3g}; {context})"
+
+
+def check_mix(fn, shape, dtype, chunk, device="cpu", seed: int = 0, inputs=None) -> list[torch.Tensor]:
+    """fn (gspn_mix's signature, chunk last) against the oracle: y and all four gradients."""
+    ins, dy = mix_inputs(*shape, dtype, device, seed) if inputs is None else inputs
+    ours = run(fn, ins, dy, chunk)
+    exact = run(gspn_mix_reference, [t.cpu() for t in ins], dy.cpu().double(), chunk, torch.float64)
+    lowp = run(gspn_mix_reference, [t.cpu() for t in ins], dy.cpu(), chunk)
+    assert_matches(MIX_NAMES, ours, exact, lowp, dtype, f"shape {shape}, {dtype}, chunk {chunk}")
+    return ours
+
+
+def check_scan(fn, shape, dtype, chunk, device="cpu", seed: int = 0, inputs=None) -> list[torch.Tensor]:
+    """fn (gspn_scan's signature, chunk last) against the oracle: h and all five gradients."""
+    ins, dy = scan_inputs(*shape, dtype, device, seed) if inputs is None else inputs
+    ours = run(fn, ins, dy, chunk)
+    exact = run(gspn_scan_reference, [t.cpu() for t in ins], dy.cpu().double(), chunk, torch.float64)
+    lowp = run(gspn_scan_reference, [t.cpu() for t in ins], dy.cpu(), chunk)
+    assert_matches(SCAN_NAMES, ours, exact, lowp, dtype, f"shape {shape}, {dtype}, chunk {chunk}")
+    return ours
