@@ -12,8 +12,8 @@ import torch
 
 from .reference import gspn_mix_reference, gspn_scan_reference, stability_gates
 
-__all__ = ["FLOOR", "MIX_NAMES", "SCAN_NAMES", "assert_matches", "check_mix", "check_scan", "mix_inputs",
-           "run", "scan_inputs"]
+__all__ = ["FLOOR", "MIX_NAMES", "SCAN_NAMES", "assert_matches", "backend_mix", "backend_scan", "check_mix",
+           "check_scan", "mix_inputs", "run", "scan_inputs"]
 
 FLOOR = {torch.float64: 1e-12, torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 5e-4}
 MIX_NAMES = ("y", "dx", "dgate_logits", "dlam", "du")
@@ -84,3 +84,45 @@ def check_scan(fn, shape, dtype, chunk, device="cpu", seed: int = 0, inputs=None
     lowp = run(gspn_scan_reference, [t.cpu() for t in ins], dy.cpu(), chunk)
     assert_matches(SCAN_NAMES, ours, exact, lowp, dtype, f"shape {shape}, {dtype}, chunk {chunk}")
     return ours
+
+
+class _BackendMix(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, backend, x, gate_logits, lam, u, chunk):
+        ctx.save_for_backward(x, gate_logits, lam, u)
+        ctx.backend, ctx.chunk = backend, chunk
+        return backend.mix_forward(x, gate_logits, lam, u, chunk)
+
+    @staticmethod
+    def backward(ctx, dy):
+        grads = ctx.backend.mix_backward(dy.contiguous(), *ctx.saved_tensors, ctx.chunk, ctx.needs_input_grad[1:5])
+        return (None, *grads, None)
+
+
+class _BackendScan(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, backend, x, lam, g_up, g_mid, g_down, chunk):
+        ctx.save_for_backward(x, lam, g_up, g_mid, g_down)
+        ctx.backend, ctx.chunk = backend, chunk
+        return backend.scan_forward(x, lam, g_up, g_mid, g_down, chunk)
+
+    @staticmethod
+    def backward(ctx, dh):
+        grads = ctx.backend.scan_backward(dh.contiguous(), *ctx.saved_tensors, ctx.chunk, ctx.needs_input_grad[1:6])
+        return (None, *grads, None)
+
+
+def backend_mix(backend):
+    """gspn_mix's signature (chunk last) over a backend module's mix_forward / mix_backward, with autograd.
+
+    Lets a test drive one backend directly, on inputs ops.py would route elsewhere (e.g. the CUDA host code
+    over the CPU emulation of the kernels).
+    """
+    return lambda x, gate_logits, lam, u, chunk=None: _BackendMix.apply(
+        backend, *(t.contiguous() for t in (x, gate_logits, lam, u)), chunk)
+
+
+def backend_scan(backend):
+    """gspn_scan's signature (chunk last) over a backend module's scan_forward / scan_backward, with autograd."""
+    return lambda x, lam, g_up, g_mid, g_down, chunk=None: _BackendScan.apply(
+        backend, *(t.contiguous() for t in (x, lam, g_up, g_mid, g_down)), chunk)
