@@ -214,6 +214,8 @@ class DiffusionBackbone(nn.Module):
         conv_kernel: int = 3,                       # GSPN depthwise conv size
         direct_term: bool = False,                  # GSPN x * D term (official generator)
         conv_out: bool = False,                     # GSPN official output path
+        scan_dim: int | None = None,                # GSPN propagation width (GSPN-2 compact); None: hidden_size
+        recompute: bool = False,                    # GSPN: recompute the mixer's maps in backward (less memory)
         gspn_backend: Literal["auto", "cuda", "reference"] = "auto",  # gspn_mix backend
     ):
         super().__init__()
@@ -252,6 +254,7 @@ class DiffusionBackbone(nn.Module):
                 hidden_size, proxy_dim=proxy_dim, channels_per_gate=channels_per_gate,
                 chunk=None if i >= depth - global_layers else chunk, conv_kernel=conv_kernel,
                 direct_term=direct_term, conv_out=conv_out, backend=gspn_backend,
+                scan_dim=scan_dim, recompute=recompute,
             )
 
         # Paper layout: the first (depth - 1) // 2 blocks feed long skips into the last ones, block

@@ -32,7 +32,7 @@ _DIT_SIZES = {"S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16), "XL": 
 _PAPER_SIZES = {"B": (900, 31), "L": (1200, 57), "XL": (1500, 57)}
 _PAPER_LAYER = {
     "mixer": "gspn", "paper_layout": True, "mlp_ratio": 0.0, "chunk": 2, "global_layers": 2,
-    "conv_kernel": 7, "direct_term": True, "conv_out": True,
+    "conv_kernel": 7, "direct_term": True, "conv_out": True, "recompute": True,
 }
 
 
@@ -44,16 +44,20 @@ def _presets() -> dict[str, dict]:
     for size, shape in _DIT_SIZES.items():
         for p in (2, 4, 8):
             models[f"DiT-{size}/{p}"] = {**sized(_IMAGENET, *shape), "patch_size": p, "mixer": "attention"}
+    # The GPU presets recompute the mixer's maps in backward (GSPNMixer `recompute`): a GSPN-XL/2 block
+    # then keeps less for backward than a DiT-XL/2 block (benchmarks/memory.py).
     for size, shape in _DIT_SIZES.items():
         for p in (2, 4):
-            models[f"GSPN-{size}/{p}"] = {**sized(_IMAGENET, *shape), "patch_size": p, "mixer": "gspn"}
+            models[f"GSPN-{size}/{p}"] = {**sized(_IMAGENET, *shape), "patch_size": p, "mixer": "gspn",
+                                          "recompute": True}
     for size, (width, depth) in _PAPER_SIZES.items():
         for p in (2, 4):
             models[f"GSPN-paper-{size}/{p}"] = {
                 **_IMAGENET, "hidden_size": width, "depth": depth, "patch_size": p, **_PAPER_LAYER,
             }
     # CPU demo presets; GSPN-T uses compact gates (one gate channel per 4 channels, GSPN-2) to
-    # cut the scan's memory traffic, which dominates a CPU step at this width.
+    # cut the scan's memory traffic, which dominates a CPU step at this width. No recomputation: at
+    # this size memory is no constraint, and it would cost ~18% of a CPU training step.
     for p in (1, 2, 4):
         models[f"DiT-T/{p}"] = {**sized(_TINY, 128, 6, 4), "patch_size": p, "mixer": "attention"}
         models[f"GSPN-T/{p}"] = {**sized(_TINY, 128, 6, 4), "patch_size": p, "mixer": "gspn",

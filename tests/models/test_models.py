@@ -190,3 +190,42 @@ def test_registry_and_errors():
     model = build_small("GSPN-T/2")
     with pytest.raises(ValueError, match="x must be"):
         model(torch.zeros(2, 3, 16, 16), torch.zeros(2), torch.zeros(2, dtype=torch.long))
+
+
+@pytest.mark.parametrize("name", ["GSPN-T/2", "GSPN-paper-B/2"])
+def test_recompute_changes_memory_not_results(name):
+    # The recomputing mixer runs the same ops again in backward: same outputs and gradients.
+    results = []
+    for recompute in (False, True):
+        model = build_small(name, recompute=recompute).train()
+        perturb_zero_init(model)
+        torch.manual_seed(1)                                            # same class-dropout draws
+        out = model(*inputs(model))
+        out.square().mean().backward()
+        results.append((out.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (out0, grads0), (out1, grads1) = results
+    assert torch.equal(out0, out1)
+    assert grads0.keys() == grads1.keys()
+    for n in grads0:
+        torch.testing.assert_close(grads1[n], grads0[n], rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_gpu_presets_recompute_and_tiny_ones_do_not():
+    with torch.device("meta"):
+        assert all(b.mixer.recompute for b in build_model("GSPN-XL/2", depth=2).blocks)
+        assert all(b.mixer.recompute for b in build_model("GSPN-paper-B/2", depth=3).blocks)
+    assert not any(b.mixer.recompute for b in build_small("GSPN-T/2").blocks)
+
+
+def test_compact_propagation_width():
+    # scan_dim: in_proj projects down, the scan runs in scan_dim channels, out_proj lifts back.
+    model = build_small("GSPN-T/2", scan_dim=32, channels_per_gate=4).train()
+    mixer = model.blocks[0].mixer
+    assert mixer.in_proj.weight.shape == (32, 128) and mixer.out_proj.weight.shape == (128, 32)
+    assert mixer.lam_proj.out_channels == 4 * 32 and mixer.gate_proj.out_channels == 4 * 3 * 8
+    perturb_zero_init(model)
+    out = model(*inputs(model))
+    out.square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters() if p.requires_grad)
+    with pytest.raises(ValueError, match="channels_per_gate"):
+        build_model("GSPN-T/2", scan_dim=30, channels_per_gate=4)
