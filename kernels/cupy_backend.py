@@ -391,3 +391,31 @@ def gspn_scan_cuda(x: torch.Tensor, lam: torch.Tensor, g_up: torch.Tensor, g_mid
         return _GspnScan.apply(x, lam, g_up, g_mid, g_down, chunk)
     x, lam, g_up, g_mid, g_down = (t.contiguous() for t in tensors.values())
     return _scan_forward(x, lam, g_up, g_mid, g_down, chunk, keep_h=False)[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# The backend interface ops.py calls (interim adapter over the kernels above)
+
+unavailable_reason = cupy_unavailable_reason
+
+
+def supports(N, C, Cg, H, W, dtype, device_index=None) -> bool:
+    return dtype in _DTYPE_TAGS
+
+
+def mix_forward(x, gate_logits, lam, u, chunk):
+    return _mix_forward(x, gate_logits, lam, u, chunk, keep_h=False)[0]
+
+
+def mix_backward(dy, x, gate_logits, lam, u, chunk, needs):
+    h = _mix_forward(x, gate_logits, lam, u, chunk, keep_h=True)[1]
+    return _mix_backward(dy, x, gate_logits, lam, u, h, chunk, needs)
+
+
+def scan_forward(x, lam, g_up, g_mid, g_down, chunk):
+    return _scan_forward(x, lam, g_up, g_mid, g_down, chunk, keep_h=False)[0]
+
+
+def scan_backward(dh, x, lam, g_up, g_mid, g_down, chunk, needs):
+    h = _scan_forward(x, lam, g_up, g_mid, g_down, chunk, keep_h=True)[1]
+    return _scan_backward(dh, x, lam, g_up, g_mid, g_down, h, chunk, needs)

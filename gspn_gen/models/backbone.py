@@ -216,7 +216,7 @@ class DiffusionBackbone(nn.Module):
         conv_out: bool = False,                     # GSPN official output path
         scan_dim: int | None = None,                # GSPN propagation width (GSPN-2 compact); None: hidden_size
         recompute: bool = False,                    # GSPN: recompute the mixer's maps in backward (less memory)
-        gspn_backend: Literal["auto", "cuda", "reference"] = "auto",  # gspn_mix backend
+        gspn_backend: Literal["auto", "cuda", "torch", "reference"] = "auto",  # gspn_mix backend
     ):
         super().__init__()
         if mixer not in ("gspn", "attention"):

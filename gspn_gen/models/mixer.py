@@ -81,7 +81,7 @@ class GSPNMixer(nn.Module):
         conv_kernel: int = 3,              # depthwise conv size (the official generator uses 7)
         direct_term: bool = False,         # add x * D, D projected from the proxy (official d_conv)
         conv_out: bool = False,            # official output path: 1x1 conv, depthwise 3x3, y * relu(y)
-        backend: str = "auto",             # gspn_mix backend: "auto" | "cuda" | "reference"
+        backend: str = "auto",             # gspn_mix backend: "auto" | "cuda" | "torch" | "reference"
         scan_dim: int | None = None,       # channels the propagation runs in (GSPN-2 compact); None: dim
         recompute: bool = False,           # recompute everything between in_proj and out_proj in backward
     ):
