@@ -58,6 +58,7 @@ class GenerationModule(L.LightningModule):
         sample_per_class: int = 4,
         sample_max_classes: int = 10,
         fused_adamw: bool | None = None,
+        compile: bool = False,
     ):
         """Build backbone, diffusion process and EMA copy.
 
@@ -85,6 +86,8 @@ class GenerationModule(L.LightningModule):
             sample_per_class: images per class in those grids.
             sample_max_classes: at most this many classes (the first ones) in those grids.
             fused_adamw: use the fused AdamW kernel (default: on CUDA only).
+            compile: torch.compile the training model's forward (in place: parameter names, checkpoints
+                and the EMA model used for sampling stay as they are); the first steps take longer.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -102,6 +105,8 @@ class GenerationModule(L.LightningModule):
             **(model_args or {}),
         )
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
+        if compile:
+            self.model.compile()
         self._last_step_time: float | None = None
         self._last_grid_step = -1
 
