@@ -86,7 +86,7 @@ class GenerationModule(L.LightningModule):
             sample_per_class: images per class in those grids.
             sample_max_classes: at most this many classes (the first ones) in those grids.
             fused_adamw: use the fused AdamW kernel (default: on CUDA only).
-            compile: torch.compile the training model's forward (in place: parameter names, checkpoints
+            compile: torch.compile the training model's blocks (in place: parameter names, checkpoints
                 and the EMA model used for sampling stay as they are); the first steps take longer.
         """
         super().__init__()
@@ -106,7 +106,7 @@ class GenerationModule(L.LightningModule):
         )
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
         if compile:
-            self.model.compile()
+            self.model.compile_blocks()
         self._last_step_time: float | None = None
         self._last_grid_step = -1
 

@@ -36,7 +36,8 @@ def test_training_option_compiles_the_model_in_place():
 
     plain = GenerationModule(model="GSPN-T/2")
     module = GenerationModule(model="GSPN-T/2", compile=True)
-    assert module.model._compiled_call_impl is not None      # nn.Module.compile: __call__ compiled lazily
-    assert module.ema._compiled_call_impl is None            # sampling runs the EMA copy eagerly
+    # nn.Module.compile on each block: __call__ compiled lazily, one graph for all blocks of a structure
+    assert all(b._compiled_call_impl is not None for b in module.model.blocks)
+    assert all(b._compiled_call_impl is None for b in module.ema.blocks)  # sampling runs the EMA copy eagerly
     assert module.state_dict().keys() == plain.state_dict().keys()  # checkpoints do not change
     assert module.hparams.compile is True                    # a resumed or sampled checkpoint knows it
