@@ -18,7 +18,9 @@ For each preset, in three passes so that a run cut short by --max-seconds keeps 
    attention (SDPA), mlp, norms (LayerNorms, adaLN modulation) and other (embedders, loss, optimizer,
    EMA), each op and its backward attributed to the module that ran it;
 3. compiled: the training cells again with every block compiled (`DiffusionBackbone.compile_blocks`,
-   what `--model.compile true` does); warm-up steps include the compilation.
+   what `--model.compile true` does; static shapes); warm-up steps include the compilation, which is
+   not started with less than 45 s to the deadline. GSPN-XL/2 and DiT-XL/2 go first.
+A preset may carry constructor overrides, NAME:key=value,... (GSPN-XL/2:recompute=false).
 Models are built for 32x32 latents (256 px); the backbone derives its token grid from the input, so the
 same model trains and samples at 512 px. Times: CUDA events after warm-up on a GPU, perf_counter on the
 CPU. Out of memory is reported as "OOM", a cell past --max-seconds as "skipped", any other failure as
@@ -37,7 +39,6 @@ import argparse
 import datetime as _dt
 import gc
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -76,17 +77,20 @@ class Mode:
     forward_images: int                      # images per forward batch at the model's own size
     compile_backend: str
     compiled_cells: int                      # compiled pass: the first this many training cells
+    compile_reserve_s: float                 # compiled pass: a preset starts only with this much time left
     forward_budget_s: float                  # timed forward calls per cell: as many as fit (1..steps)
 
 
 GPU = Mode(["GSPN-XL/2", "GSPN-paper-XL/2", "DiT-XL/2"], train=[(256, 32), (512, 8)],
            resolutions=[256, 512, 1024, 2048], sample=[(256, 16), (512, 4)], sample_steps=50, steps=10,
            warmup=3, latent_factor=8, data={"num_classes": 1000, "in_channels": 4, "input_size": 32},
-           forward_images=16, compile_backend="inductor", compiled_cells=2, forward_budget_s=1.0)
+           forward_images=16, compile_backend="inductor", compiled_cells=2, compile_reserve_s=45.0,
+           forward_budget_s=1.0)
 TINY = Mode(["GSPN-T/2", "DiT-T/2"], train=[(16, 4), (32, 2)], resolutions=[16, 32], sample=[(16, 4)],
             sample_steps=3, steps=2, warmup=1, latent_factor=1,
             data={"num_classes": 10, "in_channels": 1, "input_size": 16}, forward_images=4,
-            compile_backend="aot_eager", compiled_cells=1, forward_budget_s=0.2)
+            compile_backend="aot_eager", compiled_cells=1, compile_reserve_s=0.0,
+            forward_budget_s=0.2)
 CFG_SCALE = 1.5
 TARGETS = {  # GSPN-XL/2 vs DiT-XL/2 (DESIGN.md §9): (cell, ratio >= target, or <= for memory)
     "train 256 px b32 images/s": (1.0, ">="), "train 256 px b32 peak memory": (1.0, "<="),
@@ -340,11 +344,31 @@ def profile_classes(fn, model: torch.nn.Module, device: torch.device) -> tuple[d
 # Passes
 
 
-def build_module(name: str, mode: Mode, device: torch.device) -> GenerationModule:
+def parse_preset(spec: str) -> tuple[str, dict]:
+    """"NAME" or "NAME:key=value,...", e.g. GSPN-XL/2:recompute=false -> (name, model_args overrides)."""
+    name, _, rest = spec.partition(":")
+    overrides = {}
+    for item in filter(None, rest.split(",")):
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise ValueError(f"preset override {item!r} in {spec!r} is not key=value")
+        lowered = text.strip().lower()
+        if lowered in ("true", "false", "none"):
+            overrides[key.strip()] = {"true": True, "false": False, "none": None}[lowered]
+        else:
+            try:
+                overrides[key.strip()] = int(text)
+            except ValueError:
+                overrides[key.strip()] = float(text)
+    return name, overrides
+
+
+def build_module(spec: str, mode: Mode, device: torch.device) -> GenerationModule:
     """The training module as the CLI builds it (constant LR: the cosine schedule needs a trainer)."""
+    name, overrides = parse_preset(spec)
     with torch.device(device):  # weights initialised in place: no slow CPU init of a 700M model
-        module = GenerationModule(model=name, **mode.data, lr=1e-4, lr_schedule="constant",
-                                  fused_adamw=device.type == "cuda")
+        module = GenerationModule(model=name, model_args=overrides, **mode.data, lr=1e-4,
+                                  lr_schedule="constant", fused_adamw=device.type == "cuda")
     module.to(device)  # records the device on the LightningModule; the tensors are there already
     module.model.train()
     return module
@@ -434,11 +458,14 @@ def profile_pass(name: str, mode: Mode, args, device: torch.device, deadline: fl
 
 def compiled_pass(name: str, mode: Mode, args, device: torch.device, deadline: float) -> list[dict]:
     todo = args.train[:mode.compiled_cells]
-    module = attempt(deadline, build_module, name, mode, device)
+    # compilation takes tens of seconds on a GPU: not started when less than that is left
+    reserve = deadline - mode.compile_reserve_s
+    module = attempt(reserve, build_module, name, mode, device)
     if isinstance(module, str):
         return [{"px": px, "batch_size": b, "compiled": True, **cells(module, TRAIN_KEYS)} for px, b in todo]
     torch._dynamo.reset()
-    module.model.compile_blocks(backend=mode.compile_backend)
+    # static shapes: each training size gets its own graph, as in a training run at one size
+    module.model.compile_blocks(backend=mode.compile_backend, dynamic=False)
     print(f"{name}, blocks compiled ({mode.compile_backend}):", flush=True)
     return train_cells(module, todo, mode, args, device, deadline, compiled=True)
 
@@ -585,7 +612,9 @@ def _write_text(path: Path, text: str) -> None:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(prog="python benchmarks/e2e.py", description=__doc__.split("\n")[0])
-    parser.add_argument("--presets", nargs="+", help=f"model presets (default {' '.join(GPU.presets)})")
+    parser.add_argument("--presets", nargs="+",
+                        help=f"model presets, each NAME or NAME:key=value,... with constructor overrides, e.g. "
+                             f"GSPN-XL/2:recompute=false (default {' '.join(GPU.presets)})")
     parser.add_argument("--train", nargs="+", type=_px_batch, help="training cells PXxBATCH (default 256x32 512x8)")
     parser.add_argument("--resolutions", nargs="+", type=_positive_int,
                         help="forward image sides in px (default 256 512 1024 2048)")
@@ -610,7 +639,11 @@ def main(argv=None) -> dict:
             setattr(args, key, getattr(mode, key))
     if args.profile is None:
         args.profile = [args.train[0]] if args.tiny else [args.train[0], (1024, 2)]
-    unknown = [name for name in args.presets if name not in MODELS]
+    try:
+        names = [parse_preset(spec)[0] for spec in args.presets]
+    except ValueError as err:
+        parser.error(str(err))
+    unknown = [name for name in names if name not in MODELS]
     if unknown:
         parser.error(f"unknown preset(s) {unknown}; known: {', '.join(MODELS)}")
     sizes = args.resolutions + [px for px, _ in args.train + args.sample + args.profile]
@@ -658,36 +691,37 @@ def main(argv=None) -> dict:
     copies = [] if args.tiny or path.parent.resolve() == RESULTS.resolve() else [RESULTS / path.name]
 
     def save() -> None:
+        """JSON and plot of what is measured so far: a run cut short keeps them."""
         result["ratios"] = ratios(result["rows"])
         for target in [path, *copies]:
             write_json(target, result)
+            plot_forward(result, target.with_suffix(".png"))
 
     for name in args.presets:
         result["rows"].append(eager_pass(name, mode, args, device, deadline))
         free_memory()
         save()
     profile_text = ""
-    gspn_presets = [n for n in args.presets if MODELS[n]["mixer"] == "gspn"]
+    gspn_presets = [spec for spec, name in zip(args.presets, names) if MODELS[name]["mixer"] == "gspn"]
     if args.profile and gspn_presets:
         result["profile"], profile_text = profile_pass(gspn_presets[0], mode, args, device, deadline)
         free_memory()
         save()
+    if profile_text:
+        for target in [path, *copies]:
+            _write_text(target.with_suffix(".profile.txt"), profile_text)
     if not args.no_compile:
-        for row in result["rows"]:
+        # the two presets of the targets first: the deadline may leave no time for a third
+        order = sorted(result["rows"], key=lambda row: row["preset"] not in ("GSPN-XL/2", "DiT-XL/2"))
+        for row in order:
             row["train"] += compiled_pass(row["preset"], mode, args, device, deadline)
             free_memory()
             save()
     print_tables(result)
-    print(f"wrote {path}" + "".join(f" and {c}" for c in copies))
-    outputs = [path.with_suffix(".png")] + [c.with_suffix(".png") for c in copies]
-    if plot_forward(result, outputs[0]):
-        for extra in outputs[1:]:
-            shutil.copyfile(outputs[0], extra)
-        print(f"wrote {outputs[0]}")
-    if profile_text:
-        for target in [path, *copies]:
-            _write_text(target.with_suffix(".profile.txt"), profile_text)
-        print(f"wrote {path.with_suffix('.profile.txt')}")
+    written = [path, *copies]
+    written += [p.with_suffix(".png") for p in written if p.with_suffix(".png").exists()]
+    written += [p.with_suffix(".profile.txt") for p in [path, *copies] if profile_text]
+    print("wrote " + ", ".join(str(p) for p in written))
     return result
 
 
