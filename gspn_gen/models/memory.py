@@ -6,8 +6,8 @@ For one training-mode forward of one block (`measure_block`):
   autograd.Function holds as plain attributes of its context; one count per storage (views and repeated
   saves share it), parameters excluded. Casts of parameters (autocast's bf16 weight copies) are counted
   apart as `weight_casts`: they scale with the parameters, not with the batch;
-- written: bytes of every new storage an op returns during the forward (temporaries included), a
-  measure of the memory traffic the forward causes;
+- written: bytes of every new storage an op returns during the forward (temporaries included; parameter
+  casts not), a measure of the memory traffic the forward causes;
 - flops: matmuls, convolutions and attention counted by torch's FlopCounterMode (a multiply-add counts
   2; grouped-convolution backward counted per group, which torch's own formula does not), plus the
   GSPN scans by `GSPNMixer.scan_flops`; the backward count includes any recomputation.
@@ -112,15 +112,17 @@ def _context_tensors(node) -> list[torch.Tensor]:
 
 
 class _Writes(TorchDispatchMode):
-    """Adds the bytes of each new storage an op returns to the current part."""
+    """Adds the bytes of each new storage an op returns to the current part; casts of parameters apart."""
 
-    def __init__(self, result: BlockMemory, part: list[str]):
+    def __init__(self, result: BlockMemory, part: list[str], param_storages: set):
         super().__init__()
-        self.result, self.part = result, part
+        self.result, self.part, self.params = result, part, param_storages
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         inputs = {_storage_key(t) for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+        if func is torch.ops.aten._to_copy.default and inputs <= self.params:
+            return out  # autocast's weight copy: counted with the weights, not the activations
         fresh = {_storage_key(t) for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)} - inputs
         self.result.written[self.part[-1]] += sum(nbytes for _, nbytes in fresh)
         return out
@@ -178,7 +180,7 @@ def measure_block(block: nn.Module, x: torch.Tensor, c: torch.Tensor, grid: tupl
         with ExitStack() as stack:
             stack.enter_context(torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t))
             stack.enter_context(flops)
-            stack.enter_context(_Writes(result, part))
+            stack.enter_context(_Writes(result, part, param_storages))
             stack.enter_context(torch.autocast(device, dtype=autocast_dtype) if autocast_dtype else nullcontext())
             out = block(x, c, grid, skip)
     finally:
