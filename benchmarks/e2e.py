@@ -273,7 +273,8 @@ def classify_profile(events, device: torch.device) -> dict[str, float]:
     A forward op belongs to the innermost "cls:" range around it (the gspn op always to "scan", SDPA to
     "attention"); a backward op to the class of the forward op with its autograd sequence number;
     anything else to "other". Recomputation in backward runs the forward modules again, so it is
-    attributed like the forward.
+    attributed like the forward. Kernels the profiler did not link to a CPU op count by their name
+    (the GSPN kernels' names hold "gspn").
     """
     use_device = device.type == "cuda"
     by_seq: dict[int, str] = {}
@@ -302,7 +303,13 @@ def classify_profile(events, device: torch.device) -> dict[str, float]:
         if cls is not None and getattr(event, "sequence_nr", -1) >= 0 and not event.name.startswith("autograd::"):
             by_seq.setdefault(event.sequence_nr, cls)
     times: dict[str, float] = defaultdict(float)
+    kernels: dict[str, float] = defaultdict(float)  # device time of kernels not tied to a CPU op, by name
     for event in events:
+        if event.device_type != torch.autograd.DeviceType.CPU:
+            kernels[event.name] += event.self_device_time_total
+            continue
+        for kernel in event.kernels:
+            kernels[kernel.name] -= kernel.duration
         cls = None
         for a in ancestors(event):
             cls = own_class(a)
@@ -316,6 +323,9 @@ def classify_profile(events, device: torch.device) -> dict[str, float]:
                 break
         us = event.self_device_time_total if use_device else event.self_cpu_time_total
         times[cls or "other"] += us / 1e3
+    for name, us in kernels.items():  # e.g. launched by CuPy where the profiler did not link them to an op
+        if us > 0:
+            times["scan" if "gspn" in name.lower() else "other"] += us / 1e3
     return {c: times.get(c, 0.0) for c in OP_CLASSES}
 
 
