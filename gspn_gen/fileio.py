@@ -101,13 +101,17 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_temps(directory: str | os.PathLike) -> list[Path]:
-    """Delete temp files left in `directory` by killed writers (our pattern, writer process gone)."""
+def remove_stale_temps(directory: str | os.PathLike, target: str | None = None) -> list[Path]:
+    """Delete temp files left in `directory` by killed writers (our pattern, writer process gone).
+
+    With `target` (a file name) only the temp files of that file are considered.
+    """
     removed = []
     with contextlib.suppress(OSError):
         for entry in os.scandir(directory):
             m = _TEMP.match(entry.name)
-            if m and entry.is_file(follow_symlinks=False) and not _pid_alive(int(m["pid"])):
+            if (m and (target is None or m["target"] == target) and entry.is_file(follow_symlinks=False)
+                    and not _pid_alive(int(m["pid"]))):
                 with contextlib.suppress(OSError):
                     os.unlink(entry.path)
                     removed.append(Path(entry.path))

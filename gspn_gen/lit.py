@@ -108,7 +108,10 @@ class GenerationModule(L.LightningModule):
             raise ValueError(f"betas must be two numbers in [0, 1), got {list(betas)}")
         if not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
-        self.diffusion = create_diffusion(diffusion, **(diffusion_args or {}))
+        try:
+            self.diffusion = create_diffusion(diffusion, **(diffusion_args or {}))
+        except TypeError as e:  # an argument the process does not take
+            raise ValueError(f"diffusion_args {diffusion_args} do not fit diffusion {diffusion!r}: {e}") from None
         self.model = build_model(
             model,
             input_size=input_size,

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from gspn_gen.checkpoints import CheckpointError, fingerprint, load_module, nonfinite_tensors
 from gspn_gen.codecs import CodecLoadError
 from gspn_gen.diffusion import flow, gaussian
-from gspn_gen.fileio import write_json
+from gspn_gen.fileio import remove_stale_temps, write_json
 from gspn_gen.lit import GenerationModule
 from gspn_gen.sampling import (
     IMAGE_FORMATS,
@@ -181,6 +181,7 @@ def write_grid(args) -> None:
     labels = torch.tensor(classes).repeat_interleave(args.per_class)
     with nonfinite_report(len(labels)), progress(len(labels), "sampling") as bar:
         images = sample_range(module, labels, 0, len(labels), args, bar)
+    remove_stale_temps(Path(args.out).absolute().parent, Path(args.out).name)
     save_image(class_grid(images, labels.tolist(), args.per_class, module.hparams.class_names), args.out)
     print(f"wrote {args.out} ({len(classes)} classes x {args.per_class}, cfg {args.cfg_scale})")
 
@@ -205,6 +206,9 @@ def write_npz(args) -> None:
     module = load(args, fabric.device, announce=rank0)
     labels = torch.arange(args.num_samples) % module.hparams.num_classes
     parts = Path(f"{args.out}.parts")
+    if rank0:  # what a killed run left half-written
+        remove_stale_temps(Path(args.out).absolute().parent, Path(args.out).name)
+        remove_stale_temps(parts)
     settings = {k: getattr(args, k) for k in ("seed", "cfg_scale", "guidance_interval", "sampler", "steps",
                                               "no_ema", "num_samples", "shard_size")}
     # what the checkpoint file holds, not where it is: a file replaced at the same path is another model

@@ -68,6 +68,7 @@ class _AppendingWriter(ExperimentWriter):
 
     def _check_log_dir_exists(self) -> None:
         path = Path(self.metrics_file_path)
+        remove_stale_temps(path.parent, path.name)
         if not path.is_file():
             return
         data = path.read_bytes()
@@ -208,8 +209,7 @@ class GenerationCLI(LightningCLI):
         lines = []
         for section in ("trainer", "data"):
             a, b = _flatten(old.get(section)), _flatten(new.get(section))
-            lines += [f"{section}.{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b))
-                      if a.get(k) != b.get(k)]
+            lines += [f"{section}.{k}: {a[k]!r} -> {b[k]!r}" for k in sorted(set(a) & set(b)) if a[k] != b[k]]
         return lines
 
 
