@@ -163,7 +163,8 @@ class GenerationCLI(LightningCLI):
                     pass
             except OSError as e:
                 fail(f"{name} {str(d)!r} is not a writable directory: {e.strerror or e}")
-            remove_stale_temps(d)
+            if self.trainer.is_global_zero:
+                remove_stale_temps(d)
 
     def check_resume(self, path: str) -> str:
         """The checkpoint file a resume will load, after checking it fits this run; errors end the run."""
@@ -193,7 +194,8 @@ class GenerationCLI(LightningCLI):
                                       f"(e.g. {bad[0]}); resume from an earlier checkpoint")
         except CheckpointError as e:
             fail(str(e))
-        remove_stale_temps(os.path.dirname(os.path.abspath(path)))
+        if self.trainer.is_global_zero:  # half-written checkpoints of the killed run
+            remove_stale_temps(os.path.dirname(os.path.abspath(path)))
         for line in changed + self._config_changes():
             info(f"resume with changed {line}")
         return path
