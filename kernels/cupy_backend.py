@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import math
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -122,13 +121,12 @@ class _Plan:
     geo: tuple[_Geo, _Geo]   # column lines, row lines
 
 
-def _geo(P: int, L: int, R: int, lb: int, ts: int, e: int, backward: bool, mix: bool, gmode: int,
-         loaders: int) -> _Geo:
+def _geo(P: int, L: int, R: int, lb: int, ts: int, e: int, backward: bool, mix: bool, gmode: int) -> _Geo:
     """Shared-memory layout of one line kind (the order gspn_common.cuh describes), 16-byte aligned."""
     a16 = functools.partial(_roundup, m=16)
     G = _lanes_per_line(P, R)
     Ps = _roundup(P, max(R, 16 // e))
-    Pp = (P | 1) if R == 1 else _roundup(P, min(R, 4))
+    Pp = (P | 1) if R == 1 else _roundup(P, R)  # a lane writes R floats (aligned vectors from R = 4)
     if R > 1 and Pp % 32 == 0:
         Pp += 4  # column-direction reads of the final sum hit 8 banks instead of 1
     nscan = 32 * -(-lb * G // 32)
@@ -152,9 +150,10 @@ def _plan(N: int, C: int, Cg: int, H: int, W: int, e: int, backward: bool, mix: 
           launch: Launch, smem_limit: int) -> _Plan | None:
     """The launch plan, or None when no plan fits the shared memory or the line is too long.
 
-    Planes per CTA (lb) as large as the target allows, then the longest tile that fits; with compact
-    gates lb is a multiple of C / Cg where one fits (the gate gradient is then summed inside the CTA).
-    Vectors of 16 / e elements when W, the pointers (vec_ok) and the tile allow.
+    Preference: 16-byte vectors (tiles of at least 16 / e steps) when W and the pointers (vec_ok) allow,
+    then as many planes per CTA (lb) as the target asks, then the longest tile that fits. With compact
+    gates the backward takes lb a multiple of C / Cg where one fits (the gate gradient is then summed
+    inside the CTA, gmode 1), else gmode 2 (per-channel scratch and an epilogue).
     """
     if max(H, W) > MAX_LINE:
         return None
@@ -162,20 +161,21 @@ def _plan(N: int, C: int, Cg: int, H: int, W: int, e: int, backward: bool, mix: 
     kk, NC = C // Cg, N * C
     G_max = max(_lanes_per_line(H, R), _lanes_per_line(W, R))
     target = min(NC, max(1, launch.scan_lanes // G_max))
-    lbs = [lb for lb in range(target, 0, -1) if kk == 1 or lb % kk == 0 or lb < kk] if backward else \
-        list(range(target, 0, -1))
+    lbs = [lb for lb in range(target, 0, -1) if not backward or kk == 1 or lb % kk == 0 or lb < kk]
     vm = 16 // e
-    ts_top = min(launch.tile, _next_pow2(max(H, W)))
-    for lb in lbs:
-        gmode = 0 if kk == 1 else (1 if lb % kk == 0 else 2)
-        for ts in (1 << k for k in range(ts_top.bit_length() - 1, -1, -1)):
-            V = vm if vec_ok and W % vm == 0 and ts % vm == 0 else 1
-            kinds = tuple(_geo(P, L, R, lb, ts, e, backward, mix, gmode, launch.loaders)
-                          for P, L in ((H, W), (W, H)))
-            smem = max(k.end for k in kinds)
-            threads = max(k.nscan for k in kinds) + launch.loaders
-            if smem <= smem_limit and threads <= 1024:
-                return _Plan(R, lb, ts, V, gmode if backward else 0, threads, smem, -(-NC // lb), kinds)
+    vectors = vec_ok and W % vm == 0
+    ts_top = max(1, min(launch.tile, _next_pow2(max(H, W))))
+    tiles = [1 << k for k in range(ts_top.bit_length() - 1, -1, -1)]
+    for ts_min in ((vm, 1) if vectors else (1,)):
+        for lb in lbs:
+            gmode = 0 if kk == 1 else (1 if lb % kk == 0 else 2)
+            for ts in (t for t in tiles if t >= ts_min):
+                V = vm if vectors and ts % vm == 0 else 1
+                kinds = tuple(_geo(P, L, R, lb, ts, e, backward, mix, gmode) for P, L in ((H, W), (W, H)))
+                smem = max(k.end for k in kinds)
+                threads = max(k.nscan for k in kinds) + launch.loaders
+                if smem <= smem_limit and threads <= 1024:
+                    return _Plan(R, lb, ts, V, gmode if backward else 0, threads, smem, -(-NC // lb), kinds)
     return None
 
 

@@ -99,7 +99,7 @@ struct Geo {      // the plan of one line kind: [0] column lines (d = 0, 1), [1]
   int P, L, G;    // positions per line, steps per scan, lanes per line segment (power of two <= 32)
   int nt;         // tiles per pass, ceil(L / ts)
   int Ps;         // staged row length of one plane (elements), a multiple of R and of the vector width
-  int Pp;         // row length of the fp32 planes (floats)
+  int Pp;         // row length of the fp32 planes (floats), a multiple of R (odd when R = 1)
   int nscan;      // scan threads (whole warps); the others load
   int stage, stage_arr, stage_buf;      // byte offset of the staging buffers, bytes per array, per buffer
   int plane;                            // byte offset of the fp32 planes
@@ -334,7 +334,7 @@ __device__ __forceinline__ void read_row(const typename D::T* p, bool active, fl
   }
 }
 
-// R floats into a row of an fp32 plane (aligned to min(R, 4) floats, host plan).
+// R floats into a row of an fp32 plane (rows are multiples of R floats, host plan).
 template <int R>
 __device__ __forceinline__ void write_row_f32(float* p, const float* v) {
   if constexpr (R >= 4) {
