@@ -8,7 +8,8 @@
 //     reached by all 32 lanes with the full mask (checked);
 //   - a cluster of gspn_mix runs its 4 CTAs concurrently, each with its own shared memory; the cluster
 //     barrier is a std::barrier over all their threads; a distributed-shared-memory read maps the
-//     address to the same offset in the other CTA's shared memory (bounds checked);
+//     address to the same offset in the other CTA's shared memory (bounds checked, and only
+//     after the reading thread has passed a cluster barrier);
 //   - dynamic shared memory starts filled with 0xFF bytes (NaN in fp32, bf16 and fp16: a read of an
 //     unwritten value reaches the outputs) and is followed by a canary (an overrun is counted; under
 //     AddressSanitizer the canary is poisoned, so the overrun is reported where it happens);
@@ -93,6 +94,7 @@ struct EmuCluster {
 thread_local dim3 threadIdx, blockIdx;
 thread_local EmuCta* emu_cta = nullptr;
 thread_local long long emu_thread_loaded = 0, emu_thread_stored = 0;
+thread_local int emu_cluster_phase = 0;  // cluster barriers this thread has passed
 static dim3 blockDim, gridDim;
 
 static void __syncthreads() { emu_cta->bar->arrive_and_wait(); }
@@ -155,6 +157,7 @@ static void gstore(V* p, const V& v) {
 static void cluster_sync() {
   if (!emu_cta->cluster || emu_cta->cluster->size == 1) emu_error("cluster barrier outside a cluster launch");
   emu_cta->cluster->bar->arrive_and_wait();
+  ++emu_cluster_phase;
 }
 
 static float ld_cluster(const float* p, int rank) {
@@ -164,9 +167,15 @@ static float ld_cluster(const float* p, int rank) {
     emu_error("distributed shared memory read out of bounds");
     return NAN;
   }
-  float v;
-  std::memcpy(&v, cl->ctas[rank].smem + off, 4);
-  return v;
+  // Another CTA's shared memory is only complete after a cluster barrier (every legal read in the
+  // kernels follows one); this catches a missing barrier even when ThreadSanitizer's sampling does not.
+  if (rank != emu_cta->rank && emu_cluster_phase == 0) {
+    emu_error("distributed shared memory read before any cluster barrier");
+    return NAN;
+  }
+  // One aligned 4-byte load (not memcpy): ThreadSanitizer then records a single access, which keeps
+  // the few shadow slots it has per 8 bytes for the accesses that reveal a missing cluster barrier.
+  return *reinterpret_cast<const float*>(cl->ctas[rank].smem + off);
 }
 
 static float half_to_float(unsigned short v) {
@@ -249,6 +258,7 @@ static void run_cluster(const Entry& k, int size, int first_block, int nt, size_
         blockIdx = {(unsigned)(first_block + r), 0, 0};
         emu_cta = &cl.ctas[r];
         emu_thread_loaded = emu_thread_stored = 0;
+        emu_cluster_phase = 0;
         k.fn(args);
         emu_loaded += emu_thread_loaded;
         emu_stored += emu_thread_stored;
