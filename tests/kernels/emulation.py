@@ -138,24 +138,31 @@ def record_case(monkeypatch, run) -> bytes:
                         lambda kernel, grid, block, smem, args, device: launches.append(
                             (kernel, grid, block, smem, type(args).from_buffer_copy(args))))
     tensors = [t for t in run() if t is not None]
-    buffers: list[tuple[int, int, int, int, int]] = []  # (address, bytes, kind, element bytes, fp16)
+    buffers: list[tuple[int, int, int, int]] = []  # (bytes, kind, element bytes, fp16)
+    of_tensor: dict[int, int] = {}                 # id(tensor) -> buffer index
+    last_scratch: tuple[int, int] | None = None    # (address, buffer index) of the previous launch
 
     def buffer_of(address: int, field: str, args) -> tuple[int, int]:
-        for i, (base, size, *_) in enumerate(buffers):
-            if base <= address < base + size:
-                return i, address - base
+        nonlocal last_scratch
+        if field == "scratch":  # freed after its op, so its address may be reused: never matched to tensors
+            if last_scratch is None or last_scratch[0] != address:
+                size = 4 * (args.N * args.scr_n if args.dirs == 4 else 3 * args.scr_k)
+                buffers.append((size, 1, 4, 0))
+                last_scratch = (address, len(buffers) - 1)
+            return last_scratch[1], 0
         for t in tensors:
             base, size = t.data_ptr(), t.numel() * t.element_size()
             if base <= address < base + size:
-                buffers.append((base, size, int(field in _OUTPUTS), t.element_size(), int(t.dtype == torch.float16)))
-                return len(buffers) - 1, address - base
-        assert field == "scratch", f"pointer {field} of a recorded launch matches no tensor"
-        size = 4 * (args.N * args.scr_n if args.dirs == 4 else 3 * args.scr_k)
-        buffers.append((address, size, 1, 4, 0))
-        return len(buffers) - 1, 0
+                if id(t) not in of_tensor:
+                    buffers.append((size, int(field in _OUTPUTS), t.element_size(), int(t.dtype == torch.float16)))
+                    of_tensor[id(t)] = len(buffers) - 1
+                return of_tensor[id(t)], address - base
+        raise AssertionError(f"pointer {field} of a recorded launch matches no tensor")
 
     blobs = []
     for kernel, grid, block, smem, args in launches:
+        if not args.scratch:
+            last_scratch = None
         for field, k in _POINTERS:
             value = getattr(args, field)
             address = value[k] if field in ("g", "dg") else value
@@ -168,8 +175,7 @@ def record_case(monkeypatch, run) -> bytes:
             else:
                 setattr(args, field, ref)
         blobs.append(kernel.encode().ljust(64, b"\0") + struct.pack("<3i", grid, block, smem) + bytes(args))
-    head = struct.pack("<i", len(buffers)) + b"".join(struct.pack("<q3i", size, kind, elem, half)
-                                                       for _, size, kind, elem, half in buffers)
+    head = struct.pack("<i", len(buffers)) + b"".join(struct.pack("<q3i", *b) for b in buffers)
     return head + struct.pack("<i", len(blobs)) + b"".join(blobs)
 
 
