@@ -316,8 +316,9 @@ def _kernels(device_index: int) -> dict:
 
     def build(dtype):
         names = kernel_names(dtype)
+        code = source() + f"// instantiations: {', '.join(names)}\n"  # a distinct cache key per module
         with cupy.cuda.Device(device_index):
-            module = cupy.RawModule(code=source(), options=COMPILE_OPTIONS, name_expressions=names)
+            module = cupy.RawModule(code=code, options=COMPILE_OPTIONS, name_expressions=names)
             module.compile()
             return {name: module.get_function(name) for name in names}
 
@@ -366,6 +367,10 @@ def _launch(kernel, grid: int, block: int, smem: int, args: _Args, device: torch
     from cupy.cuda.function import CPointer
 
     with cupy.cuda.Device(device.index):
+        most = kernel.attributes["max_threads_per_block"]  # registers permitting
+        if block > most:
+            raise ValueError(f"the launch settings ask for {block} threads per CTA; this kernel takes at most {most} "
+                             "(fewer loaders or scan lanes in Launch)")
         if smem > _DEFAULT_SMEM and _OPTED.get((id(kernel), device.index), 0) < smem:
             kernel.max_dynamic_shared_size_bytes = smem
             _OPTED[(id(kernel), device.index)] = smem
