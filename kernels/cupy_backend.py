@@ -13,7 +13,7 @@ dy and one fp32 plane resident in shared memory and makes two passes (adjoint, t
 h with the per-pixel gradients). One launch per call, plus an epilogue when compact gates (Cg < C) do
 not fit a CTA's planes. gspn_scan uses the same code with one CTA per group and direction 0.
 
-Limits: lines of at most ``MAX_LINE`` = 256 positions (max(H, W)), and a plan that fits the device's
+Limits: lines of at most ``MAX_LINE`` = 1024 positions (max(H, W)), and a plan that fits the device's
 shared memory per block (227 KiB on H100/H200): backward holds 3 gate maps and dy in the input dtype plus
 one fp32 plane, i.e. 12 bytes per pixel of a plane in bf16/fp16 (up to ~18K pixels, e.g. 128 x 128) and
 20 in fp32 (~11K, e.g. 64 x 128); forward needs 4 bytes per pixel. ``supports`` says whether a shape
@@ -41,7 +41,8 @@ __all__ = ["INSTALL_HINT", "MAX_LINE", "Launch", "mix_backward", "mix_forward", 
 
 INSTALL_HINT = "pip install 'gspn-gen[cuda13]' (or 'gspn-gen[cuda12]' for a CUDA 12 driver)"
 R_VALUES = (1, 2, 4, 8)           # positions per scan lane (template parameter R)
-MAX_LINE = 32 * R_VALUES[-1]      # longest line: 32 lanes x 8 positions
+LINE_WARPS = (1, 2, 4)            # warps holding one line
+MAX_LINE = 32 * LINE_WARPS[-1] * R_VALUES[-1]  # longest line: 4 warps x 32 lanes x 8 positions
 _DTYPE_TAGS = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 _CUDA_DIR = Path(__file__).with_name("cuda")
 _SOURCES = ("gspn_device.cuh", "gspn_common.cuh", "gspn_forward.cu", "gspn_backward.cu")
@@ -55,14 +56,16 @@ class Launch:
     """Launch settings; the defaults serve every shape, tests and the benchmark's --tune vary them.
 
     loaders: threads per CTA beside the scan warps (a multiple of 32); they stage tiles and write results.
-    scan_lanes: target scan lanes per CTA; planes per CTA = scan_lanes / lanes per line (fewer if
-        shared memory is short).
+    scan_lanes: target scan lanes per CTA: planes per CTA = scan_lanes / lanes per line (fewer if
+        shared memory is short), and a long line on few planes gets up to `line_warps` warps.
+    line_warps: most warps holding one line (1, 2 or 4).
     tile: most scan steps per staged tile (a power of two).
     smem: shared-memory budget per CTA in bytes; None = the device's opt-in maximum.
     """
 
     loaders: int = 128
     scan_lanes: int = 128
+    line_warps: int = 4
     tile: int = 16
     smem: int | None = None
 
@@ -79,8 +82,13 @@ def _roundup(v: int, m: int) -> int:
     return -(-v // m) * m
 
 
-def _lanes_per_line(P: int, R: int) -> int:
-    return min(32, _next_pow2(-(-P // R)))
+def _line(P: int, R: int, w_max: int) -> tuple[int, int] | None:
+    """(warps W, lanes per warp G) holding a line of P positions at R per lane, or None if it needs more
+    than w_max warps. One warp when it fits (G lanes, a power of two); else W whole warps (G = 32)."""
+    if P <= 32 * R:
+        return 1, min(32, _next_pow2(-(-P // R)))
+    W = _next_pow2(-(-P // (32 * R)))
+    return (W, 32) if W <= w_max else None
 
 
 @dataclass(frozen=True)
@@ -104,7 +112,8 @@ class _Geo:
     ostage_t: int
     ostage_f: int
     ostage_buf: int
-    pad: int
+    W: int
+    xchg: int
     end: int  # bytes of shared memory this kind uses (not passed to the kernel)
 
 
@@ -121,15 +130,16 @@ class _Plan:
     geo: tuple[_Geo, _Geo]   # column lines, row lines
 
 
-def _geo(P: int, L: int, R: int, lb: int, ts: int, e: int, backward: bool, mix: bool, gmode: int) -> _Geo:
+def _geo(P: int, L: int, R: int, line: tuple[int, int], lb: int, ts: int, e: int, backward: bool, mix: bool,
+         gmode: int) -> _Geo:
     """Shared-memory layout of one line kind (the order gspn_common.cuh describes), 16-byte aligned."""
     a16 = functools.partial(_roundup, m=16)
-    G = _lanes_per_line(P, R)
+    W, G = line
     Ps = _roundup(P, max(R, 16 // e))
     Pp = (P | 1) if R == 1 else _roundup(P, R)  # a lane writes R floats (aligned vectors from R = 4)
     if R > 1 and Pp % 32 == 0:
         Pp += 4  # column-direction reads of the final sum hit 8 banks instead of 1
-    nscan = 32 * -(-lb * G // 32)
+    nscan = 32 * -(-lb * G * W // 32)
     at = a16(4 * lb * 8)  # offset tables
     stage_arr = a16(ts * lb * Ps * e)
     stage_buf = (2 if backward else (6 if mix else 5)) * stage_arr
@@ -141,8 +151,9 @@ def _geo(P: int, L: int, R: int, lb: int, ts: int, e: int, backward: bool, mix: 
     ostage_f = a16(ts * lb * Ps * 4) if backward else 0
     ostage_buf = 2 * ostage_t + 3 * (ostage_t if gmode == 0 else ostage_f)
     ostage, at = at, at + 2 * ostage_buf
+    xchg, at = at, at + (a16(2 * lb * W * 2 * 4) if W > 1 else 0)
     return _Geo(P, L, G, -(-L // ts), Ps, Pp, nscan, stage, stage_arr, stage_buf, plane, res, res_arr, ostage,
-                ostage_t, ostage_f, ostage_buf, 0, at)
+                ostage_t, ostage_f, ostage_buf, W, xchg, at)
 
 
 @functools.lru_cache(maxsize=512)
@@ -151,16 +162,16 @@ def _plan(N: int, C: int, Cg: int, H: int, W: int, e: int, backward: bool, mix: 
     """The launch plan, or None when no plan fits the shared memory or the line is too long.
 
     Preference: 16-byte vectors (tiles of at least 16 / e steps) when W and the pointers (vec_ok) allow,
-    then as many planes per CTA (lb) as the target asks, then the longest tile that fits. With compact
-    gates the backward takes lb a multiple of C / Cg where one fits (the gate gradient is then summed
-    inside the CTA, gmode 1), else gmode 2 (per-channel scratch and an epilogue).
+    then as many planes per CTA (lb) as the target asks, then the longest tile that fits. A CTA's scan
+    lanes are about launch.scan_lanes: lb lines of up to 32 lanes each, or, when few planes fit, a long
+    line spread over up to launch.line_warps warps; R (positions per lane) is the least that then holds
+    both line kinds. With compact gates the backward takes lb a multiple of C / Cg where one fits (the
+    gate gradient is then summed inside the CTA, gmode 1), else gmode 2 (per-channel scratch + epilogue).
     """
-    if max(H, W) > MAX_LINE:
+    if max(H, W) > 32 * R_VALUES[-1] * launch.line_warps:
         return None
-    R = next(r for r in R_VALUES if 32 * r >= max(H, W))
     kk, NC = C // Cg, N * C
-    G_max = max(_lanes_per_line(H, R), _lanes_per_line(W, R))
-    target = min(NC, max(1, launch.scan_lanes // G_max))
+    target = min(NC, max(1, launch.scan_lanes // min(32, _next_pow2(max(H, W)))))
     lbs = [lb for lb in range(target, 0, -1) if not backward or kk == 1 or lb % kk == 0 or lb < kk]
     vm = 16 // e
     vectors = vec_ok and W % vm == 0
@@ -168,10 +179,17 @@ def _plan(N: int, C: int, Cg: int, H: int, W: int, e: int, backward: bool, mix: 
     tiles = [1 << k for k in range(ts_top.bit_length() - 1, -1, -1)]
     for ts_min in ((vm, 1) if vectors else (1,)):
         for lb in lbs:
+            # warps a line may take: the lanes left per plane, a power of two; 15 named barriers at most
+            spare = launch.scan_lanes // (32 * lb)
+            w_max = 1 if lb > 15 or spare < 2 else min(launch.line_warps, 1 << (spare.bit_length() - 1))
+            R = next((r for r in R_VALUES if all(_line(P, r, w_max) for P in (H, W))), None)
+            if R is None:
+                continue
             gmode = 0 if kk == 1 else (1 if lb % kk == 0 else 2)
             for ts in (t for t in tiles if t >= ts_min):
                 V = vm if vectors and ts % vm == 0 else 1
-                kinds = tuple(_geo(P, L, R, lb, ts, e, backward, mix, gmode) for P, L in ((H, W), (W, H)))
+                kinds = tuple(_geo(P, L, R, _line(P, R, w_max), lb, ts, e, backward, mix, gmode)
+                              for P, L in ((H, W), (W, H)))
                 smem = max(k.end for k in kinds)
                 threads = max(k.nscan for k in kinds) + launch.loaders
                 if smem <= smem_limit and threads <= 1024:
@@ -396,7 +414,8 @@ def _plan_or_raise(shape, dtype, backward: bool, mix: bool, vec_ok: bool, launch
     plan = _plan(N, C, Cg, H, W, torch.empty((), dtype=dtype).element_size(), backward, mix, vec_ok, launch, limit)
     if plan is None:
         raise ValueError(
-            f"maps of H x W = {H} x {W} exceed the CUDA kernels' limits (lines of at most {MAX_LINE} positions; "
+            f"maps of H x W = {H} x {W} exceed the CUDA kernels' limits (lines of at most "
+            f"{32 * R_VALUES[-1] * launch.line_warps} positions; "
             f"{'backward' if backward else 'forward'} plan within {limit} bytes of shared memory per block); "
             "use the PyTorch backend for them")
     return plan
@@ -534,5 +553,6 @@ def mix_traffic(N: int, C: int, Cg: int, H: int, W: int, dtype: torch.dtype, lau
                 moved += 4 * 3 * gate_planes * HW * e
         out[key] = moved
         out[f"plan_{key}"] = {"planes_per_cta": plan.lb, "tile": plan.ts, "vector": plan.V, "threads": plan.threads,
-                              "smem": plan.smem, "R": plan.R, "gmode": plan.gmode}
+                              "smem": plan.smem, "R": plan.R, "line_warps": max(g.W for g in plan.geo),
+                              "gmode": plan.gmode}
     return out

@@ -122,12 +122,12 @@ __device__ void write_backward_tile(const Args& a, const Cta& c, int vt, int buf
 // The scan lanes' work on virtual tile vt: pass 1 (vt < nt) the adjoint, pass 2 the recomputation and
 // the per-pixel gradients. c0..c2 (pass 1) and h (pass 2) carry over from tile to tile.
 template <class D, int R, bool MIX>
-__device__ __forceinline__ void scan_backward_tile(const Args& a, const Cta& c, int vt, const Lane& ln, Walk& walk, float* c0,
-                                   float* c1, float* c2, float* h) {
+__device__ __forceinline__ void scan_backward_tile(const Args& a, const Cta& c, int vt, const Lane& ln, Walk& walk,
+                                                   int& parity, float* c0, float* c1, float* c2, float* h) {
   typedef typename D::T T;
   const Geo& g = c.g;
   const int Q = a.lb * g.Ps;
-  const int j = ln.j, sl = ln.sl, p0 = ln.p0;
+  const int j = ln.j, p0 = ln.p0;
   const bool active = ln.active;
   float* A = (float*)(c.smem + g.plane) + (long long)j * g.L * g.Pp;
   const T* res_g[3] = {(const T*)(c.smem + g.res), (const T*)(c.smem + g.res + g.res_arr),
@@ -157,16 +157,13 @@ __device__ __forceinline__ void scan_backward_tile(const Args& a, const Cta& c, 
 #pragma unroll
         for (int r = 0; r < R; ++r) uv[r] = 1.f;
       }
-      // c_0 of position p + 1 and c_2 of position p - 1, as neighbours() moves h.
-      float below[R], above[R];
-      {
-        const float dn = __shfl_down_sync(0xffffffffu, c0[0], 1, g.G);
-        const float up = __shfl_up_sync(0xffffffffu, c2[R - 1], 1, g.G);
+      // c_0 of position p + 1 and c_2 of position p - 1, moved as neighbours() moves h.
+      float below[R], above[R], up, dn;
+      exchange(a, c, ln, c0[0], c2[R - 1], parity, up, dn);
 #pragma unroll
-        for (int r = 0; r < R; ++r) {
-          below[r] = r < R - 1 ? c0[r + 1] : (sl < g.G - 1 ? dn : 0.f);
-          above[r] = r > 0 ? c2[r - 1] : (sl > 0 ? up : 0.f);
-        }
+      for (int r = 0; r < R; ++r) {
+        below[r] = r < R - 1 ? c0[r + 1] : dn;
+        above[r] = r > 0 ? c2[r - 1] : up;
       }
 #pragma unroll
       for (int r = 0; r < R; ++r) {
@@ -190,7 +187,7 @@ __device__ __forceinline__ void scan_backward_tile(const Args& a, const Cta& c, 
 #pragma unroll
       for (int r = 0; r < R; ++r) av[r] = 0.f;
     }
-    neighbours<R>(h, sl, g.G, left, right);
+    neighbours<R>(a, c, ln, h, parity, left, right);
     float dl[R], du[R], ax[R], D0[R], D1[R], D2[R];
 #pragma unroll
     for (int r = 0; r < R; ++r) {
@@ -240,6 +237,7 @@ __device__ void backward_cta(const Args& a, int d, int group) {
   for (int r = 0; r < R; ++r) c0[r] = c1[r] = c2[r] = h[r] = 0.f;
   Walk walk;
   walk.start(!c.desc, g.L, a.K);
+  int parity = 0;
 
   load_backward_tile<D, MIX>(a, c, 0, 0, c.tid, c.nthreads);
   __syncthreads();
@@ -249,7 +247,7 @@ __device__ void backward_cta(const Args& a, int d, int group) {
       if (vt + 1 < nvt) load_backward_tile<D, MIX>(a, c, vt + 1, (vt + 1) & 1, li, nl);
       if (vt - 1 >= g.nt) write_backward_tile<D, MIX>(a, c, vt - 1, (vt - 1) & 1, li, nl);
     } else {
-      scan_backward_tile<D, R, MIX>(a, c, vt, ln, walk, c0, c1, c2, h);
+      scan_backward_tile<D, R, MIX>(a, c, vt, ln, walk, parity, c0, c1, c2, h);
     }
     __syncthreads();
   }

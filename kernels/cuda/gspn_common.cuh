@@ -20,9 +20,10 @@
 //
 // Work split. A CTA owns `lb` consecutive planes (plane = n * C + c) and one direction; gspn_mix
 // launches clusters of 4 CTAs, rank d scanning direction d of the same planes (gspn_scan: one CTA,
-// d = 0). Threads below `nscan` are scan lanes: a line is held by a segment of G lanes of one warp,
-// R consecutive positions per lane in registers; neighbours across lanes come by warp shuffles, so a
-// step needs no barrier. The other threads are loaders: while the lanes scan tile t (ts steps) from
+// d = 0). Threads below `nscan` are scan lanes: a line is held by G lanes of one warp (or by W whole
+// warps, for long lines on few planes), R consecutive positions per lane in registers; neighbours
+// across lanes come by warp shuffles, across the W warps of a line through shared memory and the line's
+// named barrier, once per step. The other threads are loaders: while the lanes scan tile t (ts steps) from
 // shared memory, the loaders stage tile t + 1 (and, backward, write tile t - 1's results), one
 // __syncthreads per tile. Each map is read from global memory once per CTA with 16-byte vectors when
 // W and the pointers allow it. Results are summed over directions on chip: each CTA keeps its fp32
@@ -37,6 +38,7 @@
 //   plane   [lb][L][Pp] float   forward u * h; backward the adjoint, then lam * adjoint
 //   res     [4][lb][L][Ps] T    backward: the gate inputs and dy of the whole plane, resident
 //   ostage  [2][5][ts][lb * Ps] backward outputs of a tile (dlam, du in T; gates in T, or fp32 sums)
+//   xchg    [2][lb][W][2] float  values crossing between the warps of a line (when W > 1)
 #pragma once
 
 #ifndef GSPN_EMULATION
@@ -96,7 +98,7 @@ __device__ __forceinline__ unsigned int elem_bits(T v) {
 // Launch arguments: one struct, filled by cupy_backend._args (a ctypes mirror of this layout: only
 // 8-byte pointers / long longs, then 4-byte ints, so host and device agree on every offset).
 struct Geo {      // the plan of one line kind: [0] column lines (d = 0, 1), [1] row lines (d = 2, 3)
-  int P, L, G;    // positions per line, steps per scan, lanes per line segment (power of two <= 32)
+  int P, L, G;    // positions per line, steps per scan, lanes of a warp on one line (power of two <= 32)
   int nt;         // tiles per pass, ceil(L / ts)
   int Ps;         // staged row length of one plane (elements), a multiple of R and of the vector width
   int Pp;         // row length of the fp32 planes (floats), a multiple of R (odd when R = 1)
@@ -105,7 +107,8 @@ struct Geo {      // the plan of one line kind: [0] column lines (d = 0, 1), [1]
   int plane;                            // byte offset of the fp32 planes
   int res, res_arr;                     // byte offset of the resident arrays (backward), bytes per array
   int ostage, ostage_t, ostage_f, ostage_buf;  // backward outputs: offset, bytes per T / fp32 array, per buffer
-  int pad;
+  int W;          // warps per line (1, 2 or 4; G = 32 when W > 1)
+  int xchg;       // byte offset of the exchange slots between the warps of a line
 };
 
 struct Args {
@@ -375,21 +378,48 @@ __device__ __forceinline__ void write_row(typename D::T* p, const float* v) {
 
 // ---------------------------------------------------------------------------------------------
 // Scan lanes.
-// Scan lane's fixed place: plane slot j, lane sl in its segment, first position p0, gate slot jg.
+// Scan lane's fixed place: plane slot j, lane li of the line's G * W lanes (lane sl of warp w of the
+// line), first position p0 = li * R, gate slot jg.
 struct Lane {
-  int j, sl, p0, jg;
+  int j, li, sl, w, p0, jg;
   bool active;
 };
 
 template <int R>
 __device__ __forceinline__ Lane make_lane(const Args& a, const Cta& c) {
   Lane ln;
-  ln.j = c.tid / c.g.G;
-  ln.sl = c.tid & (c.g.G - 1);
-  ln.p0 = ln.sl * R;
+  const int GW = c.g.G * c.g.W;  // a power of two
+  ln.j = c.tid / GW;
+  ln.li = c.tid & (GW - 1);
+  ln.sl = ln.li & (c.g.G - 1);
+  ln.w = ln.li / c.g.G;
+  ln.p0 = ln.li * R;
   ln.active = c.tid < c.g.nscan && ln.j < c.nplanes && ln.p0 < c.g.P;
   ln.jg = ln.active ? (c.pl0 + ln.j) / a.kk - c.gp0 : 0;
   return ln;
+}
+
+// The values beside a lane's positions on its line: prev = the previous lane's `last`, next = the next
+// lane's `first`, 0 past the ends of the line. Within a warp by shuffles; across the W warps of a line
+// through shared-memory slots and the line's named barrier, double buffered by `parity` so that one
+// barrier per call suffices (a warp rewrites a slot only after every warp passed the barrier that
+// followed its last reading). Every scan lane of the CTA calls it the same number of times.
+__device__ __forceinline__ void exchange(const Args& a, const Cta& c, const Lane& ln, float first, float last,
+                                         int& parity, float& prev, float& next) {
+  const int G = c.g.G, W = c.g.W;
+  prev = __shfl_up_sync(0xffffffffu, last, 1, G);
+  next = __shfl_down_sync(0xffffffffu, first, 1, G);
+  if (W > 1) {
+    float* slots = (float*)(c.smem + c.g.xchg) + (parity * a.lb + ln.j) * W * 2;
+    if (ln.sl == 0) slots[2 * ln.w] = first;
+    if (ln.sl == G - 1) slots[2 * ln.w + 1] = last;
+    line_sync(1 + ln.j, 32 * W);
+    if (ln.sl == 0 && ln.w > 0) prev = slots[2 * (ln.w - 1) + 1];
+    if (ln.sl == G - 1 && ln.w < W - 1) next = slots[2 * (ln.w + 1)];
+    parity ^= 1;
+  }
+  if (ln.li == 0) prev = 0.f;
+  if (ln.li == G * W - 1) next = 0.f;
 }
 
 // Gates of R positions from three staged rows: normalised sigmoids of the logits (MIX) or the given
@@ -419,15 +449,16 @@ __device__ __forceinline__ void lane_gates(const typename D::T* r0, const typena
 }
 
 // The hidden state of the previous step at offsets -1 and +1 of each of the lane's R positions:
-// inside the lane from registers, across lanes by one shuffle each way; 0 outside the line segment.
+// inside the lane from registers, across lanes by exchange(); 0 outside the line.
 template <int R>
-__device__ __forceinline__ void neighbours(const float* h, int sl, int G, float* left, float* right) {
-  const float up = __shfl_up_sync(0xffffffffu, h[R - 1], 1, G);
-  const float down = __shfl_down_sync(0xffffffffu, h[0], 1, G);
+__device__ __forceinline__ void neighbours(const Args& a, const Cta& c, const Lane& ln, const float* h, int& parity,
+                                           float* left, float* right) {
+  float prev, next;
+  exchange(a, c, ln, h[0], h[R - 1], parity, prev, next);
 #pragma unroll
   for (int r = 0; r < R; ++r) {
-    left[r] = r > 0 ? h[r - 1] : (sl > 0 ? up : 0.f);
-    right[r] = r < R - 1 ? h[r + 1] : (sl < G - 1 ? down : 0.f);
+    left[r] = r > 0 ? h[r - 1] : prev;
+    right[r] = r < R - 1 ? h[r + 1] : next;
   }
 }
 

@@ -22,6 +22,12 @@ __device__ __forceinline__ void gstore(V* p, const V& v) {
   *p = v;
 }
 
+// Barrier `id` (1..15; 0 is __syncthreads) among `threads` threads, whole warps: the warps that hold
+// one line. bar.sync also orders their shared-memory accesses around it (PTX ISA, "bar.sync").
+__device__ __forceinline__ void line_sync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
+}
+
 // Thread-block cluster barrier (sm_90): every thread of the 4 CTAs arrives and waits. `release` on
 // arrive and `acquire` on wait order each CTA's shared-memory writes before any other CTA's
 // distributed-shared-memory reads after the barrier (PTX ISA, "barrier.cluster"). `.aligned`: all

@@ -36,8 +36,9 @@ __device__ void forward_cta(const Args& a, int d, int group) {
   const int Q = a.lb * g.Ps;
 
   const Lane ln = make_lane<R>(a, c);
-  const int j = ln.j, sl = ln.sl, p0 = ln.p0, jg = ln.jg;
+  const int j = ln.j, p0 = ln.p0, jg = ln.jg;
   const bool active = ln.active;
+  int parity = 0;
   float* plane = (float*)(c.smem + g.plane) + (long long)j * g.L * g.Pp;
   float h[R];
 #pragma unroll
@@ -65,7 +66,7 @@ __device__ void forward_cta(const Args& a, int d, int group) {
         lane_gates<D, R, MIX>((const T*)(base + gate0 * g.stage_arr) + grow, (const T*)(base + (gate0 + 1) * g.stage_arr) + grow,
                               (const T*)(base + (gate0 + 2) * g.stage_arr) + grow, active, p0, g.P, s0v, s1v, s2v,
                               w0, w1, w2);
-        neighbours<R>(h, sl, g.G, left, right);
+        neighbours<R>(a, c, ln, h, parity, left, right);
         const bool first = walk.first(s0 + ss);
         walk.advance();
         float out[R];

@@ -6,6 +6,7 @@
 //   - a warp is 32 of those threads; a shuffle writes the lane's value to the warp's exchange slots,
 //     waits on the warp's barrier, reads the source lane's slot and waits again. Shuffles must be
 //     reached by all 32 lanes with the full mask (checked);
+//   - a named barrier (bar.sync id, count) is a std::barrier of that count, one per id and CTA;
 //   - a cluster of gspn_mix runs its 4 CTAs concurrently, each with its own shared memory; the cluster
 //     barrier is a std::barrier over all their threads; a distributed-shared-memory read maps the
 //     address to the same offset in the other CTA's shared memory (bounds checked, and only
@@ -83,6 +84,9 @@ struct EmuCta {
   std::unique_ptr<std::barrier<>> bar;
   std::vector<std::unique_ptr<EmuWarp>> warps;
   EmuCluster* cluster = nullptr;
+  std::unique_ptr<std::mutex> named_mutex = std::make_unique<std::mutex>();
+  std::unique_ptr<std::barrier<>> named[16];  // bar.sync id, created by the first thread to arrive
+  int named_count[16] = {};
 };
 
 struct EmuCluster {
@@ -152,6 +156,25 @@ static void gstore(V* p, const V& v) {
   if (reinterpret_cast<uintptr_t>(p) % sizeof(V)) emu_error("misaligned global store of " + std::to_string(sizeof(V)) + " bytes");
   emu_thread_stored += sizeof(V);
   *p = v;
+}
+
+static void line_sync(int id, int threads) {
+  if (id < 1 || id > 15 || threads % 32 || threads < 32 || threads > (int)blockDim.x) {
+    emu_error("bad named barrier " + std::to_string(id) + " over " + std::to_string(threads) + " threads");
+    return;
+  }
+  std::barrier<>* b;
+  {
+    std::lock_guard<std::mutex> lock(*emu_cta->named_mutex);
+    if (!emu_cta->named[id]) {
+      emu_cta->named[id] = std::make_unique<std::barrier<>>(threads);
+      emu_cta->named_count[id] = threads;
+    } else if (emu_cta->named_count[id] != threads) {
+      emu_error("named barrier " + std::to_string(id) + " used with two thread counts");
+    }
+    b = emu_cta->named[id].get();
+  }
+  b->arrive_and_wait();
 }
 
 static void cluster_sync() {

@@ -40,6 +40,9 @@ BUILDS = {
     "mutant_barrier": (["-O1", "-g", "-fsanitize=thread", "-DEMU_NO_BF16", "-DEMU_NO_F16", "-DEMU_NO_R8"], False,
                        ("gspn_forward.cu", "      }\n    }\n    __syncthreads();\n  }\n\n  if (MIX) {",
                         "      }\n    }\n  }\n\n  if (MIX) {")),
+    # The named barrier of a line held by several warps removed: the exchange slots race.
+    "mutant_line": (["-O1", "-g", "-fsanitize=thread", "-DEMU_NO_BF16", "-DEMU_NO_F16", "-DEMU_NO_R8"], False,
+                    ("gspn_common.cuh", "    line_sync(1 + ln.j, 32 * W);\n", "")),
     # The cluster barrier before the sum removed: a CTA reads planes the others are still writing.
     "mutant_cluster": (["-O1", "-g", "-fsanitize=thread", "-DEMU_NO_BF16", "-DEMU_NO_F16", "-DEMU_NO_R8"], False,
                        ("gspn_forward.cu", "    cluster_sync();  // the 4 directions' planes", "    // the 4 directions' planes")),

@@ -20,6 +20,7 @@ from gspn_gen.kernels.cupy_backend import Launch
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
 WIDE = Launch(loaders=32, scan_lanes=64, tile=8, smem=96 * 1024)   # tiles long enough for bf16 / fp16 vectors
 NARROW = Launch(loaders=32, scan_lanes=16, tile=4, smem=96 * 1024)  # one or two planes per CTA
+LINES = Launch(loaders=32, scan_lanes=128, tile=8, smem=96 * 1024)  # long lines of few planes on several warps
 
 # (N, C, Cg, H, W), chunk, dtype, launch settings
 MIX_CASES = [
@@ -37,6 +38,9 @@ MIX_CASES = [
     ((1, 3, 3, 12, 8), 4, BF16, SMALL),      # bf16 scalar path, several tiles
     ((1, 4, 2, 8, 16), 6, F16, WIDE),        # fp16 vectors, compact gates
     ((1, 4, 4, 5, 6), None, F16, NARROW),    # fp16 scalar path
+    ((1, 2, 2, 9, 70), 3, F32, LINES),       # row lines of 70 on 2 warps (2 positions per lane)
+    ((1, 1, 1, 100, 7), None, BF16, LINES),  # column lines of 100 on 4 warps
+    ((1, 2, 1, 40, 40), 7, F16, LINES),      # both kinds on 2 warps, compact gates
 ]
 
 
@@ -52,6 +56,8 @@ def test_cases_cover_every_path():
     assert {p.V > 1 for p, _ in plans} == {False, True}
     assert {p.V for p, _ in plans if p.V > 1} == {4, 8}
     assert {p.R for p, _ in plans} == set(cupy_backend.R_VALUES)
+    assert {g.W for p, _ in plans for g in p.geo} == set(cupy_backend.LINE_WARPS)
+    assert any(g.W > 1 and g.P % (32 * g.W * p.R) for p, _ in plans for g in p.geo)  # a partly filled last warp
     assert any(p.lb > 1 for p, _ in plans) and any(p.lb == 1 for p, _ in plans)
     assert any((s[0] * s[1]) % p.lb for p, s in plans)                     # partial last group
     assert all(max(g.nt for g in p.geo) > 1 for p, _ in plans[:3])         # several tiles per scan
@@ -69,6 +75,7 @@ SCAN_CASES = [
     ((1, 2, 1, 1, 9), 4, F32, SMALL),
     ((1, 2, 2, 9, 1), None, F32, SMALL),
     ((1, 2, 2, 40, 6), 5, F32, SMALL),
+    ((1, 2, 2, 70, 5), None, F32, LINES),   # lines of 70 on 4 warps
     ((2, 4, 2, 6, 16), 3, BF16, WIDE),
     ((1, 4, 4, 7, 5), 2, F16, SMALL),
 ]
@@ -166,7 +173,7 @@ def test_limits_are_clear_errors(emulation):
     """Lines longer than MAX_LINE, or maps whose plan needs more shared memory than allowed, are refused
     with the limit named (ops.py sends such shapes to the PyTorch backend)."""
     (x, logits, lam, u), _ = testing.mix_inputs(1, 2, 2, 2, cupy_backend.MAX_LINE + 1, F32)
-    with pytest.raises(ValueError, match=r"lines of at most 256 positions"):
+    with pytest.raises(ValueError, match=r"lines of at most 1024 positions"):
         cupy_backend.mix_forward(x, logits, lam, u, None, launch=SMALL)
     (x, logits, lam, u), _ = testing.mix_inputs(1, 2, 2, 64, 64, F32)
     with pytest.raises(ValueError, match=r"within 8192 bytes of shared memory"):

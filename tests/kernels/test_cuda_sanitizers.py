@@ -23,6 +23,7 @@ CASES = [
     ((1, 3, 3, 37, 5), None, torch.float32, SMALL),  # lines of 37 (2 positions per lane), partial group
     ((1, 2, 1, 4, 70), 4, torch.float32, NARROW),    # row lines of 70, compact gates through the scratch
     ((2, 2, 2, 8, 16), 5, torch.bfloat16, Launch(loaders=32, scan_lanes=32, tile=8, smem=96 * 1024)),  # bf16 vectors
+    ((1, 1, 1, 70, 9), 4, torch.float32, Launch(loaders=32, scan_lanes=128, tile=4, smem=96 * 1024)),  # 4 warps per line
 ]
 
 
@@ -48,7 +49,7 @@ def cases():
 def test_sanitizer_clean(emulation_builds, cases, build, tmp_path):
     done = run_driver(emulation_builds[build].result(), cases, tmp_path)
     assert done.returncode == 0, f"{build}: exit {done.returncode}\n{done.stderr[-6000:]}"
-    assert "replayed 4 cases" in done.stdout
+    assert f"replayed {len(CASES)} cases" in done.stdout
 
 
 def test_broken_index_fails_the_oracle_comparison(emulation_builds, monkeypatch):
@@ -64,6 +65,13 @@ def test_removed_tile_barrier_is_a_reported_race(emulation_builds, cases, tmp_pa
     """Without the barrier that ends each tile, loaders refill the buffer the scan lanes are still
     reading: ThreadSanitizer reports the race."""
     done = run_driver(emulation_builds["mutant_barrier"].result(), cases[:1], tmp_path)
+    assert done.returncode != 0 and "ThreadSanitizer: data race" in done.stderr, done.stderr[-3000:]
+
+
+def test_removed_line_barrier_is_a_reported_race(emulation_builds, cases, tmp_path):
+    """Without the named barrier of a line held by several warps, a warp reads the exchange slots its
+    neighbour is writing: ThreadSanitizer reports the race."""
+    done = run_driver(emulation_builds["mutant_line"].result(), cases[-1:], tmp_path)
     assert done.returncode != 0 and "ThreadSanitizer: data race" in done.stderr, done.stderr[-3000:]
 
 
