@@ -207,9 +207,9 @@ class _GeoC(ctypes.Structure):
 
 class _Args(ctypes.Structure):
     _fields_ = [("x", ctypes.c_void_p), ("lam", ctypes.c_void_p), ("u", ctypes.c_void_p),
-                ("g", ctypes.c_void_p * 3), ("dy", ctypes.c_void_p), ("y", ctypes.c_void_p),
+                ("gate", ctypes.c_void_p * 3), ("dy", ctypes.c_void_p), ("y", ctypes.c_void_p),
                 ("dx", ctypes.c_void_p), ("dlam", ctypes.c_void_p), ("du", ctypes.c_void_p),
-                ("dg", ctypes.c_void_p * 3), ("scratch", ctypes.c_void_p),
+                ("dgate", ctypes.c_void_p * 3), ("scratch", ctypes.c_void_p),
                 *((name, ctypes.c_longlong) for name in
                   ("HW", "map_n", "map_d", "gate_n", "gate_d", "scr_n", "scr_d", "scr_k")),
                 *((name, ctypes.c_int) for name in
@@ -222,7 +222,7 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 
 
 def _args(plan: _Plan, shape: tuple[int, int, int, int, int], chunk: int | None, mix: bool, *, x, lam, u=None,
-          g=(None, None, None), dy=None, y=None, dx=None, dlam=None, du=None, dg=(None, None, None),
+          gate=(None, None, None), dy=None, y=None, dx=None, dlam=None, du=None, dgate=(None, None, None),
           scratch=None) -> _Args:
     """The kernel arguments: pointers (gate k of the mix = logits + k * Cg * H * W), strides, plan."""
     N, C, Cg, H, W = shape
@@ -231,7 +231,7 @@ def _args(plan: _Plan, shape: tuple[int, int, int, int, int], chunk: int | None,
     a.x, a.lam, a.u, a.dy, a.y = _ptr(x), _ptr(lam), _ptr(u), _ptr(dy), _ptr(y)
     a.dx, a.dlam, a.du, a.scratch = _ptr(dx), _ptr(dlam), _ptr(du), _ptr(scratch)
     for k in range(3):
-        a.g[k], a.dg[k] = g[k], dg[k]
+        a.gate[k], a.dgate[k] = gate[k], dgate[k]
     a.HW = HW
     a.map_n, a.map_d = (4 * C * HW, C * HW) if mix else (C * HW, 0)
     a.gate_n, a.gate_d = (12 * Cg * HW, 3 * Cg * HW) if mix else (Cg * HW, 0)
@@ -450,7 +450,7 @@ def mix_forward(x, gate_logits, lam, u, chunk: int | None, launch: Launch | None
     shape = (N, C, gate_logits.shape[3], H, W)
     y = torch.empty_like(x)
     plan = _plan_or_raise(shape, x.dtype, False, True, _vec_ok(x, gate_logits, lam, u, y), launch, x.device)
-    args = _args(plan, shape, chunk, True, x=x, lam=lam, u=u, g=_gate_ptrs(gate_logits, True, shape[2], H * W), y=y)
+    args = _args(plan, shape, chunk, True, x=x, lam=lam, u=u, gate=_gate_ptrs(gate_logits, True, shape[2], H * W), y=y)
     _run("gspn_mix_fwd", x, plan, args, mix=True)
     return y
 
@@ -468,8 +468,8 @@ def mix_backward(dy, x, gate_logits, lam, u, chunk: int | None, needs: tuple[boo
     scratch = None
     if dgl is not None and plan.gmode == 2:
         scratch = torch.empty((N, 4, 3, C, H, W), dtype=torch.float32, device=x.device)
-    args = _args(plan, shape, chunk, True, x=x, lam=lam, u=u, g=_gate_ptrs(gate_logits, True, Cg, H * W), dy=dy,
-                 dx=dx, dlam=dlam, du=du, dg=_gate_ptrs(dgl, True, Cg, H * W), scratch=scratch)
+    args = _args(plan, shape, chunk, True, x=x, lam=lam, u=u, gate=_gate_ptrs(gate_logits, True, Cg, H * W), dy=dy,
+                 dx=dx, dlam=dlam, du=du, dgate=_gate_ptrs(dgl, True, Cg, H * W), scratch=scratch)
     _run("gspn_mix_bwd", x, plan, args, mix=True)
     if scratch is not None:
         _gate_epilogue(x, args, N * 4 * Cg * H * W)
@@ -483,7 +483,7 @@ def scan_forward(x, lam, g_up, g_mid, g_down, chunk: int | None, launch: Launch 
     shape = (N, C, g_up.shape[1], H, W)
     h = torch.empty_like(x)
     plan = _plan_or_raise(shape, x.dtype, False, False, _vec_ok(x, lam, g_up, g_mid, g_down, h), launch, x.device)
-    args = _args(plan, shape, chunk, False, x=x, lam=lam, g=_gate_ptrs((g_up, g_mid, g_down), False, 0, 0), y=h)
+    args = _args(plan, shape, chunk, False, x=x, lam=lam, gate=_gate_ptrs((g_up, g_mid, g_down), False, 0, 0), y=h)
     _run("gspn_scan_fwd", x, plan, args, mix=False)
     return h
 
@@ -504,8 +504,8 @@ def scan_backward(dh, x, lam, g_up, g_mid, g_down, chunk: int | None, needs: tup
     scratch = None
     if gates and plan.gmode == 2:
         scratch = torch.empty((3, N, C, H, W), dtype=torch.float32, device=x.device)
-    args = _args(plan, shape, chunk, False, x=x, lam=lam, g=_gate_ptrs((g_up, g_mid, g_down), False, 0, 0), dy=dh,
-                 dx=dx, dlam=dlam, dg=_gate_ptrs(dg, False, 0, 0), scratch=scratch)
+    args = _args(plan, shape, chunk, False, x=x, lam=lam, gate=_gate_ptrs((g_up, g_mid, g_down), False, 0, 0), dy=dh,
+                 dx=dx, dlam=dlam, dgate=_gate_ptrs(dg, False, 0, 0), scratch=scratch)
     _run("gspn_scan_bwd", x, plan, args, mix=False)
     if scratch is not None:
         _gate_epilogue(x, args, N * Cg * H * W)

@@ -29,7 +29,7 @@ __device__ void load_backward_tile(const Args& a, const Cta& c, int vt, int buf,
   if (vt < g.nt) {  // pass 1: gates and dy into the resident arrays, u staged
     tile_span(c, vt, !c.desc, a.ts, s0, n);
     for (int k = 0; k < 3; ++k) {
-      load_tile<D>(a, c, (const T*)a.g[k], c.gate_off, c.ngp, s0, n, (T*)(c.smem + g.res + k * g.res_arr), plane,
+      load_tile<D>(a, c, (const T*)a.gate[k], c.gate_off, c.ngp, s0, n, (T*)(c.smem + g.res + k * g.res_arr), plane,
                    g.Ps, s0, li, nl);
     }
     load_tile<D>(a, c, (const T*)a.dy, c.x_off, c.nplanes, s0, n, (T*)(c.smem + g.res + 3 * g.res_arr), plane, g.Ps,
@@ -65,8 +65,8 @@ __device__ void write_backward_tile(const Args& a, const Cta& c, int vt, int buf
     v[0] = D::load(dlam[at]);
     v[1] = MIX ? D::load(du[at]) : 0.f;
   });
-  if (!a.dg[0]) return;
-  void* gates[3] = {a.dg[0], a.dg[1], a.dg[2]};
+  if (!a.dgate[0]) return;
+  void* gates[3] = {a.dgate[0], a.dgate[1], a.dgate[2]};
   if (a.gmode == 0) {  // final per-channel gate gradients, rounded by the lanes
     const T* o0 = (const T*)(c.smem + ostage_at(a, g, buf, 2));
     const T* o1 = (const T*)(c.smem + ostage_at(a, g, buf, 3));
@@ -253,27 +253,14 @@ __device__ void backward_cta(const Args& a, int d, int group) {
   }
   write_backward_tile<D, MIX>(a, c, nvt - 1, (nvt - 1) & 1, c.tid, c.nthreads);
 
-  if (!a.dx) return;
-  if (MIX) {
-    cluster_sync();  // every direction's lam * a plane is complete and visible to the cluster
-    write_sum<D, true>(a, c, (T*)a.dx);
-    cluster_sync();  // no CTA leaves while another still reads its shared memory
-  } else {
-    write_sum<D, false>(a, c, (T*)a.dx);
-  }
+  if (a.dx) write_output<D, MIX>(a, c, (T*)a.dx);  // uniform over the cluster
 }
 
-// gspn_mix backward: grid.x = 4 * groups, cluster rank = blockIdx.x % 4 = direction.
+// Entry points, as the forward ones (gspn_forward.cu).
 template <class D, int R>
-__global__ void __cluster_dims__(4, 1, 1) gspn_mix_bwd(const __grid_constant__ Args a) {
-  backward_cta<D, R, true>(a, blockIdx.x & 3, blockIdx.x >> 2);
-}
-
-// gspn_scan backward: grid.x = groups, direction 0, gates given.
+__global__ void __cluster_dims__(4, 1, 1) gspn_mix_bwd(const __grid_constant__ Args a) { backward_cta<D, R, true>(a, blockIdx.x & 3, blockIdx.x >> 2); }
 template <class D, int R>
-__global__ void gspn_scan_bwd(const __grid_constant__ Args a) {
-  backward_cta<D, R, false>(a, 0, blockIdx.x);
-}
+__global__ void gspn_scan_bwd(const __grid_constant__ Args a) { backward_cta<D, R, false>(a, 0, blockIdx.x); }
 
 // Compact-gate epilogue (gmode 2): for every (n, d, gate channel cg, pixel), the fp32 D_k of its kk
 // channels added in channel order, then (mix) the normalisation's gradient with the logits; written
@@ -302,14 +289,14 @@ __global__ void gspn_gate_grad(const __grid_constant__ Args a) {
     if (mix) {
       const int i = (int)(px / a.W), jj = (int)(px - (long long)i * a.W);
       const int p = d < 2 ? i : jj, P = d < 2 ? a.H : a.W;
-      const float s0 = sigmoid_fast(D::load(gload((const T*)a.g[0] + go)));
-      const float s1 = sigmoid_fast(D::load(gload((const T*)a.g[1] + go)));
-      const float s2 = sigmoid_fast(D::load(gload((const T*)a.g[2] + go)));
+      const float s0 = sigmoid_fast(D::load(gload((const T*)a.gate[0] + go)));
+      const float s1 = sigmoid_fast(D::load(gload((const T*)a.gate[1] + go)));
+      const float s2 = sigmoid_fast(D::load(gload((const T*)a.gate[2] + go)));
       float w0, w1, w2;
       normalise(s0, s1, s2, p > 0, p < P - 1, true, w0, w1, w2);
       logit_grads(s0, s1, s2, w0, w1, w2, S[0], S[1], S[2], out[0], out[1], out[2]);
     }
 #pragma unroll
-    for (int k = 0; k < 3; ++k) gstore((T*)a.dg[k] + go, D::make(out[k]));
+    for (int k = 0; k < 3; ++k) gstore((T*)a.dgate[k] + go, D::make(out[k]));
   }
 }

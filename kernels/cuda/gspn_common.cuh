@@ -115,13 +115,13 @@ struct Args {
   const void* x;      // (N, C, H, W)
   const void* lam;    // mix (N, 4, C, H, W); scan (N, C, H, W)
   const void* u;      // mix (N, 4, C, H, W); scan: null
-  const void* g[3];   // gate k: mix, logits + k * Cg * H * W of (N, 4, 3, Cg, H, W); scan: g_up, g_mid, g_down
+  const void* gate[3];  // gate k: mix, logits + k * Cg * H * W of (N, 4, 3, Cg, H, W); scan: g_up, g_mid, g_down
   const void* dy;     // backward: gradient of the output, (N, C, H, W)
   void* y;            // forward output: mix y, scan h (N, C, H, W)
   void* dx;           // backward outputs, each null when not wanted: like x,
   void* dlam;         //   like lam,
   void* du;           //   like u,
-  void* dg[3];        //   like g[k]
+  void* dgate[3];     //   like gate[k]
   float* scratch;     // compact gates split across CTAs (gmode 2): fp32 per-channel gate gradients
   long long HW;
   long long map_n, map_d;     // element strides of lam / u: batch, direction (scan: C * HW, 0)
@@ -147,22 +147,22 @@ __device__ __forceinline__ float sigmoid_fast(float a) { return __fdividef(1.f, 
 // Normalised gates of one position from its three sigmoids: existing neighbours' weights sum to 1,
 // missing ones (and positions past the line, valid = false) are 0.
 __device__ __forceinline__ void normalise(float s0, float s1, float s2, bool up, bool down, bool valid,
-                                          float& g0, float& g1, float& g2) {
+                                          float& w0, float& w1, float& w2) {
   const float inv = __fdividef(1.f, s1 + (up ? s0 : 0.f) + (down ? s2 : 0.f));
-  g0 = valid && up ? s0 * inv : 0.f;
-  g1 = valid ? s1 * inv : 0.f;
-  g2 = valid && down ? s2 * inv : 0.f;
+  w0 = valid && up ? s0 * inv : 0.f;
+  w1 = valid ? s1 * inv : 0.f;
+  w2 = valid && down ? s2 * inv : 0.f;
 }
 
-// Gradient of the normalisation: with D_k = dL/dg_k, g_k = s_k / S, s_k = sigmoid(a_k):
-// dL/da_k = g_k (1 - s_k) (D_k - sum_k' D_k' g_k') for an existing neighbour k, 0 for a missing one
-// (g_k = 0 there).
-__device__ __forceinline__ void logit_grads(float s0, float s1, float s2, float g0, float g1, float g2,
+// Gradient of the normalisation: with D_k = dL/dw_k, w_k = s_k / S, s_k = sigmoid(a_k):
+// dL/da_k = w_k (1 - s_k) (D_k - sum_k' D_k' w_k') for an existing neighbour k, 0 for a missing one
+// (w_k = 0 there).
+__device__ __forceinline__ void logit_grads(float s0, float s1, float s2, float w0, float w1, float w2,
                                             float D0, float D1, float D2, float& d0, float& d1, float& d2) {
-  const float dot = D0 * g0 + D1 * g1 + D2 * g2;
-  d0 = g0 * (1.f - s0) * (D0 - dot);
-  d1 = g1 * (1.f - s1) * (D1 - dot);
-  d2 = g2 * (1.f - s2) * (D2 - dot);
+  const float dot = D0 * w0 + D1 * w1 + D2 * w2;
+  d0 = w0 * (1.f - s0) * (D0 - dot);
+  d1 = w1 * (1.f - s1) * (D1 - dot);
+  d2 = w2 * (1.f - s2) * (D2 - dot);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -177,7 +177,7 @@ struct Cta {
   int tid, nthreads;
   unsigned char* smem;
   long long* map_off;   // [lb] element offset of plane j in lam / u / dlam / du
-  long long* gate_off;  // [lb] element offset of gate plane j (slots 0..ngp-1) in g[k] / dg[k]
+  long long* gate_off;  // [lb] element offset of gate plane j (slots 0..ngp-1) in gate[k] / dgate[k]
   long long* x_off;     // [lb] element offset of plane j in x / y / dy / dx
   long long* scr_off;   // [lb] element offset of plane j in the scratch
 
@@ -568,5 +568,19 @@ __device__ void write_sum(const Args& a, const Cta& c, typename D::T* out) {
 #pragma unroll
     for (int q = 0; q < VM; ++q) w.w[q * sizeof(T) / 4] |= elem_bits<T>(D::make(sum_at(pl, i, j0 + q))) << (16 * (q & (sizeof(T) == 2)));
     gstore((Vec16*)dst, w);
+  }
+}
+
+// The output map (y forward, dx backward) once this CTA's plane is complete. gspn_mix: a cluster
+// barrier (the 4 directions' planes complete and visible), the fixed-order sum, and a second barrier
+// (no CTA leaves while another still reads its shared memory). gspn_scan: the CTA's plane itself.
+template <class D, bool MIX>
+__device__ __forceinline__ void write_output(const Args& a, const Cta& c, typename D::T* out) {
+  if (MIX) {
+    cluster_sync();  // the 4 directions' planes are complete and visible to the cluster
+    write_sum<D, true>(a, c, out);
+    cluster_sync();  // no CTA leaves while another still reads its shared memory
+  } else {
+    write_sum<D, false>(a, c, out);
   }
 }

@@ -24,7 +24,7 @@ __device__ void load_forward_tile(const Args& a, const Cta& c, int it, int buf, 
     load_tile<D>(a, c, (const T*)a.u, c.map_off, c.nplanes, s0, n, (T*)((unsigned char*)base + arr++ * g.stage_arr), g.Ps, Q, 0, li, nl);
   }
   for (int k = 0; k < 3; ++k) {
-    load_tile<D>(a, c, (const T*)a.g[k], c.gate_off, c.ngp, s0, n, (T*)((unsigned char*)base + arr++ * g.stage_arr), g.Ps, Q, 0, li, nl);
+    load_tile<D>(a, c, (const T*)a.gate[k], c.gate_off, c.ngp, s0, n, (T*)((unsigned char*)base + arr++ * g.stage_arr), g.Ps, Q, 0, li, nl);
   }
 }
 
@@ -83,23 +83,12 @@ __device__ void forward_cta(const Args& a, int d, int group) {
     __syncthreads();
   }
 
-  if (MIX) {
-    cluster_sync();  // the 4 directions' planes are complete and visible to the cluster
-    write_sum<D, true>(a, c, (T*)a.y);
-    cluster_sync();  // no CTA leaves while another still reads its shared memory
-  } else {
-    write_sum<D, false>(a, c, (T*)a.y);
-  }
+  write_output<D, MIX>(a, c, (T*)a.y);
 }
 
-// gspn_mix forward: grid.x = 4 * groups, cluster rank = blockIdx.x % 4 = direction.
+// Entry points. gspn_mix: grid.x = 4 * groups in clusters of 4, rank = blockIdx.x % 4 = direction.
+// gspn_scan: grid.x = groups, direction 0 (left to right), gates given.
 template <class D, int R>
-__global__ void __cluster_dims__(4, 1, 1) gspn_mix_fwd(const __grid_constant__ Args a) {
-  forward_cta<D, R, true>(a, blockIdx.x & 3, blockIdx.x >> 2);
-}
-
-// gspn_scan forward: grid.x = groups, direction 0 (left to right), gates given.
+__global__ void __cluster_dims__(4, 1, 1) gspn_mix_fwd(const __grid_constant__ Args a) { forward_cta<D, R, true>(a, blockIdx.x & 3, blockIdx.x >> 2); }
 template <class D, int R>
-__global__ void gspn_scan_fwd(const __grid_constant__ Args a) {
-  forward_cta<D, R, false>(a, 0, blockIdx.x);
-}
+__global__ void gspn_scan_fwd(const __grid_constant__ Args a) { forward_cta<D, R, false>(a, 0, blockIdx.x); }

@@ -38,14 +38,14 @@ BUILDS = {
                       "write_row_f32<R>(plane + (s0 + ss) * g.Pp + p0 + 1, out)")),
     # One barrier removed: loaders refill the staging buffer the scan lanes are still reading.
     "mutant_barrier": (["-O1", "-g", "-fsanitize=thread", "-DEMU_NO_BF16", "-DEMU_NO_F16", "-DEMU_NO_R8"], False,
-                       ("gspn_forward.cu", "      }\n    }\n    __syncthreads();\n  }\n\n  if (MIX) {",
-                        "      }\n    }\n  }\n\n  if (MIX) {")),
+                       ("gspn_forward.cu", "      }\n    }\n    __syncthreads();\n  }\n\n  write_output",
+                        "      }\n    }\n  }\n\n  write_output")),
     # The named barrier of a line held by several warps removed: the exchange slots race.
     "mutant_line": (["-O1", "-g", "-fsanitize=thread", "-DEMU_NO_BF16", "-DEMU_NO_F16", "-DEMU_NO_R8"], False,
                     ("gspn_common.cuh", "    line_sync(1 + ln.j, 32 * W);\n", "")),
     # The cluster barrier before the sum removed: a CTA reads planes the others are still writing.
     "mutant_cluster": (["-O1", "-g", "-fsanitize=thread", "-DEMU_NO_BF16", "-DEMU_NO_F16", "-DEMU_NO_R8"], False,
-                       ("gspn_forward.cu", "    cluster_sync();  // the 4 directions' planes", "    // the 4 directions' planes")),
+                       ("gspn_common.cuh", "    cluster_sync();  // the 4 directions' planes", "    // the 4 directions' planes")),
 }
 
 
@@ -130,9 +130,9 @@ def backend(launch: cupy_backend.Launch) -> SimpleNamespace:
 # ---------------------------------------------------------------------------------------------
 # Recorded launches, replayed by the standalone drivers (sanitizer builds) on their own buffers
 
-_POINTERS = [("x", 0), ("lam", 0), ("u", 0), ("g", 0), ("g", 1), ("g", 2), ("dy", 0), ("y", 0), ("dx", 0),
-             ("dlam", 0), ("du", 0), ("dg", 0), ("dg", 1), ("dg", 2), ("scratch", 0)]
-_OUTPUTS = {"y", "dx", "dlam", "du", "dg", "scratch"}
+_POINTERS = [("x", 0), ("lam", 0), ("u", 0), ("gate", 0), ("gate", 1), ("gate", 2), ("dy", 0), ("y", 0), ("dx", 0),
+             ("dlam", 0), ("du", 0), ("dgate", 0), ("dgate", 1), ("dgate", 2), ("scratch", 0)]
+_OUTPUTS = {"y", "dx", "dlam", "du", "dgate", "scratch"}
 
 
 def record_case(monkeypatch, run) -> bytes:
@@ -171,12 +171,12 @@ def record_case(monkeypatch, run) -> bytes:
             last_scratch = None
         for field, k in _POINTERS:
             value = getattr(args, field)
-            address = value[k] if field in ("g", "dg") else value
+            address = value[k] if field in ("gate", "dgate") else value
             if not address:
                 continue
             index, offset = buffer_of(address, field, args)
             ref = ((index + 1) << 48) | offset
-            if field in ("g", "dg"):
+            if field in ("gate", "dgate"):
                 getattr(args, field)[k] = ref
             else:
                 setattr(args, field, ref)
