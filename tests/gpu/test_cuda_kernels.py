@@ -169,15 +169,17 @@ def test_cuda_graph_capture_with_the_first_call_inside(tmp_path):
 
 
 def test_fallback_beyond_the_limits():
-    """Maps beyond the kernels' limits run on the PyTorch backend with backend="auto"; backend="cuda"
-    refuses them with a clear error."""
-    assert not cupy_backend.supports(1, 2, 2, 4, cupy_backend.MAX_LINE + 44, torch.bfloat16)
-    assert not cupy_backend.supports(1, 2, 2, 128, 128, torch.float32)
-    shape = (1, 2, 2, 4, cupy_backend.MAX_LINE + 44)
-    testing.check_mix(lambda *a: gspn_mix(*a, backend="auto"), shape, torch.float32, None, DEV)
-    (x, logits, lam, u), _ = testing.mix_inputs(*shape, torch.float32, DEV)
-    with pytest.raises(ValueError, match="256"):
-        gspn_mix(x, logits, lam, u, backend="cuda")
+    """Maps beyond the kernels' limits (lines longer than MAX_LINE, planes too large for the shared
+    memory) run on the PyTorch backend with backend="auto"; backend="cuda" refuses them clearly."""
+    long_line = (1, 2, 2, 4, cupy_backend.MAX_LINE + 8)
+    too_large = (1, 2, 2, 128, 128)  # fp32: more than a CTA's shared memory in backward
+    assert not cupy_backend.supports(*long_line, torch.float32)
+    assert not cupy_backend.supports(*too_large, torch.float32)
+    testing.check_mix(lambda *a: gspn_mix(*a, backend="auto"), too_large, torch.float32, None, DEV)
+    for shape, limit in ((long_line, str(cupy_backend.MAX_LINE)), (too_large, "shared memory")):
+        (x, logits, lam, u), _ = testing.mix_inputs(*shape, torch.float32, DEV)
+        with pytest.raises(ValueError, match=limit):
+            gspn_mix(x, logits, lam, u, backend="cuda")
 
 
 def test_target_shapes_supported():
