@@ -84,14 +84,15 @@ def limit_rows(smem_limit: int) -> list[dict]:
 def print_bytes(rows: list[dict], limits: list[dict]) -> None:
     print("bytes per C*pixel moved by design vs the floor (each input read once, each output written once)")
     print(f"{'dtype':6} {'N x H x W':>11} {'floor fwd':>9} {'design':>7} {'x':>6} {'floor bwd':>9} {'design':>7} "
-          f"{'x':>6}   plan fwd / bwd (planes per CTA, tile, vector, threads, smem KiB)")
+          f"{'x':>6}   plan fwd / bwd (planes per CTA, warps per line, tile, vector, threads, smem KiB)")
     for r in rows:
         cells = []
         for key in ("fwd", "bwd"):
             d, x = r[f"design_{key}_B_per_Cpx"], r[f"design_{key}_x_floor"]
             cells.append(f"{r[f'floor_{key}_B_per_Cpx']:9.1f} {_fmt(d):>7} {_fmt(x, 3):>6}")
         plans = " / ".join("-" if p is None else
-                           f"{p['planes_per_cta']}, {p['tile']}, {p['vector']}, {p['threads']}, {p['smem'] / 1024:.1f}"
+                           f"{p['planes_per_cta']}, {p['line_warps']}, {p['tile']}, {p['vector']}, {p['threads']}, "
+                           f"{p['smem'] / 1024:.1f}"
                            for p in (r["plan_fwd"], r["plan_bwd"]))
         shape = f"{r['N']}x{r['H']}x{r['W']}"
         print(f"{r['dtype']:6} {shape:>11} {cells[0]} {cells[1]}   {plans}")
@@ -188,6 +189,12 @@ def _fwd_bwd_ms(op, inputs, dy) -> float:
     return time_ms(lambda: torch.autograd.grad(op(*leaves), leaves, dy), budget_s=0.5, max_reps=10)
 
 
+def sdpa_ms(N: int, tokens: int, dtype) -> float:
+    """fwd + bwd ms of scaled_dot_product_attention (flash on H100/H200) on N x tokens, HEADS x HEAD_DIM."""
+    qkv = [torch.randn(N, HEADS, tokens, HEAD_DIM, device="cuda", dtype=dtype) for _ in range(3)]
+    return _fwd_bwd_ms(F.scaled_dot_product_attention, qkv, torch.randn_like(qkv[0]))
+
+
 def _attempt(fn):
     """fn(), or 'oom' / the error's first line: one failed column never stops the table."""
     try:
@@ -223,10 +230,7 @@ def gpu_row(N, H, W, dtype, Cg, bandwidth, baselines: bool, launch: Launch) -> d
     inputs.clear()
     torch.cuda.empty_cache()
     if dtype != torch.float32:
-        qkv = [torch.randn(N, HEADS, H * W, HEAD_DIM, device="cuda", dtype=dtype) for _ in range(3)]
-        row["sdpa_fwd_bwd_ms"] = _attempt(functools.partial(_fwd_bwd_ms, F.scaled_dot_product_attention, qkv,
-                                                            torch.randn_like(qkv[0])))
-        qkv.clear()
+        row["sdpa_fwd_bwd_ms"] = _attempt(functools.partial(sdpa_ms, N, H * W, dtype))
         torch.cuda.empty_cache()
     ours = _sum(row["ours_fwd_ms"], row["ours_bwd_ms"])
     for name in ("per_column", "sdpa"):
@@ -388,7 +392,7 @@ def _shape(text: str):
     return (*map(int, parts), DTYPES[dtype or "bf16"])
 
 
-def main(argv=None) -> dict:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m gspn_gen.kernels.bench", description=__doc__.split("\n")[0],
                                      epilog="Without --bytes it needs a CUDA GPU of compute capability 9.0.")
     parser.add_argument("--bytes", action="store_true", help="only the bytes-by-design table (no GPU needed)")
@@ -406,6 +410,11 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     if args.cg is not None and (args.cg < 1 or CHANNELS % args.cg):
         parser.error(f"--cg must divide {CHANNELS}, got {args.cg}")
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
     if args.bytes:
         rows = bytes_rows(args.shapes, CHANNELS, args.cg or CHANNELS, args.smem)
         limits = limit_rows(args.smem)

@@ -31,6 +31,31 @@ def test_plot_of_gpu_rows(tmp_path):
     assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_gpu_mode_plumbing(tmp_path, monkeypatch, capsys):
+    """The GPU mode end to end with the device parts faked (kernels, timing, inputs): every row, the
+    tuning sweep, the JSON and the plot come out, and a failing column is reported, not fatal."""
+    pytest.importorskip("matplotlib")
+    monkeypatch.setattr(bench.cupy_backend, "unavailable_reason", lambda: None)
+    monkeypatch.setattr(bench.cupy_backend, "mix_forward", lambda *a: None)
+    monkeypatch.setattr(bench.cupy_backend, "mix_backward", lambda *a: None)
+    monkeypatch.setattr(bench, "copy_bandwidth", lambda: 4.0e12)
+    monkeypatch.setattr(bench, "time_ms", lambda fn, **_: (fn(), 0.5)[1])
+    monkeypatch.setattr(bench, "_inputs", lambda *shape, seed=0: ([torch.zeros(1)] * 4, torch.zeros(1)))
+    monkeypatch.setattr(bench, "_fwd_bwd_ms", lambda op, inputs, dy: 20.0)
+    monkeypatch.setattr(bench, "sdpa_ms", lambda *a: 1 / 0)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Fake GPU")
+    monkeypatch.setattr(bench, "TUNE_GRID", {"loaders": (64, 128), "scan_lanes": (128,), "tile": (16,), "smem": (None,)})
+    path = tmp_path / "gpu.json"
+    result = bench.run_gpu(bench.parse_args(["--tune", "--json", str(path)]), path)
+    out = capsys.readouterr().out
+    assert len(result["rows"]) == 5 and len(result["tuning"]) == 2 * 5
+    row = result["rows"][0]
+    assert row["sdpa_fwd_bwd_ms"].startswith("error: division by zero") and row["per_column_fwd_bwd_ms"] == 20.0
+    assert 0 < row["ours_fwd_of_copy_bw"] < 1 and row["speedup_vs_per_column"] == 20.0
+    assert json.loads(path.read_text())["machine"]["device"] == "Fake GPU"
+    assert path.with_suffix(".png").exists() and "32x16x16" in out
+
+
 def test_gpu_mode_without_a_gpu_is_one_clear_error():
     if torch.cuda.is_available():
         pytest.skip("a GPU is visible")
