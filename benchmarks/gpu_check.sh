@@ -14,7 +14,8 @@
 #      the step most likely to hit its limit);
 #   7. with GSPN_TUNE=1 and time left: the benchmark's launch-settings sweep.
 # Everything goes to $OUT (benchmarks/results/gpu-check-<date> when OUT is unset): gpu_check.log, the
-# pytest JUnit XML, the benchmark JSON and plot; the JSON and plot are also copied to benchmarks/results/.
+# pytest JUnit XML, the benchmark JSON and plot, the end-to-end JSON; those results are also copied to
+# benchmarks/results/.
 # Exit status: 0 only when every step ran and passed.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
@@ -70,6 +71,7 @@ if [ "$e2e_limit" -gt 170 ]; then e2e_limit=170; fi
 e2e_measure=$((e2e_limit - 30))
 if [ "$e2e_measure" -lt 5 ]; then e2e_measure=5; fi
 step e2e "$e2e_limit" python3 benchmarks/e2e.py --max-seconds "$e2e_measure" --json "$out"
+cp -f "$out"/e2e-*.json benchmarks/results/ 2>/dev/null
 
 sanitizer="$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -n 1)"
 if [ -n "$sanitizer" ]; then

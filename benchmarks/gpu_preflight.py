@@ -52,9 +52,8 @@ def main() -> None:
     print(f"compiled all {len(kernels)} kernels in {time.perf_counter() - start:.1f} s "
           "(CuPy keeps them in its disk cache)")
     for kernel_name, kernel in sorted(kernels.items()):
-        attrs = kernel.attributes
-        print(f"  {kernel_name:28} {attrs['num_regs']:3d} registers, {attrs['local_size_bytes']} B local, "
-              f"up to {attrs['max_threads_per_block']} threads")
+        print(f"  {kernel_name:28} {kernel.num_regs:3d} registers, {kernel.local_size_bytes} B local, "
+              f"up to {kernel.max_threads_per_block} threads")
     inputs, _ = testing.mix_inputs(2, 8, 4, 16, 16, torch.bfloat16, "cuda")
     y = cupy_backend.mix_forward(*inputs, None)
     from gspn_gen.kernels.reference import gspn_mix_reference

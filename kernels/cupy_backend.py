@@ -385,7 +385,7 @@ def _launch(kernel, grid: int, block: int, smem: int, args: _Args, device: torch
     from cupy.cuda.function import CPointer
 
     with cupy.cuda.Device(device.index):
-        most = kernel.attributes["max_threads_per_block"]  # registers permitting
+        most = kernel.max_threads_per_block  # registers permitting
         if block > most:
             raise ValueError(f"the launch settings ask for {block} threads per CTA; this kernel takes at most {most} "
                              "(fewer loaders or scan lanes in Launch)")

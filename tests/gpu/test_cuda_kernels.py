@@ -193,7 +193,7 @@ def test_compiled_kernels_fit_their_launches():
     threads per CTA as its default plans ask at the benchmark shapes (registers permitting)."""
     kernels = cupy_backend._kernels(torch.cuda.current_device())
     for name, kernel in kernels.items():
-        assert kernel.attributes["local_size_bytes"] == 0, (name, kernel.attributes)
+        assert kernel.local_size_bytes == 0, (name, kernel.attributes)
     for dtype in DTYPES:
         for N, H, W in [(32, 16, 16), (8, 32, 32), (4, 64, 64), (1, 128, 128), (1, 8, 256)]:
             for bwd in (False, True):
@@ -202,4 +202,4 @@ def test_compiled_kernels_fit_their_launches():
                 if plan is None:
                     continue
                 name = cupy_backend.kernel_name("gspn_mix_bwd" if bwd else "gspn_mix_fwd", dtype, plan.R)
-                assert plan.threads <= kernels[name].attributes["max_threads_per_block"], (name, plan)
+                assert plan.threads <= kernels[name].max_threads_per_block, (name, plan)
