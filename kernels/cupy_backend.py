@@ -327,8 +327,8 @@ COMPILE_OPTIONS = ("-std=c++17", "-arch=sm_90")
 def _kernels(device_index: int) -> dict:
     """Compile (NVRTC, cached on disk by CuPy) and load every kernel of every dtype for one device.
 
-    One module per dtype, compiled in parallel threads (NVRTC releases the GIL), all before the
-    first launch.
+    One module per dtype, compiled in parallel threads (NVRTC releases the GIL; one by one if that
+    fails), all before the first launch.
     """
     cupy = _import_cupy()
 
@@ -340,10 +340,14 @@ def _kernels(device_index: int) -> dict:
             module.compile()
             return {name: module.get_function(name) for name in names}
 
-    with ThreadPoolExecutor(len(_DTYPE_TAGS)) as pool:
-        found = {}
-        for part in pool.map(build, _DTYPE_TAGS):
-            found.update(part)
+    found = {}
+    try:
+        with ThreadPoolExecutor(len(_DTYPE_TAGS)) as pool:
+            for part in pool.map(build, _DTYPE_TAGS):
+                found.update(part)
+    except Exception:  # noqa: BLE001  (whatever went wrong in parallel: once more one by one, errors raised)
+        for dtype in _DTYPE_TAGS:
+            found.update(build(dtype))
     return found
 
 
