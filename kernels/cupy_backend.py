@@ -6,21 +6,25 @@ autograd of the public ops lives in ``ops.py`` and saves only the op's inputs, s
 kernels recompute everything else on chip. Nothing here re-validates.
 
 Data flow (details in ``cuda/gspn_common.cuh``). gspn_mix runs clusters of 4 CTAs (sm_90) over a group
-of ``lb`` planes (n, c); CTA d scans direction d, reading each input map once with 16-byte vectors,
-and the four fp32 partial planes are summed on chip through distributed shared memory in a fixed order
-and written once -- no atomics, so every result is bitwise reproducible. Backward keeps the gate inputs,
+of ``lb`` planes (n, c); CTA d scans direction d, reading each input map once with 16-byte vectors
+(x once per direction: 1.136x the floor's bytes forward, 1.140x backward, ``mix_traffic``), lines
+held in registers by the lanes of a warp, or of up to 4 warps for long lines on few planes; the four
+fp32 partial planes are summed on chip through distributed shared memory in a fixed order and written
+once -- no atomics, so every result is bitwise reproducible. Backward keeps the gate inputs,
 dy and one fp32 plane resident in shared memory and makes two passes (adjoint, then recomputation of
 h with the per-pixel gradients). One launch per call, plus an epilogue when compact gates (Cg < C) do
 not fit a CTA's planes. gspn_scan uses the same code with one CTA per group and direction 0.
 
 Limits: lines of at most ``MAX_LINE`` = 1024 positions (max(H, W)), and a plan that fits the device's
 shared memory per block (227 KiB on H100/H200): backward holds 3 gate maps and dy in the input dtype plus
-one fp32 plane, i.e. 12 bytes per pixel of a plane in bf16/fp16 (up to ~18K pixels, e.g. 128 x 128) and
-20 in fp32 (~11K, e.g. 64 x 128); forward needs 4 bytes per pixel. ``supports`` says whether a shape
-fits; ``ops.py`` sends the others to the PyTorch backend.
+one fp32 plane, i.e. 12 bytes per pixel of a plane in bf16/fp16 (up to ~18K pixels: 128 x 128, squares
+up to 136 x 136) and 20 in fp32 (~11K: squares up to 104 x 104); forward needs 4 bytes per pixel.
+``supports`` says whether a shape fits; ``ops.py`` sends the others to the PyTorch backend. The kernels
+need thread-block clusters (sm_90, H100/H200); ``unavailable_reason`` says so on older GPUs.
 
 Compilation: NVRTC through ``cupy.RawModule`` (``-std=c++17 -arch=sm_90``), every kernel of every dtype
-at first use (so a first call inside a CUDA-graph capture is legal), once per device; kernels launch on
+at the first use (so the first call of another dtype may sit inside a CUDA-graph capture), once per
+device, kept in CuPy's disk cache; kernels launch on
 PyTorch's current stream with their arguments in one struct (``_Args`` mirrors ``struct Args``).
 CuPy is imported lazily: importing this module needs neither CuPy nor a GPU.
 """
