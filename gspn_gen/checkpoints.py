@@ -1,34 +1,102 @@
-"""Safe checkpoint loading: rebuild a GenerationModule from a Lightning checkpoint alone.
+"""Checkpoints: safe loading, crash-safe writing, and the rules for resuming a run.
 
-Checkpoints are read with `torch.load(weights_only=True)`: tensors and plain containers only, never
-arbitrary pickled objects. The hyper-parameters saved by `save_hyperparameters()` name the preset,
-its overrides, the diffusion process and the codec, so nothing has to be re-typed.
+Reading: every checkpoint is read with `torch.load(weights_only=True)` (tensors and plain containers,
+never arbitrary pickled objects), whoever asks: `sample.py`, the resume check of `train_gen.py` and
+Lightning itself (through `SafeCheckpointIO`). A file that cannot be read gives one line saying why
+(missing, empty, not a torch file, truncated) and naming the newest readable checkpoint beside it.
+
+Writing: `SafeCheckpointIO` writes each checkpoint beside its target and renames it into place
+(gspn_gen.fileio), so the previous checkpoint stays whole until the new one is complete, on any
+filesystem and whatever $TMPDIR is; a failed write (full disk) is one line naming the path.
+
+Resuming: the model, diffusion process and data shape of a run are fixed by its first checkpoint
+(`RUN_KEYS`); `compare_hparams` tells which keys a resume would change.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import pickle
+from pathlib import Path
+from typing import Any
 
 import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
+from gspn_gen.fileio import atomic_write, remove_stale_temps
 from gspn_gen.lit import GenerationModule
+
+# Hyper-parameters that define what a run trains; a resume may not change them.
+RUN_KEYS = ("model", "model_args", "diffusion", "diffusion_args", "num_classes", "in_channels", "input_size",
+            "codec")
 
 
 class CheckpointError(ValueError):
-    """A checkpoint file is missing, unreadable or not a gspn-gen checkpoint."""
+    """A checkpoint file is missing, unreadable, not a gspn-gen checkpoint, or does not fit this run."""
 
 
-def read_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict:
-    """Load a checkpoint dict safely, with one-line errors for the usual mistakes."""
-    if not os.path.isfile(path):
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (e.g. the disk is full); the previous one is left as it was."""
+
+
+def _why_unreadable(path: str, err: Exception) -> str:
+    """The reason a checkpoint file could not be loaded, in words."""
+    size = os.path.getsize(path)
+    if size == 0:
+        return "is empty (0 bytes; its write was interrupted)"
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head != b"PK\x03\x04":
+        return f"is not a torch checkpoint ({size} bytes without the zip header torch.save writes)"
+    if isinstance(err, pickle.UnpicklingError):
+        return "holds pickled Python objects, not only tensors; refused (checkpoints are never unpickled)"
+    first = (str(err).strip().splitlines() or [""])[0].split(". ")[0]
+    return f"is truncated or corrupt ({type(err).__name__}: {first})"
+
+
+def _load(path: str, map_location: Any = "cpu", mmap: bool = False) -> dict:
+    """torch.load with weights_only=True; raises CheckpointError with a one-line reason."""
+    if not os.path.exists(path):
         raise CheckpointError(f"checkpoint {path!r} does not exist")
+    if os.path.isdir(path):
+        raise CheckpointError(f"checkpoint {path!r} is a directory, not a checkpoint file")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file for the user
-        raise CheckpointError(f"cannot read checkpoint {path!r}: {type(e).__name__}: {str(e).splitlines()[0]}")
+        ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except Exception as e:  # noqa: BLE001 - any failure to unpickle is a bad file for the user
+        raise CheckpointError(f"checkpoint {path!r} {_why_unreadable(path, e)}") from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
         raise CheckpointError(f"{path!r} is not a gspn-gen training checkpoint (no state_dict/hyper_parameters)")
     return ckpt
+
+
+def newest_readable(directory: str | os.PathLike, exclude: str | os.PathLike | None = None) -> str | None:
+    """The most recently written `*.ckpt` in `directory` that loads as a gspn-gen checkpoint, or None."""
+    exclude = os.path.abspath(exclude) if exclude else None
+    try:
+        candidates = [p for p in Path(directory).glob("*.ckpt") if p.is_file() and str(p.absolute()) != exclude]
+    except OSError:
+        return None
+    for p in sorted(candidates, key=lambda p: p.stat().st_mtime, reverse=True):
+        try:
+            _load(str(p), mmap=True)
+        except CheckpointError:
+            continue
+        return str(p)
+    return None
+
+
+def read_checkpoint(path: str, map_location: str | torch.device = "cpu", mmap: bool = False) -> dict:
+    """Load a checkpoint dict safely; errors are one line and name the newest readable checkpoint beside it."""
+    try:
+        return _load(path, map_location, mmap)
+    except CheckpointError as e:
+        directory = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(directory):
+            raise
+        other = newest_readable(directory, exclude=path)
+        hint = f"newest readable checkpoint there: {other}" if other else "no readable checkpoint in that directory"
+        raise CheckpointError(f"{e}; {hint}") from None
 
 
 def init_args(hparams: dict) -> dict:
@@ -36,14 +104,97 @@ def init_args(hparams: dict) -> dict:
     return {k: v for k, v in hparams.items() if not k.startswith("_")}
 
 
+def build_module(path: str, hparams: dict) -> GenerationModule:
+    """GenerationModule from a checkpoint's hyper-parameters; a config it cannot build is a CheckpointError."""
+    try:
+        return GenerationModule(**init_args(hparams))
+    except Exception as e:  # noqa: BLE001 - a crafted or foreign file can hold any value
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"checkpoint {path!r} holds a config that cannot be built: {reason}") from None
+
+
+def check_state_dict(path: str, module: torch.nn.Module, state_dict: dict) -> None:
+    """Every tensor of `module` present in the checkpoint with its shape, nothing unexpected."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    wrong = [k for k in own if k in state_dict and tuple(state_dict[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or wrong:
+        raise CheckpointError(
+            f"checkpoint {path!r} does not match its own config: missing {missing[:3]}, unexpected {unexpected[:3]}, "
+            f"wrong shape {wrong[:3]}"
+        )
+
+
+def nonfinite_tensors(state_dict: dict, prefix: str = "") -> list[str]:
+    """Names of floating-point tensors (under `prefix`) holding NaN or inf."""
+    return [k for k, v in state_dict.items() if k.startswith(prefix) and torch.is_tensor(v)
+            and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
 def load_module(path: str, device: str | torch.device = "cpu") -> GenerationModule:
     """Rebuild the GenerationModule of a checkpoint with its weights (model and EMA), in eval mode."""
-    ckpt = read_checkpoint(path)
-    module = GenerationModule(**init_args(ckpt["hyper_parameters"]))
-    missing, unexpected = module.load_state_dict(ckpt["state_dict"], strict=False)
-    if missing or unexpected:
-        raise CheckpointError(
-            f"checkpoint {path!r} does not match its own config: missing {missing[:3]}, unexpected {unexpected[:3]}"
-        )
+    ckpt = read_checkpoint(path, mmap=True)
+    module = build_module(path, ckpt["hyper_parameters"])
+    check_state_dict(path, module, ckpt["state_dict"])
+    module.load_state_dict(ckpt["state_dict"])
     return module.to(device).eval()
+
+
+def fingerprint(path: str) -> str:
+    """Size and SHA-256 of a checkpoint file: changes whenever the file is replaced by another."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return f"{os.path.getsize(path)}:{h.hexdigest()}"
+
+
+def _normalised(key: str, value: Any) -> Any:
+    if key in ("model_args", "diffusion_args"):
+        return dict(value or {})
+    if key == "codec":  # where the VAE is stored may change between machines; what it is may not
+        return {k: v for k, v in (value or {"name": "identity"}).items() if k != "path"}
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    return value
+
+
+def compare_hparams(saved: dict, current: dict) -> tuple[list[str], list[str]]:
+    """(refused, changed): RUN_KEYS whose values differ, then the other differing keys, one line each."""
+    refused, changed = [], []
+    for key in sorted(set(init_args(saved)) | set(init_args(current))):
+        old, new = saved.get(key), current.get(key)
+        if key in RUN_KEYS:
+            if _normalised(key, old) != _normalised(key, new):
+                refused.append(f"{key}: checkpoint {old!r}, now {new!r}")
+            elif old != new:
+                changed.append(f"{key}: {old!r} -> {new!r}")
+        elif _normalised(key, old) != _normalised(key, new):
+            changed.append(f"{key}: {old!r} -> {new!r}")
+    return refused, changed
+
+
+class SafeCheckpointIO(TorchCheckpointIO):
+    """Lightning checkpoint IO that writes beside the target (temp, fsync, rename) and reads weights only.
+
+    Lightning's own writer stages the file in $TMPDIR and copies it over the target, which leaves a
+    truncated checkpoint when killed on another filesystem. Reads ignore `weights_only=False`.
+    """
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError("SafeCheckpointIO does not take storage_options")
+        remove_stale_temps(os.path.dirname(os.path.abspath(path)))
+        try:
+            with atomic_write(path) as f:
+                torch.save(checkpoint, f)
+        except OSError as e:
+            raise CheckpointWriteError(
+                f"cannot write checkpoint {os.fspath(path)!r}: {e.strerror or e}; the previous checkpoint there "
+                "is left as it was"
+            ) from None
+
+    def load_checkpoint(self, path, map_location: Any = None, weights_only: bool | None = None) -> dict:
+        return read_checkpoint(os.fspath(path), map_location=map_location or "cpu")
 

@@ -30,6 +30,14 @@ class NonFiniteLossError(RuntimeError):
     """Raised when the training loss becomes NaN or infinite; training stops, the last checkpoint stays."""
 
 
+class NonFiniteWeightsError(NonFiniteLossError):
+    """Raised instead of writing a checkpoint whose weights are NaN, inf or blown up."""
+
+
+# No trained network has weights near this; a diverging one passes it steps before they overflow to inf.
+WEIGHT_LIMIT = 1e10
+
+
 class GenerationModule(L.LightningModule):
     """Class-conditional diffusion / flow training of a DiT-style backbone (GSPN or attention mixer)."""
 
@@ -71,12 +79,12 @@ class GenerationModule(L.LightningModule):
             input_size: spatial size of the model-space input, latent or pixels (linked from the datamodule).
             codec: how samples are decoded to images (linked from the datamodule's codec).
             class_names: class names for sample grids (linked from the datamodule).
-            lr: peak AdamW learning rate.
+            lr: peak AdamW learning rate, in (0, 1].
             weight_decay: AdamW weight decay.
             betas: AdamW betas.
-            warmup_steps: linear LR warmup steps.
+            warmup_steps: linear LR warmup steps (>= 0).
             lr_schedule: constant after warmup, or cosine decay to lr * min_lr_ratio at the last step.
-            min_lr_ratio: final LR fraction of the cosine schedule.
+            min_lr_ratio: final LR fraction of the cosine schedule, in [0, 1].
             ema_decay: decay of the EMA weights used for sampling.
             ema_warmup: use min(ema_decay, (1 + step) / (10 + step)) so early EMA weights are not stale.
             sample_every: write an EMA class grid every this many steps (0 disables).
@@ -88,11 +96,22 @@ class GenerationModule(L.LightningModule):
         """
         super().__init__()
         self.save_hyperparameters()
-        if lr <= 0:
-            raise ValueError(f"lr must be > 0, got {lr}")
+        if not 0 < lr <= 1:  # AdamW moves every weight by about lr per step
+            raise ValueError(f"lr must be in (0, 1], got {lr}")
+        if warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        if not 0.0 <= min_lr_ratio <= 1.0:
+            raise ValueError(f"min_lr_ratio must be in [0, 1] (a fraction of lr), got {min_lr_ratio}")
+        if weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {list(betas)}")
         if not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
-        self.diffusion = create_diffusion(diffusion, **(diffusion_args or {}))
+        try:
+            self.diffusion = create_diffusion(diffusion, **(diffusion_args or {}))
+        except TypeError as e:  # an argument the process does not take
+            raise ValueError(f"diffusion_args {diffusion_args} do not fit diffusion {diffusion!r}: {e}") from None
         self.model = build_model(
             model,
             input_size=input_size,
@@ -104,6 +123,7 @@ class GenerationModule(L.LightningModule):
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
         self._last_step_time: float | None = None
         self._last_grid_step = -1
+        self._resumed = False  # set when Lightning restores a checkpoint into this module
 
     @property
     def null_class(self) -> int:
@@ -165,6 +185,7 @@ class GenerationModule(L.LightningModule):
 
     # Resume must continue the same random stream (noise, timesteps, shuffling), not restart the seed.
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        self._check_weights()
         checkpoint["rng_torch"] = torch.get_rng_state()
         if torch.cuda.is_available():
             checkpoint["rng_cuda"] = torch.cuda.get_rng_state()  # this rank's device only
@@ -172,6 +193,7 @@ class GenerationModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if self._trainer is None:  # plain load_from_checkpoint: leave the caller's RNG alone
             return
+        self._resumed = True
         if "rng_torch" in checkpoint:
             torch.set_rng_state(checkpoint["rng_torch"])
         if "rng_cuda" in checkpoint and torch.cuda.is_available():
@@ -179,6 +201,39 @@ class GenerationModule(L.LightningModule):
         if self.trainer.global_rank > 0:
             # The checkpoint holds rank 0's stream; other ranks branch off it deterministically.
             torch.manual_seed(int(torch.randint(2**62, (1,)).item()) + self.trainer.global_rank)
+
+    def _check_weights(self) -> None:
+        """Stop before a checkpoint with NaN/inf or blown-up weights (model or EMA) could replace a good one."""
+        params = [p.detach() for p in (*self.model.parameters(), *self.ema.parameters()) if p.numel()]
+        biggest = float(torch.stack([p.abs().amax().float() for p in params]).max()) if params else 0.0
+        sane = math.isfinite(biggest) and biggest <= WEIGHT_LIMIT
+        if not self.trainer.strategy.reduce_boolean_decision(sane, all=True):
+            raise NonFiniteWeightsError(
+                f"weights reached {biggest:g} (not finite or beyond {WEIGHT_LIMIT:g}) at global step "
+                f"{self.global_step} (on this or another rank): training stopped without writing a checkpoint; "
+                "the last good checkpoint is left as it was (lower the lr or enable gradient clipping)"
+            )
+
+    def on_train_start(self) -> None:
+        if self._resumed:
+            self._use_current_optimizer_settings()
+
+    def _use_current_optimizer_settings(self) -> None:
+        """After a resume the optimizer and LR schedule follow this run's lr/betas/weight decay/schedule.
+
+        Lightning restores them from the checkpoint; the resume check allows (and reports) changing them.
+        Unchanged settings give back exactly the restored values.
+        """
+        hp = self.hparams
+        for config in self.trainer.lr_scheduler_configs:
+            sched = config.scheduler
+            if not hasattr(sched, "lr_lambdas"):
+                continue
+            sched.base_lrs = [hp.lr] * len(sched.optimizer.param_groups)
+            for group, base, f in zip(sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
+                group.update(initial_lr=base, lr=base * f(sched.last_epoch), betas=tuple(hp.betas),
+                             weight_decay=hp.weight_decay)
+            sched._last_lr = [group["lr"] for group in sched.optimizer.param_groups]
 
     def on_fit_start(self) -> None:
         if self.trainer.world_size > 1 and self.trainer.ckpt_path is None:

@@ -7,20 +7,33 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
+import math
 import sys
+import warnings
+import zipfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from gspn_gen.checkpoints import CheckpointError, load_module
+from gspn_gen.checkpoints import CheckpointError, fingerprint, load_module, nonfinite_tensors
 from gspn_gen.codecs import CodecLoadError
-from gspn_gen.fileio import write_json
+from gspn_gen.diffusion import flow, gaussian
+from gspn_gen.fileio import remove_stale_temps, write_json
 from gspn_gen.lit import GenerationModule
-from gspn_gen.sampling import class_grid, generate, save_image, save_npz
+from gspn_gen.sampling import (
+    IMAGE_FORMATS,
+    NonFiniteSamplesWarning,
+    class_grid,
+    generate,
+    save_image,
+    save_npz,
+)
+
+MAX_CFG_SCALE = 100.0
+SAMPLERS = {"gaussian": gaussian.SAMPLERS, "flow": flow.SAMPLERS}
 
 EPILOG = """examples:
   python sample.py --ckpt runs/demo/checkpoints/last.ckpt --classes 0 1 2 3 --per-class 8 --out grid.png
@@ -38,30 +51,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="Lightning checkpoint written by train_gen.py (e.g. runs/demo/checkpoints/last.ckpt)")
     p.add_argument("--out", required=True,
-                   help="output: a .png/.jpg writes a labelled class grid, a .npz an ADM-style batch "
-                        "(arr_0 uint8 NHWC, arr_1 int64 labels)")
+                   help="output: a .png/.jpg/.jpeg writes a labelled class grid in that format, a .npz an ADM-style "
+                        "batch (arr_0 uint8 NHWC, arr_1 int64 labels); extensions in any case")
     p.add_argument("--classes", type=int, nargs="+", default=None,
                    help="class ids for the grid, one row each (default: all classes, at most 16)")
     p.add_argument("--per-class", type=int, default=8, help="grid: images per class row (default 8)")
     p.add_argument("--num-samples", type=int, default=None,
                    help=".npz: number of samples, classes balanced (sample i has class i mod num_classes)")
     p.add_argument("--cfg-scale", type=float, default=4.0,
-                   help="classifier-free guidance scale on all channels; 1 disables guidance (default 4.0)")
+                   help=f"classifier-free guidance scale on all channels, 0 to {MAX_CFG_SCALE:g}; 1 disables guidance, "
+                        "0 samples unconditionally (default 4.0)")
     p.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
-                   help="guide only where t / T lies in [LO, HI] (default: everywhere)")
+                   help="guide only where t / T lies in [LO, HI], 0 <= LO <= HI <= 1 (default: everywhere)")
     p.add_argument("--sampler", default=None,
                    help="gaussian: ddim (default) or ddpm; flow: heun (default), euler or sde")
     p.add_argument("--steps", type=int, default=None,
                    help="sampling steps (default: the process's own: gaussian 50 DDIM steps, flow 25 Heun steps)")
     p.add_argument("--seed", type=int, default=0, help="global seed; sample i's noise depends only on (seed, i)")
     p.add_argument("--batch-size", type=int, default=64, help="samples per forward pass (default 64)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda when available)")
+    p.add_argument("--device", default="auto",
+                   help="cpu, cuda, cuda:N or auto (default: cuda when available); .npz runs with one device too")
     p.add_argument("--no-ema", action="store_true", help="use the raw training weights instead of the EMA")
     p.add_argument("--vae", default=None, metavar="ID_OR_DIR",
                    help="load the checkpoint's VAE from here instead (e.g. a local copy on an offline machine)")
     p.add_argument("--shard-size", type=int, default=1000,
                    help=".npz: samples per resumable shard in OUT.parts/ (default 1000); a crashed run resumes "
-                        "with the same command, skipping finished shards")
+                        "with the same command, skipping finished shards; a replaced checkpoint or other settings "
+                        "are refused")
     p.add_argument("--devices", type=int, default=1,
                    help=".npz: processes/GPUs on this node (Lightning Fabric, DDP); shards are split across ranks")
     p.add_argument("--num-nodes", type=int, default=1, help=".npz: number of nodes (SLURM/torchrun launch)")
@@ -74,7 +90,29 @@ def fail(message: str) -> None:
     sys.exit(2)
 
 
-def load(args, device) -> GenerationModule:
+def warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def resolve_device(spec: str) -> torch.device:
+    """--device as a torch.device that exists on this machine; anything else is one error line."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        fail(f"--device {spec!r}: expected cpu, cuda, cuda:N or auto")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            fail(f"--device {spec!r}: no CUDA GPU is available on this machine (use --device cpu)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            fail(f"--device {spec!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+def load(args, device, announce: bool = True) -> GenerationModule:
     try:
         module = load_module(args.ckpt, device)
     except CheckpointError as e:
@@ -84,106 +122,222 @@ def load(args, device) -> GenerationModule:
         if codec.get("name") != "sd-vae":
             fail(f"--vae given, but this checkpoint's codec is {codec.get('name', 'identity')!r}, not a VAE")
         module.hparams.codec = {**codec, "path": args.vae}
+    known = SAMPLERS.get(module.hparams.diffusion, ())
+    if args.sampler is not None and args.sampler not in known:
+        fail(f"--sampler {args.sampler!r}: this checkpoint's {module.hparams.diffusion} process has {', '.join(known)}")
+    prefix = "model." if args.no_ema else "ema."
+    bad = nonfinite_tensors(module.state_dict(), prefix)
+    if bad and announce:
+        warn(f"checkpoint {args.ckpt!r} holds NaN/inf in {len(bad)} weight tensors of its "
+             f"{'raw' if args.no_ema else 'EMA'} model (e.g. {bad[0]}): its samples will be black")
     return module
 
 
-def sample_range(module, labels: torch.Tensor, start: int, stop: int, args, progress: bool) -> np.ndarray:
+def sample_range(module, labels: torch.Tensor, start: int, stop: int, args, bar=None) -> np.ndarray:
     """Samples start..stop-1 (global ids, so seeds do not depend on batching) in --batch-size chunks."""
     kw = {"seed": args.seed, "cfg_scale": args.cfg_scale, "steps": args.steps, "sampler": args.sampler,
           "guidance_interval": tuple(args.guidance_interval) if args.guidance_interval else None,
           "use_ema": not args.no_ema}
     chunks = []
-    starts = range(start, stop, args.batch_size)
-    for s in tqdm(starts, desc="sampling", unit="batch", file=sys.stderr, disable=not progress):
+    for s in range(start, stop, args.batch_size):
         e = min(s + args.batch_size, stop)
         try:
             chunks.append(generate(module, labels[s:e], indices=range(s, e), **kw))
-        except (ValueError, CodecLoadError) as err:  # an unknown sampler name, a VAE that cannot load
+        except (ValueError, CodecLoadError) as err:  # a VAE that cannot load, a bad process setting
             fail(str(err))
+        if bar is not None:
+            bar.update(e - s)
     return np.concatenate(chunks)
 
 
+@contextmanager
+def nonfinite_report(total: int):
+    """Count the samples that came out NaN/inf inside the block and say so once, on one line."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", NonFiniteSamplesWarning)
+        yield
+    bad = 0
+    for w in caught:
+        if isinstance(w.message, NonFiniteSamplesWarning):
+            bad += w.message.count
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    if bad:
+        warn(f"{bad} of {total} samples hold NaN/inf values and are written as black pixels "
+             "(are the checkpoint's weights finite?)")
+
+
+def progress(total: int, desc: str, enabled: bool = True) -> tqdm:
+    return tqdm(total=total, desc=desc, unit="img", file=sys.stderr, disable=not enabled, dynamic_ncols=True)
+
+
 def write_grid(args) -> None:
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    module = load(args, device)
+    module = load(args, resolve_device(args.device))
     num_classes = module.hparams.num_classes
     classes = args.classes if args.classes is not None else list(range(min(num_classes, 16)))
     bad = [c for c in classes if not 0 <= c < num_classes]
     if bad:
         fail(f"class id(s) {bad} out of range: this checkpoint has classes 0..{num_classes - 1}")
     labels = torch.tensor(classes).repeat_interleave(args.per_class)
-    images = sample_range(module, labels, 0, len(labels), args, progress=True)
+    with nonfinite_report(len(labels)), progress(len(labels), "sampling") as bar:
+        images = sample_range(module, labels, 0, len(labels), args, bar)
+    remove_stale_temps(Path(args.out).absolute().parent, Path(args.out).name)
     save_image(class_grid(images, labels.tolist(), args.per_class, module.hparams.class_names), args.out)
     print(f"wrote {args.out} ({len(classes)} classes x {args.per_class}, cfg {args.cfg_scale})")
 
 
 def write_npz(args) -> None:
-    """Shards of --shard-size samples, shard k on rank k mod world size; rank 0 assembles one .npz."""
+    """Shards of --shard-size samples, shard k on rank k mod world size; rank 0 checks and assembles one .npz."""
     from lightning.fabric import Fabric
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
 
     world = args.devices * args.num_nodes
-    fabric = Fabric(accelerator=args.accelerator, devices=args.devices, num_nodes=args.num_nodes,
-                    strategy="ddp" if world > 1 else "auto")
+    accelerator, devices = args.accelerator, args.devices
+    if args.device != "auto" and accelerator == "auto" and world == 1:
+        device = resolve_device(args.device)
+        accelerator, devices = device.type, [device.index] if device.index is not None else 1
+    try:
+        fabric = Fabric(accelerator=accelerator, devices=devices, num_nodes=args.num_nodes,
+                        strategy="ddp" if world > 1 else "auto")
+    except (MisconfigurationException, ValueError, RuntimeError) as e:
+        fail(f"--accelerator {args.accelerator} --devices {args.devices}: {(str(e).splitlines() or [''])[0]}")
     fabric.launch()
-    module = load(args, fabric.device)
+    rank0 = fabric.global_rank == 0
+    module = load(args, fabric.device, announce=rank0)
     labels = torch.arange(args.num_samples) % module.hparams.num_classes
     parts = Path(f"{args.out}.parts")
+    if rank0:  # what a killed run left half-written
+        remove_stale_temps(Path(args.out).absolute().parent, Path(args.out).name)
+        remove_stale_temps(parts)
     settings = {k: getattr(args, k) for k in ("seed", "cfg_scale", "guidance_interval", "sampler", "steps",
                                               "no_ema", "num_samples", "shard_size")}
-    settings["ckpt"] = os.path.abspath(args.ckpt)
-    if fabric.global_rank == 0:
+    # what the checkpoint file holds, not where it is: a file replaced at the same path is another model
+    settings["ckpt"] = fabric.broadcast(fingerprint(args.ckpt) if rank0 else None, src=0)
+    settings = json.loads(json.dumps(settings))
+    key = json.dumps(settings, sort_keys=True)
+    if rank0:
         write_manifest(parts, settings)
     fabric.barrier()
     check_manifest(parts, settings)  # on every rank, so a mismatch stops all of them
     shards = range(-(-args.num_samples // args.shard_size))
-    mine = [k for k in shards if k % fabric.world_size == fabric.global_rank]
-    todo = [k for k in mine if not (parts / f"shard-{k:05d}.npz").exists()]
-    if fabric.global_rank == 0 and len(todo) < len(mine):
-        print(f"resuming: {len(mine) - len(todo)} of rank 0's {len(mine)} shards already done", file=sys.stderr)
-    for k in tqdm(todo, desc=f"shards (rank {fabric.global_rank})", unit="shard", file=sys.stderr,
-                  disable=fabric.global_rank != 0):
-        start, stop = k * args.shard_size, min((k + 1) * args.shard_size, args.num_samples)
-        images = sample_range(module, labels, start, stop, args, progress=False)
-        save_npz(images, labels[start:stop].numpy(), str(parts / f"shard-{k:05d}.npz"))
+    bounds = {k: (k * args.shard_size, min((k + 1) * args.shard_size, args.num_samples)) for k in shards}
+    todo = []
+    for k in (k for k in shards if k % fabric.world_size == fabric.global_rank):
+        path, (s, e) = shard_path(parts, k), bounds[k]
+        problem = shard_problem(path, labels[s:e].numpy(), key) if path.exists() else "missing"
+        if problem not in (None, "missing"):
+            warn(f"{path} {problem}: drawing it again")
+        if problem:
+            todo.append(k)
+    done = len([k for k in shards if k % fabric.world_size == fabric.global_rank]) - len(todo)
+    if rank0 and done:
+        print(f"resuming: {done} of rank 0's shards already done", file=sys.stderr)
+    total = sum(bounds[k][1] - bounds[k][0] for k in todo)
+    with nonfinite_report(total), progress(total, f"sampling (rank 0 of {fabric.world_size})" if world > 1
+                                           else "sampling", enabled=rank0) as bar:
+        for k in todo:
+            s, e = bounds[k]
+            images = sample_range(module, labels, s, e, args, bar)
+            save_npz(images, labels[s:e].numpy(), str(shard_path(parts, k)), settings=np.array(key))
     fabric.barrier()
-    if fabric.global_rank == 0:
-        images = None  # filled shard by shard: rank 0 holds one copy of the batch, not two
-        for k in shards:
-            with np.load(parts / f"shard-{k:05d}.npz") as shard:
-                block = shard["arr_0"]
-                if images is None:
-                    images = np.empty((args.num_samples, *block.shape[1:]), dtype=block.dtype)
-                images[k * args.shard_size: k * args.shard_size + len(block)] = block
-        save_npz(images, labels.numpy(), args.out)
-        shutil.rmtree(parts)
+    if rank0:
+        assemble(parts, args, labels.numpy(), bounds, key)
         print(f"wrote {args.out} ({args.num_samples} samples, classes balanced, cfg {args.cfg_scale})")
 
 
+def shard_path(parts: Path, k: int) -> Path:
+    return parts / f"shard-{k:05d}.npz"
+
+
+def _npy_header(zf: zipfile.ZipFile, name: str) -> tuple[tuple, np.dtype]:
+    """(shape, dtype) of an array in an .npz, read from its header without loading the data."""
+    with zf.open(f"{name}.npy") as f:
+        version = np.lib.format.read_magic(f)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read(f)
+    return shape, dtype
+
+
+def shard_problem(path: Path, labels: np.ndarray, key: str) -> str | None:
+    """Why the shard at `path` cannot be used (None when it can): unreadable, other settings, count, labels."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if "settings" not in z.files or str(z["settings"][()]) != key:
+                return "was drawn with other settings or another checkpoint"
+            got = z["arr_1"]
+            shape, dtype = _npy_header(z.zip, "arr_0")
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        return f"is unreadable ({type(e).__name__})"
+    if len(shape) != 4 or shape[0] != len(labels) or shape[3] != 3 or dtype != np.uint8:
+        return f"holds images of shape {shape} {dtype}, expected ({len(labels)}, H, W, 3) uint8"
+    if got.shape != labels.shape or not np.array_equal(got, labels):
+        return f"holds {len(got)} labels that differ from the {len(labels)} expected"
+    return None
+
+
+def assemble(parts: Path, args, labels: np.ndarray, bounds: dict, key: str) -> None:
+    """Check every shard (settings, count, labels, image size), write OUT, then remove the shards."""
+    images = None  # filled shard by shard: rank 0 holds one copy of the batch, not two
+    for k, (s, e) in bounds.items():
+        path = shard_path(parts, k)
+        problem = shard_problem(path, labels[s:e], key) if path.exists() else "is missing"
+        if problem:
+            fail(f"{path} {problem}; run the same command again to draw it")
+        with np.load(path, allow_pickle=False) as shard:
+            block = shard["arr_0"]
+        if images is None:
+            images = np.empty((args.num_samples, *block.shape[1:]), dtype=np.uint8)
+        elif block.shape[1:] != images.shape[1:]:
+            fail(f"{path} holds {block.shape[1:]} images, shard 0 holds {images.shape[1:]}; delete {parts}")
+        images[s:e] = block
+    save_npz(images, labels, args.out)
+    for k in bounds:
+        shard_path(parts, k).unlink()
+    (parts / "settings.json").unlink()  # last: until then a rerun still recognises the shards
+    for leftover in parts.iterdir():  # e.g. shards of a killed run with a larger --num-samples
+        leftover.unlink()
+    parts.rmdir()
+
+
 def write_manifest(parts: Path, settings: dict) -> None:
-    """Record the sampling settings beside the shards (temp name, then rename), unless already there."""
-    if not (parts / "settings.json").exists():
-        write_json(parts / "settings.json", settings)
+    """Record the sampling settings beside the shards; a manifest without any shard drawn is replaced."""
+    manifest = parts / "settings.json"
+    if not manifest.exists() or not any(parts.glob("shard-*.npz")):
+        write_json(manifest, settings)
 
 
 def check_manifest(parts: Path, settings: dict) -> None:
-    """Refuse to resume shards that were drawn with other settings."""
-    old = json.loads((parts / "settings.json").read_text())
-    if old != settings:
-        diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
-        fail(f"{parts} holds shards drawn with other settings {diff}; delete it or rerun with the same ones")
+    """Refuse to resume shards that were drawn with other settings or from another checkpoint file."""
+    try:
+        old = json.loads((parts / "settings.json").read_text())
+    except (OSError, ValueError) as e:
+        fail(f"{parts / 'settings.json'} is unreadable ({type(e).__name__}); delete {parts} to start over")
+    if old == settings:
+        return
+    if old.get("ckpt") != settings["ckpt"]:
+        fail(f"{parts} holds shards drawn from another checkpoint: the --ckpt file is not the one they came from "
+             f"(size:sha256 {old.get('ckpt')} then, {settings['ckpt']} now); sample with that checkpoint, or "
+             f"delete {parts} to start over")
+    diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
+    fail(f"{parts} holds shards drawn with other settings {diff}; delete it or rerun with the same ones")
 
 
 def run(args: argparse.Namespace) -> None:
-    out = args.out
-    is_npz = out.endswith(".npz")
-    if not is_npz and not out.lower().endswith((".png", ".jpg", ".jpeg")):
-        fail(f"--out {out!r}: expected a .png/.jpg (grid) or .npz (sample batch) path")
+    ext = Path(args.out).suffix.lower()
+    is_npz = ext == ".npz"
+    if not is_npz and ext not in IMAGE_FORMATS:
+        fail(f"--out {args.out!r}: expected a .png/.jpg/.jpeg (grid) or .npz (sample batch) path")
     if is_npz and not args.num_samples:
         fail("--out *.npz needs --num-samples N")
-    for name in ("num_samples", "per_class", "batch_size", "shard_size", "devices", "num_nodes"):
+    for name in ("num_samples", "per_class", "batch_size", "shard_size", "devices", "num_nodes", "steps"):
         value = getattr(args, name)
         if value is not None and value < 1:
             fail(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if not (math.isfinite(args.cfg_scale) and 0 <= args.cfg_scale <= MAX_CFG_SCALE):
+        fail(f"--cfg-scale must be between 0 and {MAX_CFG_SCALE:g}, got {args.cfg_scale}")
+    if args.guidance_interval and not 0 <= args.guidance_interval[0] <= args.guidance_interval[1] <= 1:
+        fail(f"--guidance-interval LO HI needs 0 <= LO <= HI <= 1, got {args.guidance_interval}")
+    resolve_device(args.device)
     (write_npz if is_npz else write_grid)(args)
 
 

@@ -6,14 +6,27 @@ Sample i's noise depends only on (seed, indices[i]) (gspn_gen.diffusion.rng), ne
 
 from __future__ import annotations
 
-import os
+import warnings
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from gspn_gen.codecs import build_codec
 from gspn_gen.diffusion import PerSampleRNG, cfg_model_fn
+from gspn_gen.fileio import atomic_write
+
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}  # by lower-case extension
+
+
+class NonFiniteSamplesWarning(RuntimeWarning):
+    """Some samples held NaN/inf values (they come out black); `count` says how many."""
+
+    def __init__(self, count: int, total: int):
+        super().__init__(f"{count} of {total} samples hold NaN/inf values and are written as black pixels "
+                         "(are the checkpoint's weights finite?)")
+        self.count = count
 
 
 @torch.no_grad()
@@ -45,6 +58,9 @@ def generate(
     z = module.diffusion.sample(model_fn, noise, labels, rng, sampler=sampler, steps=steps, progress=progress)
     images = decoder(module, device).decode(z)
     net.train(was_training)
+    bad = int((~torch.isfinite(images.flatten(1))).any(1).sum())
+    if bad:
+        warnings.warn(NonFiniteSamplesWarning(bad, n), stacklevel=2)
     return to_uint8(images)
 
 
@@ -95,18 +111,17 @@ def class_grid(
 
 
 def save_image(image: np.ndarray, path: str) -> None:
-    """Write a uint8 (H, W, 3) array as PNG via a temp name, then rename."""
+    """Write a uint8 (H, W, 3) array in the format its extension names (.png, .jpg/.jpeg), crash-safe."""
     from PIL import Image
 
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp"
-    Image.fromarray(image).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    fmt = IMAGE_FORMATS.get(Path(path).suffix.lower())
+    if fmt is None:
+        raise ValueError(f"{path!r}: expected a {'/'.join(IMAGE_FORMATS)} file name")
+    with atomic_write(path) as f:
+        Image.fromarray(image).save(f, format=fmt, **({"quality": 95} if fmt == "JPEG" else {}))
 
 
-def save_npz(images: np.ndarray, labels: np.ndarray, path: str) -> None:
-    """Write an ADM-style batch (`arr_0` uint8 NHWC, `arr_1` int64 labels) via a temp name, then rename."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp.npz"
-    np.savez(tmp, arr_0=images, arr_1=labels.astype(np.int64))
-    os.replace(tmp, path)
+def save_npz(images: np.ndarray, labels: np.ndarray, path: str, **extra: np.ndarray) -> None:
+    """Write an ADM-style batch (`arr_0` uint8 NHWC, `arr_1` int64 labels, any `extra` arrays), crash-safe."""
+    with atomic_write(path) as f:
+        np.savez(f, arr_0=images, arr_1=labels.astype(np.int64), **extra)

@@ -6,26 +6,108 @@ the config or on the command line; SLURM and torchrun launch it as usual. Exampl
     python train_gen.py fit --config configs/experiments/demo_digits.yaml
     python train_gen.py fit --config configs/experiments/gspn-xl2_in256.yaml --data.root /data/in256
     python train_gen.py fit --config ... --ckpt_path runs/x/checkpoints/last.ckpt      # resume
+    python train_gen.py fit --config ... --ckpt_path last      # resume from the run's last.ckpt if there is one
     python train_gen.py fit --config ... --print_config                     # show the merged config
+
+A resume is checked before anything in the run directory is touched: the checkpoint must be readable,
+finite, and trained with the same model, diffusion and data shape (`checkpoints.RUN_KEYS`); changed
+optimiser, schedule, trainer or data-loading settings are allowed and listed one `info:` line each.
+Checkpoints are written crash-safe (`checkpoints.SafeCheckpointIO`) and logs are continued, not replaced.
 """
 
 from __future__ import annotations
 
+import csv
+import io
+import os
+import re
 import sys
+import tempfile
+from pathlib import Path
 
 import lightning as L
 import torch
+import yaml
 from jsonargparse import ArgumentError
+from lightning.fabric.loggers.logger import rank_zero_experiment
+from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.utilities import rank_zero_only
 
+from gspn_gen.checkpoints import (
+    CheckpointError,
+    CheckpointWriteError,
+    SafeCheckpointIO,
+    check_state_dict,
+    compare_hparams,
+    nonfinite_tensors,
+    read_checkpoint,
+)
+from gspn_gen.data.datamodule import DataError
+from gspn_gen.fileio import atomic_write, remove_stale_temps, write_bytes
 from gspn_gen.lit import GenerationModule, NonFiniteLossError
 
 DEFAULT_DATA = "gspn_gen.data.datamodule.DigitsDataModule"
 
 
+def fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def info(message: str) -> None:
+    if rank_zero_only.rank == 0:
+        print(f"info: {message}", file=sys.stderr)
+
+
+class _AppendingWriter(ExperimentWriter):
+    """Lightning's CSV writer, except that an existing metrics.csv is continued instead of deleted."""
+
+    def _check_log_dir_exists(self) -> None:
+        path = Path(self.metrics_file_path)
+        remove_stale_temps(path.parent, path.name)
+        if not path.is_file():
+            return
+        data = path.read_bytes()
+        if not data.endswith(b"\n"):  # a row torn by a kill: drop it, the resumed run logs that step again
+            data = data[: data.rfind(b"\n") + 1]
+            write_bytes(path, data)
+        header = next(csv.reader(io.StringIO(data.decode())), [])
+        if header:
+            self.metrics_keys = header
+        else:
+            path.unlink()
+
+    def _rewrite_with_new_header(self, fieldnames: list[str]) -> None:
+        with open(self.metrics_file_path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        with atomic_write(self.metrics_file_path, "w") as f:
+            writer = csv.DictWriter(f, fieldnames=fieldnames)
+            writer.writeheader()
+            writer.writerows(rows)
+
+
+class ContinuingCSVLogger(CSVLogger):
+    """CSVLogger whose metrics.csv survives a resume (rows are appended) and is written at every log step."""
+
+    def __init__(self, save_dir, name: str = "", version: str = "", flush_logs_every_n_steps: int = 1, **kwargs):
+        super().__init__(save_dir, name=name, version=version, flush_logs_every_n_steps=flush_logs_every_n_steps,
+                         **kwargs)
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> _AppendingWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _AppendingWriter(log_dir=self.log_dir)
+        return self._experiment
+
+
 class GenerationCLI(LightningCLI):
-    """Links the datamodule's shape/codec into the model and logs to TensorBoard + CSV by default."""
+    """Links the datamodule's shape/codec into the model, logs to TensorBoard + CSV, checks resumes."""
 
     def add_arguments_to_parser(self, parser) -> None:
         for src, dst in (("num_classes", "num_classes"), ("channels", "in_channels"), ("size", "input_size"),
@@ -33,26 +115,161 @@ class GenerationCLI(LightningCLI):
             parser.link_arguments(f"data.{src}", f"model.{dst}", apply_on="instantiate")
         parser.set_defaults({"data": {"class_path": DEFAULT_DATA}, "trainer.default_root_dir": "runs/default"})
 
+    def _parse_ckpt_path(self) -> None:
+        # Lightning would load the checkpoint here, unchecked, and merge its hyper-parameters over the
+        # command line (silently undoing a changed model or lr). `check_resume` compares them instead.
+        pass
+
     def instantiate_classes(self) -> None:
         # Bad values in a config (unknown preset, bad size, missing data root) end in one line, not a traceback.
+        cfg = self.config[self.subcommand] if self.subcommand else self.config
+        accelerator = str(cfg.get("trainer", {}).get("accelerator"))
+        if accelerator in ("gpu", "cuda") and not torch.cuda.is_available() and not torch.backends.mps.is_available():
+            fail(f"--trainer.accelerator {accelerator!r}: no GPU is available on this machine (use cpu or auto)")
         try:
             super().instantiate_classes()
-        except (ValueError, FileNotFoundError) as e:
-            print(f"error: {_one_line(str(e))}", file=sys.stderr)
-            sys.exit(2)
+        except (ValueError, FileNotFoundError, MisconfigurationException) as e:
+            fail(_one_line(str(e)))
+        if self.subcommand:
+            self.prepare_run(self.config_init[self.subcommand])
 
     def _instantiate_trainer(self, config: dict, callbacks: list) -> L.Trainer:
         if config.get("logger") in (None, True):
             root = config.get("default_root_dir") or "runs/default"
-            config["logger"] = [TensorBoardLogger(root, name="", version=""), CSVLogger(root, name="", version="")]
+            config["logger"] = [TensorBoardLogger(root, name="", version=""), ContinuingCSVLogger(root)]
+        plugins = config.get("plugins") or []
+        plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            plugins.append(SafeCheckpointIO())
+        config["plugins"] = plugins
         return super()._instantiate_trainer(config, callbacks)
+
+    # ------------------------------------------------------------- before anything is written
+    def prepare_run(self, cfg) -> None:
+        """Validate the checkpoint to resume and the output directories; nothing is written before this."""
+        if cfg.get("weights_only") is False:
+            fail("--weights_only false is not accepted: checkpoints are only ever read as tensors and plain "
+                 "containers (weights_only=True), never unpickled; drop the option")
+        if cfg.get("ckpt_path"):
+            cfg["ckpt_path"] = self.check_resume(str(cfg["ckpt_path"]))
+        dirs = {"trainer.default_root_dir": self.trainer.default_root_dir}
+        for cb in self.trainer.checkpoint_callbacks:
+            if getattr(cb, "dirpath", None):
+                dirs[f"{type(cb).__name__}.dirpath"] = cb.dirpath
+        for name, d in dirs.items():
+            try:
+                os.makedirs(d, exist_ok=True)
+                with tempfile.TemporaryFile(dir=d):
+                    pass
+            except OSError as e:
+                fail(f"{name} {str(d)!r} is not a writable directory: {e.strerror or e}")
+            if self.trainer.is_global_zero:
+                remove_stale_temps(d)
+
+    def check_resume(self, path: str) -> str:
+        """The checkpoint file a resume will load, after checking it fits this run; errors end the run."""
+        if path == "last":
+            found = set()
+            for cb in self.trainer.checkpoint_callbacks:
+                if hasattr(cb, "_find_last_checkpoints"):
+                    found |= cb._find_last_checkpoints(self.trainer)
+            if not found:
+                info("--ckpt_path last: no last checkpoint yet, starting from scratch")
+                return path
+            path = max(found, key=os.path.getmtime)
+        elif path in ("best", "hpc") or path.startswith("registry"):
+            return path  # resolved by Lightning; still read through SafeCheckpointIO
+        try:
+            ckpt = read_checkpoint(path, mmap=True)
+            refused, changed = compare_hparams(ckpt["hyper_parameters"], dict(self.model.hparams))
+            if refused:
+                raise CheckpointError(
+                    f"cannot resume {path!r} with different settings ({'; '.join(refused)}): a resumed run keeps "
+                    "its model, diffusion and data shape; use the run's own config, or a new default_root_dir"
+                )
+            check_state_dict(path, self.model, ckpt["state_dict"])
+            bad = nonfinite_tensors(ckpt["state_dict"])
+            if bad:
+                raise CheckpointError(f"checkpoint {path!r} holds NaN/inf weights in {len(bad)} tensors "
+                                      f"(e.g. {bad[0]}); resume from an earlier checkpoint")
+        except CheckpointError as e:
+            fail(str(e))
+        if self.trainer.is_global_zero:  # half-written checkpoints of the killed run
+            remove_stale_temps(os.path.dirname(os.path.abspath(path)))
+        for line in changed + self._config_changes():
+            info(f"resume with changed {line}")
+        return path
+
+    def _config_changes(self) -> list[str]:
+        """trainer/data settings that differ from the run's saved config.yaml (allowed on resume)."""
+        old_path = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "config.yaml"
+        try:
+            old = yaml.safe_load(old_path.read_text()) or {}
+        except (OSError, yaml.YAMLError):
+            return []
+        new = yaml.safe_load(self._parser(self.subcommand).dump(self.config[self.subcommand], skip_none=False))
+        lines = []
+        for section in ("trainer", "data"):
+            a, b = _flatten(old.get(section)), _flatten(new.get(section))
+            lines += [f"{section}.{k}: {a[k]!r} -> {b[k]!r}" for k in sorted(set(a) & set(b)) if a[k] != b[k]]
+        return lines
+
+
+def _flatten(d, prefix: str = "") -> dict:
+    if not isinstance(d, dict):
+        return {} if d is None else {prefix.rstrip("."): d}
+    out = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+_SKIP = ("Does not validate", "Subtypes:", "Errors:", "Given value type", "Problem with given class_path")
+
+
+def _readable_type(match: re.Match) -> str:
+    t = match.group(1)
+    cls = re.fullmatch(r"<class '(?:[\w.]+\.)?(\w+)'>", t)
+    if cls:
+        return f"expected {'an' if cls.group(1)[0] in 'aeiou' else 'a'} {cls.group(1)}"
+    lit = re.fullmatch(r"typing\.Literal\[(.*)\]", t)
+    return f"expected one of {lit.group(1)}" if lit else f"expected {t}"
 
 
 def _one_line(message: str) -> str:
-    """jsonargparse's multi-line Union report -> the reasons that matter, on one line."""
-    lines = [line.strip() for line in message.strip().splitlines()]
-    reasons = [line[2:] for line in lines if line.startswith("- ") and "NoneType" not in line]
-    return "; ".join(reasons) if reasons else (lines[0] if lines else "invalid arguments")
+    """jsonargparse's multi-line report -> `--key: expected ..., got VALUE` on one line."""
+    keys, reasons, got = [], [], None
+    for line in (s.strip() for s in message.strip().splitlines()):
+        m = re.match(r'Parser key "([^"]+)":\s*(.*)', line)
+        if m:
+            keys.append(m.group(1))
+            line = m.group(2)
+        if line.startswith("Given value:"):
+            nested = re.fullmatch(r"Given value: NestedArg\(key='([^']*)', val='(.*)'\)", line)
+            if nested and len(keys) == 1:
+                keys.append(nested.group(1))
+            if got is None:
+                got = nested.group(2) if nested else line.split(":", 1)[1].strip()
+            continue
+        line = line.lstrip("- ").strip()
+        if not line or line.startswith(_SKIP) or line == "Expected a <class 'NoneType'>":
+            continue
+        v = re.search(r"\.?\s*Got value: (.*)$", line)
+        if v:
+            got, line = got if got is not None else v.group(1), line[: v.start()]
+        line = re.sub(r"^Expected an? (.+?)$", _readable_type, line)
+        if line not in reasons:
+            reasons.append(line)
+    if not keys:
+        return "; ".join(reasons) if reasons else "invalid arguments"
+    key = keys[0] + "".join(f".init_args.{k}" for k in keys[1:]) if "class_path" in message else keys[0]
+    choices = [r.removeprefix("expected one of ") for r in reasons if r.startswith("expected one of ")]
+    expected = [r for r in reasons if r.startswith("expected ") and not r.startswith("expected one of ")]
+    if choices:
+        expected.append("expected one of " + ", ".join(choices))
+    others = [r for r in reasons if not r.startswith("expected ")]
+    text = "; ".join(others + ([" or ".join(expected)] if expected else [])) or "invalid value"
+    return f"--{key}: {text}" + (f", got {got!r}" if got is not None else "")
 
 
 def main(args: list[str] | None = None) -> None:
@@ -71,7 +288,10 @@ def main(args: list[str] | None = None) -> None:
     except ArgumentError as e:
         print(f"error: {_one_line(str(e))}  (see: python train_gen.py fit --help)", file=sys.stderr)
         sys.exit(2)
-    except NonFiniteLossError as e:
+    except (CheckpointError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except (NonFiniteLossError, CheckpointWriteError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
 

@@ -1,59 +1,116 @@
-"""Public GSPN ops (DESIGN.md §3): inputs are checked once here, then dispatched to a backend.
+"""Public GSPN ops (DESIGN.md §3): inputs are checked once here, then run by one backend.
 
-Backends: "reference" (pure PyTorch, `reference.py`, any device, the CPU training path) and "cuda"
-(the CuPy kernels of `cupy_backend.py`: CUDA tensors in float32, float16 or bfloat16). "auto" takes
-the CUDA kernels when the tensors are on a GPU and the kernels can run there, else the reference.
+Backends, each with the same four functions (mix_forward, mix_backward, scan_forward, scan_backward):
+  "cuda"       the CuPy kernels (`cupy_backend.py`): CUDA tensors in float32, float16 or bfloat16;
+  "torch"      the fast pure-PyTorch path (`torch_backend.py`): any device and float dtype, the CPU default;
+  "reference"  the oracle (`reference.py`): short and slow, for checking the others;
+  "auto"       "cuda" for CUDA tensors the kernels support when CuPy works there, else "torch".
+
+`gspn_mix` and `gspn_scan` are torch.library custom ops (`gspn_gen::gspn_mix`, `gspn_gen::gspn_scan`) with
+a fake (meta) implementation, so torch.compile traces models through them without a graph break, and a
+registered autograd formula that keeps only the op's inputs: every backend recomputes its hidden states in
+backward, so one call costs no activation memory beyond what it was given.
 """
+
+from __future__ import annotations
 
 import functools
 
 import torch
+from torch import Tensor
 
-from .reference import gspn_mix_reference, gspn_scan_reference
+from . import reference, torch_backend
 
 __all__ = ["available_backends", "gspn_mix", "gspn_scan"]
 
 _DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _CUDA_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_BACKENDS = ("auto", "cuda", "reference")
-_INSTALL_HINT = "pip install 'gspn-gen[cuda13]' (or 'gspn-gen[cuda12]' for a CUDA 12 driver)"
+_BACKENDS = ("auto", "cuda", "torch", "reference")
 
 
 @functools.cache
 def _cuda_backend():
     """(the cupy_backend module, None) when the CUDA kernels can run here, else (None, reason)."""
-    try:
-        from . import cupy_backend  # lazy: importing gspn_gen.kernels never needs CuPy
-    except ImportError as err:
-        return None, f"the CUDA backend cannot be imported ({err}); {_INSTALL_HINT}"
-    reason = cupy_backend.cupy_unavailable_reason()
+    from . import cupy_backend  # imports without CuPy; CuPy itself is imported on first use
+
+    reason = cupy_backend.unavailable_reason()
     return (cupy_backend, None) if reason is None else (None, reason)
 
 
 def available_backends() -> list[str]:
-    """["reference"], plus "cuda" when CuPy and a GPU make the CUDA kernels usable."""
-    return ["reference", "cuda"] if _cuda_backend()[0] is not None else ["reference"]
+    """["reference", "torch"], plus "cuda" when CuPy and a GPU make the CUDA kernels usable."""
+    return ["reference", "torch"] + (["cuda"] if _cuda_backend()[0] is not None else [])
 
 
-def _select(backend: str, x: torch.Tensor):
-    """The cupy_backend module to run on, or None for the reference."""
+class _Oracle:
+    """The reference as a backend: forward without a graph, backward by autograd through a recomputation."""
+
+    @staticmethod
+    def mix_forward(x, gate_logits, lam, u, chunk):
+        with torch.no_grad():
+            return reference.gspn_mix_reference(x, gate_logits, lam, u, chunk)
+
+    @staticmethod
+    def mix_backward(dy, x, gate_logits, lam, u, chunk, needs):
+        return _Oracle._grads(reference.gspn_mix_reference, dy, (x, gate_logits, lam, u), chunk, needs)
+
+    @staticmethod
+    def scan_forward(x, lam, g_up, g_mid, g_down, chunk):
+        with torch.no_grad():
+            return reference.gspn_scan_reference(x, lam, g_up, g_mid, g_down, chunk)
+
+    @staticmethod
+    def scan_backward(dh, x, lam, g_up, g_mid, g_down, chunk, needs):
+        return _Oracle._grads(reference.gspn_scan_reference, dh, (x, lam, g_up, g_mid, g_down), chunk, needs)
+
+    @staticmethod
+    def _grads(fn, dout, inputs, chunk, needs):
+        # torch.func.vjp: plain autograd is switched off inside a custom op's implementation
+        wanted = [i for i, need in enumerate(needs) if need]
+
+        def of_wanted(*leaves):
+            args = list(inputs)
+            for i, leaf in zip(wanted, leaves):
+                args[i] = leaf
+            return fn(*args, chunk)
+
+        _, vjp = torch.func.vjp(of_wanted, *(inputs[i] for i in wanted))
+        grads = iter(vjp(dout))
+        return tuple(next(grads) if need else None for need in needs)
+
+
+def _module(name: str):
+    if name == "cuda":
+        return _cuda_backend()[0]
+    return torch_backend if name == "torch" else _Oracle
+
+
+def _resolve(backend: str, x: Tensor, cg: int) -> str:
+    """The backend that runs x: "cuda", "torch" or "reference"."""
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
-    if backend == "reference":
-        return None
+    if backend in ("torch", "reference"):
+        return backend
     on_gpu = x.device.type == "cuda"
     if backend == "auto":
-        return _cuda_backend()[0] if on_gpu and x.dtype in _CUDA_DTYPES else None
+        if not on_gpu or x.dtype not in _CUDA_DTYPES:
+            return "torch"
+        module = _cuda_backend()[0]
+        return "cuda" if module is not None and module.supports(*x.shape[:2], cg, *x.shape[2:], x.dtype) else "torch"
     if not on_gpu:
         raise ValueError(f"backend='cuda' needs CUDA tensors, got x on {x.device}; "
-                         "move the inputs to a GPU or use backend='reference'")
+                         "move the inputs to a GPU or use backend='auto'")
     if x.dtype not in _CUDA_DTYPES:
         raise ValueError(f"backend='cuda' supports float32, float16 and bfloat16, got x of dtype {x.dtype}; "
-                         "use backend='reference' for float64")
+                         "use backend='torch' for float64")
     module, reason = _cuda_backend()
     if module is None:
         raise RuntimeError(f"backend='cuda' is unavailable: {reason}")
-    return module
+    if not module.supports(*x.shape[:2], cg, *x.shape[2:], x.dtype):
+        raise ValueError(f"backend='cuda' does not support x of shape {tuple(x.shape)} in {x.dtype} (the map "
+                         "does not fit the kernels' shared-memory plan, see gspn_gen.kernels.cupy_backend); "
+                         "use backend='auto' to run it with the PyTorch backend")
+    return "cuda"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -69,19 +126,17 @@ def _check_tensor(name: str, t, ndim: int, layout: str) -> None:
         raise ValueError(f"{name} must be float32, float64, bfloat16 or float16, got {t.dtype}")
 
 
-def _check_shape(name: str, t: torch.Tensor, expected: tuple, layout: str) -> None:
+def _check_shape(name: str, t: Tensor, expected: tuple, layout: str) -> None:
     if tuple(t.shape) != expected:
         raise ValueError(f"{name} must have shape {layout} = {expected}, got {tuple(t.shape)}")
 
 
-def _check_like_x(named: dict, x: torch.Tensor) -> None:
+def _check_like_x(named: dict, x: Tensor) -> None:
     for name, t in named.items():
         if t.dtype != x.dtype:
-            raise ValueError(f"{name} has dtype {t.dtype}, expected {x.dtype} like x "
-                             "(all inputs share one dtype)")
+            raise ValueError(f"{name} has dtype {t.dtype}, expected {x.dtype} like x (all inputs share one dtype)")
         if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device}, expected {x.device} like x "
-                             "(all inputs share one device)")
+            raise ValueError(f"{name} is on {t.device}, expected {x.device} like x (all inputs share one device)")
 
 
 def _check_gate_channels(name: str, cg: int, c: int) -> None:
@@ -89,17 +144,94 @@ def _check_gate_channels(name: str, cg: int, c: int) -> None:
         raise ValueError(f"{name} has Cg = {cg} gate channels, which must divide C = {c} (the channels of x)")
 
 
-def _check_chunk(chunk) -> None:
+def _check_chunk(chunk) -> int:
+    """chunk as the custom ops take it: 0 for a global scan."""
     if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
         raise ValueError(f"chunk must be None (global scan) or an int >= 1, got {chunk!r}")
+    return chunk or 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Custom ops: forward, backward and fake implementations
+# ---------------------------------------------------------------------------------------------
+
+def _or_empty(grads, like):
+    """Custom ops return tensors only: an absent gradient travels as an empty tensor."""
+    return [g if g is not None else t.new_empty(0) for g, t in zip(grads, like)]
+
+
+@torch.library.custom_op("gspn_gen::gspn_mix", mutates_args=())
+def _mix_op(x: Tensor, gate_logits: Tensor, lam: Tensor, u: Tensor, chunk: int, backend: str) -> Tensor:
+    return _module(backend).mix_forward(x, gate_logits, lam, u, chunk or None)
+
+
+@_mix_op.register_fake
+def _(x, gate_logits, lam, u, chunk, backend):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("gspn_gen::gspn_mix_backward", mutates_args=())
+def _mix_backward_op(dy: Tensor, x: Tensor, gate_logits: Tensor, lam: Tensor, u: Tensor, chunk: int,
+                     backend: str, needs: list[bool]) -> list[Tensor]:
+    inputs = (x, gate_logits, lam, u)
+    return _or_empty(_module(backend).mix_backward(dy, *inputs, chunk or None, tuple(needs)), inputs)
+
+
+@_mix_backward_op.register_fake
+def _(dy, x, gate_logits, lam, u, chunk, backend, needs):
+    return [torch.empty_like(t) if need else t.new_empty(0) for t, need in zip((x, gate_logits, lam, u), needs)]
+
+
+@torch.library.custom_op("gspn_gen::gspn_scan", mutates_args=())
+def _scan_op(x: Tensor, lam: Tensor, g_up: Tensor, g_mid: Tensor, g_down: Tensor, chunk: int,
+             backend: str) -> Tensor:
+    return _module(backend).scan_forward(x, lam, g_up, g_mid, g_down, chunk or None)
+
+
+@_scan_op.register_fake
+def _(x, lam, g_up, g_mid, g_down, chunk, backend):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("gspn_gen::gspn_scan_backward", mutates_args=())
+def _scan_backward_op(dh: Tensor, x: Tensor, lam: Tensor, g_up: Tensor, g_mid: Tensor, g_down: Tensor,
+                      chunk: int, backend: str, needs: list[bool]) -> list[Tensor]:
+    inputs = (x, lam, g_up, g_mid, g_down)
+    return _or_empty(_module(backend).scan_backward(dh, *inputs, chunk or None, tuple(needs)), inputs)
+
+
+@_scan_backward_op.register_fake
+def _(dh, x, lam, g_up, g_mid, g_down, chunk, backend, needs):
+    return [torch.empty_like(t) if need else t.new_empty(0) for t, need in zip((x, lam, g_up, g_mid, g_down), needs)]
+
+
+def _save_inputs(ctx, inputs, output):
+    *tensors, ctx.chunk, ctx.backend = inputs
+    ctx.save_for_backward(*tensors)
+
+
+def _mix_autograd(ctx, dy):
+    needs = list(ctx.needs_input_grad[:4])
+    grads = _mix_backward_op(dy.contiguous(), *ctx.saved_tensors, ctx.chunk, ctx.backend, needs)
+    return (*(g if need else None for g, need in zip(grads, needs)), None, None)
+
+
+def _scan_autograd(ctx, dh):
+    needs = list(ctx.needs_input_grad[:5])
+    grads = _scan_backward_op(dh.contiguous(), *ctx.saved_tensors, ctx.chunk, ctx.backend, needs)
+    return (*(g if need else None for g, need in zip(grads, needs)), None, None)
+
+
+_mix_op.register_autograd(_mix_autograd, setup_context=_save_inputs)
+_scan_op.register_autograd(_scan_autograd, setup_context=_save_inputs)
 
 
 # ---------------------------------------------------------------------------------------------
 # Public ops
 # ---------------------------------------------------------------------------------------------
 
-def gspn_scan(x: torch.Tensor, lam: torch.Tensor, g_up: torch.Tensor, g_mid: torch.Tensor,
-              g_down: torch.Tensor, chunk: int | None = None, backend: str = "auto") -> torch.Tensor:
+def gspn_scan(x: Tensor, lam: Tensor, g_up: Tensor, g_mid: Tensor, g_down: Tensor, chunk: int | None = None,
+              backend: str = "auto") -> Tensor:
     """One left->right GSPN scan with given, already normalised gates (DESIGN.md §3, "One direction").
 
     h[:, :, i, w] = lam * x + g_up * h[i-1, w-1] + g_mid * h[i, w-1] + g_down * h[i+1, w-1],
@@ -111,10 +243,10 @@ def gspn_scan(x: torch.Tensor, lam: torch.Tensor, g_up: torch.Tensor, g_mid: tor
         g_up, g_mid, g_down: (N, Cg, H, W) gates of the neighbours at rows i-1, i, i+1 of the
             previous column; Cg divides C and gate channel j serves x channels j*k .. j*k+k-1, k = C/Cg.
         chunk: None for a global scan, or K >= 1 to restart the recursion at every w % K == 0.
-        backend: "auto", "cuda" or "reference".
+        backend: "auto", "cuda", "torch" or "reference" (module docstring).
 
     Returns:
-        h: (N, C, H, W) hidden states, in x's dtype (accumulated in fp32, or fp64 for fp64 inputs).
+        h: (N, C, H, W), in x's dtype (accumulated in fp32, or fp64 for fp64 inputs).
     """
     _check_tensor("x", x, 4, "(N, C, H, W)")
     n, c, height, width = x.shape
@@ -126,15 +258,13 @@ def gspn_scan(x: torch.Tensor, lam: torch.Tensor, g_up: torch.Tensor, g_mid: tor
         _check_shape(name, g, (n, g_up.shape[1], height, width), "(N, Cg, H, W) like g_up")
     _check_gate_channels("g_up", g_up.shape[1], c)
     _check_like_x({"lam": lam, **gates}, x)
-    _check_chunk(chunk)
-    module = _select(backend, x)
-    if module is None:
-        return gspn_scan_reference(x, lam, g_up, g_mid, g_down, chunk)
-    return module.gspn_scan_cuda(x, lam, g_up, g_mid, g_down, chunk)
+    chunk = _check_chunk(chunk)
+    name = _resolve(backend, x, g_up.shape[1])
+    return _scan_op(*(t.contiguous() for t in (x, lam, g_up, g_mid, g_down)), chunk, name)
 
 
-def gspn_mix(x: torch.Tensor, gate_logits: torch.Tensor, lam: torch.Tensor, u: torch.Tensor,
-             chunk: int | None = None, backend: str = "auto") -> torch.Tensor:
+def gspn_mix(x: Tensor, gate_logits: Tensor, lam: Tensor, u: Tensor, chunk: int | None = None,
+             backend: str = "auto") -> Tensor:
     """GSPN four-direction propagation, the attention replacement (DESIGN.md §3, "Four directions").
 
     y = sum over d of u_d * scan_d(lam_d * x, gates_d), all in the image frame, for the directions
@@ -150,10 +280,11 @@ def gspn_mix(x: torch.Tensor, gate_logits: torch.Tensor, lam: torch.Tensor, u: t
         u: (N, 4, C, H, W) output weight per direction.
         chunk: None for global scans, or K >= 1: every scan restarts at the line blocks
             [0, K), [K, 2K), ... along its axis (the same blocks for both directions of an axis).
-        backend: "auto", "cuda" or "reference".
+        backend: "auto", "cuda", "torch" or "reference" (module docstring).
 
     Returns:
-        y: (N, C, H, W), in x's dtype (accumulated in fp32, or fp64 for fp64 inputs).
+        y: (N, C, H, W), in x's dtype (accumulated in fp32, or fp64 for fp64 inputs). Backward keeps only
+        the inputs and recomputes the rest; it is not itself differentiable.
     """
     _check_tensor("x", x, 4, "(N, C, H, W)")
     n, c, height, width = x.shape
@@ -165,8 +296,6 @@ def gspn_mix(x: torch.Tensor, gate_logits: torch.Tensor, lam: torch.Tensor, u: t
         _check_tensor(name, t, 5, "(N, 4, C, H, W)")
         _check_shape(name, t, (n, 4, c, height, width), "(N, 4, C, H, W)")
     _check_like_x({"gate_logits": gate_logits, "lam": lam, "u": u}, x)
-    _check_chunk(chunk)
-    module = _select(backend, x)
-    if module is None:
-        return gspn_mix_reference(x, gate_logits, lam, u, chunk)
-    return module.gspn_mix_cuda(x, gate_logits, lam, u, chunk)
+    chunk = _check_chunk(chunk)
+    name = _resolve(backend, x, cg)
+    return _mix_op(*(t.contiguous() for t in (x, gate_logits, lam, u)), chunk, name)

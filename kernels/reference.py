@@ -1,328 +1,84 @@
-"""Pure-PyTorch GSPN line-scan propagation (DESIGN.md §3): the CPU training path and the oracle.
+"""The oracle of the GSPN propagation (DESIGN.md §3): short and obviously right, not fast.
 
-Speed on CPU comes from the memory layout, not from the arithmetic. Every map is converted once
-into the *line layout* (k, H, W, N, Cg): x channel c = j * k + kk (gate channel j, kk < k) sits at
-[kk, ..., j], so a gate (1, H, W, N, Cg) broadcasts over the outermost axis and every elementwise
-op runs over contiguous runs of N * Cg numbers. The conversion is one blocked 2D transpose of
-(N * Cg, k * H * W) (torch's fast copy path; general permutes are 5-10x slower on CPU).
-Direction-stacked tensors put the direction first: (4, k, H, W, N, Cg).
-
-All four directions then share ONE Python loop over the scan position t. Direction d works on
-column (d = 0, 1) or row (d = 2, 3) p = t, or p = L - 1 - t when reversed; its line axis (H for
-d = 0, 1; W for d = 2, 3) is never flipped, so gate k = 0, 1, 2 is the neighbour at line index
-q - 1, q, q + 1 on the previous line. Nothing is flipped or transposed per direction.
-
-The backward is the adjoint scan, a reverse loop with the transposed tridiagonal transition, so
-autograd never records the loop; normalised gates are recomputed from the logits. Arithmetic is
-fp32 (fp64 for fp64 inputs); results come back in the input dtype.
+Each direction is turned into a left-to-right scan of (..., P, L) maps by a flip and/or transpose, scanned by
+a plain Python loop over the L steps, and turned back; autograd gives the gradients. Arithmetic runs in
+float64 for float64 inputs and in float32 otherwise (rounded to the input dtype once, at the end). Every
+backend (`torch_backend`, `cupy_backend`) is tested against these functions.
 """
 
 import torch
+import torch.nn.functional as F
 
 __all__ = ["gspn_mix_reference", "gspn_scan_reference", "stability_gates"]
 
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-# ---------------------------------------------------------------------------------------------
-# Layout conversion: image (..., N, C, H, W) <-> lines (..., k, H, W, N, Cg)
-# ---------------------------------------------------------------------------------------------
-
-def _dense(t: torch.Tensor, dtype: torch.dtype, fresh: bool = False) -> torch.Tensor:
-    """t as a contiguous tensor of `dtype` (a new one if `fresh`), in one pass (permute and cast)."""
-    if t.is_contiguous() and t.dtype == dtype and not fresh:
-        return t
-    return torch.empty(t.shape, dtype=dtype, device=t.device).copy_(t)
-
-
-def _to_lines(t: torch.Tensor, cg: int, dtype: torch.dtype) -> torch.Tensor:
-    """(..., N, C, H, W) -> contiguous (..., k, H, W, N, Cg) of `dtype`, k = C // cg."""
-    *lead, n, c, h, w = t.shape
-    k = c // cg
-    src = _dense(t, dtype).view(-1, n * cg, k * h * w)
-    out = torch.empty(*lead, k, h, w, n, cg, dtype=dtype, device=t.device)
-    flat = out.view(-1, k * h * w, n * cg)
-    for b in range(src.shape[0]):
-        flat[b].copy_(src[b].t())
-    return out
-
-
-def _from_lines(t: torch.Tensor) -> torch.Tensor:
-    """Inverse of `_to_lines` (same dtype): (..., k, H, W, N, Cg) -> contiguous (..., N, C, H, W)."""
-    *lead, k, h, w, n, cg = t.shape
-    src = t.reshape(-1, k * h * w, n * cg)
-    out = torch.empty(*lead, n, cg * k, h, w, dtype=t.dtype, device=t.device)
-    flat = out.view(-1, n * cg, k * h * w)
-    for b in range(src.shape[0]):
-        flat[b].copy_(src[b].t())
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Gates: the Stability-Context Condition
-# ---------------------------------------------------------------------------------------------
-
-def _image_gates(gate_logits: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Normalised gates and zeroed sigmoids, both (3, 4, N, Cg, H, W), from (N, 4, 3, Cg, H, W).
-
-    GSPN's Stability-Context Condition: g_k = sigmoid(a_k) / sum of sigmoid(a_k') over the
-    neighbours k' that exist (none at offset -1 on line index 0, none at +1 on the last), so the
-    weights of existing neighbours sum to exactly 1 and the scan cannot blow up.
-    """
-    logits = gate_logits.permute(2, 1, 0, 3, 4, 5)
-    sig = torch.empty(logits.shape, dtype=dtype, device=logits.device)
-    torch.sigmoid(logits.to(dtype), out=sig)  # permute and sigmoid in one pass (fp32 inputs)
-    sig[0, :2, :, :, 0].zero_()  # the line axis is H for d = 0, 1 ...
-    sig[2, :2, :, :, -1].zero_()
-    sig[0, 2:, :, :, :, 0].zero_()  # ... and W for d = 2, 3
-    sig[2, 2:, :, :, :, -1].zero_()
-    return sig / sig.sum(0, keepdim=True), sig
+# Direction d in the image frame <-> a left-to-right scan: lines along dim -2, steps along dim -1.
+_TO_SCAN = (lambda t: t, lambda t: t.flip(-1), lambda t: t.transpose(-1, -2), lambda t: t.flip(-2).transpose(-1, -2))
+_TO_IMAGE = (lambda t: t, lambda t: t.flip(-1), lambda t: t.transpose(-1, -2), lambda t: t.transpose(-1, -2).flip(-2))
 
 
 def stability_gates(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Normalised gates of one direction in its scan frame (scan along W, neighbours along H).
+    """GSPN's Stability-Context Condition: (..., 3, Cg, P, L) logits -> normalised (g_up, g_mid, g_down).
 
-    logits: (..., 3, Cg, H, W), k = 0, 1, 2 for the neighbour at row i-1, i, i+1.
-    Returns (g_up, g_mid, g_down), each (..., Cg, H, W) in the input dtype; differentiable.
-    A nonexistent neighbour (up on row 0, down on row H-1) gets exactly 0; for H = 1, g_mid = 1.
+    g_k = sigmoid(a_k) / sum of sigmoid(a_k') over the neighbours k' that exist: none at offset -1 on line
+    index 0, none at +1 on the last (P - 1). Gates come back in the logits' dtype, each (..., Cg, P, L).
     """
     if logits.dim() < 4 or logits.shape[-4] != 3:
-        raise ValueError(f"logits must have shape (..., 3, Cg, H, W), got {tuple(logits.shape)}")
-    height = logits.shape[-2]
-    sig = torch.sigmoid(logits.to(_compute_dtype(logits.dtype)))
-    exists = torch.ones(3, 1, height, 1, dtype=sig.dtype, device=sig.device)
+        raise ValueError(f"logits must have shape (..., 3, Cg, P, L), got {tuple(logits.shape)}")
+    s = torch.sigmoid(logits.to(torch.float64 if logits.dtype == torch.float64 else torch.float32))
+    exists = torch.ones(3, 1, logits.shape[-2], 1, dtype=s.dtype, device=s.device)
     exists[0, :, 0] = 0
     exists[2, :, -1] = 0
-    sig = sig * exists
-    g = (sig / sig.sum(-4, keepdim=True)).to(logits.dtype)
-    return g[..., 0, :, :, :], g[..., 1, :, :, :], g[..., 2, :, :, :]
+    s = s * exists
+    return tuple((s / s.sum(-4, keepdim=True)).to(logits.dtype).unbind(-4))
 
 
-# ---------------------------------------------------------------------------------------------
-# The scan and its adjoint, in place on line-layout tensors
-# ---------------------------------------------------------------------------------------------
-
-class _Direction:
-    """Where direction d scans in a per-direction line-layout tensor (k, H, W, N, Cg)."""
-
-    def __init__(self, d: int, height: int, width: int, chunk: int | None):
-        self.scan_dim = 2 if d < 2 else 1  # W for left/right, H for top/bottom
-        self.line_dim = 1 if d < 2 else 2
-        self.reverse = d in (1, 3)
-        self.length = width if d < 2 else height
-        # keep[t]: the t-th position visited continues from the previous one. Blocks are
-        # [0, K), [K, 2K), ... in image coordinates for both orders, so a reversed scan restarts
-        # at image index p with (p + 1) % K == 0, i.e. at t with (L - t) % K == 0.
-        length = self.length
-        self.keep = [t > 0 and (chunk is None or ((length - t) if self.reverse else t) % chunk != 0)
-                     for t in range(length)]
-        # positions that have a previous line in scan order but restart: K, 2K, ... (forward)
-        # or K-1, 2K-1, ... below L-1 (reversed); as a slice, so no index tensor is needed
-        self.restarts = None if chunk is None else (
-            slice(chunk - 1, length - 1, chunk) if self.reverse else slice(chunk, length, chunk))
-
-    def position(self, t: int) -> tuple[int, int]:
-        """(position visited at step t, its predecessor)."""
-        if self.reverse:
-            p = self.length - 1 - t
-            return p, p + 1
-        return t, t - 1
+def _scan(a, g_up, g_mid, g_down, restart):
+    """Left-to-right scan of a (N, C, P, L) with gates (N, Cg, P, L); step t starts fresh if restart(t)."""
+    k = a.shape[1] // g_mid.shape[1]  # gate channel j serves channels j*k .. j*k+k-1
+    g_up, g_mid, g_down = (g.repeat_interleave(k, 1) for g in (g_up, g_mid, g_down))
+    h = torch.zeros_like(a[..., 0])
+    out = []
+    for t in range(a.shape[-1]):
+        if restart(t):
+            h = torch.zeros_like(h)
+        up, down = F.pad(h[:, :, :-1], (1, 0)), F.pad(h[:, :, 1:], (0, 1))  # h[p - 1], h[p + 1], zero outside
+        h = a[..., t] + g_up[..., t] * up + g_mid[..., t] * h + g_down[..., t] * down
+        out.append(h)
+    return torch.stack(out, -1)
 
 
-def _scan_(h: torch.Tensor, gates: torch.Tensor, dirs: list[_Direction]) -> None:
-    """h[s] = a[s] + g_0[s] * h[s-1, q-1] + g_1[s] * h[s-1, q] + g_2[s] * h[s-1, q+1], in place.
-
-    h: (D, k, H, W, N, Cg) holding a = lam * x on entry and the states on exit;
-    gates: (3, D, 1, H, W, N, Cg); dirs[i] describes slot i. One loop over t for all directions.
-    """
-    for t in range(1, max(d.length for d in dirs)):
-        for i, d in enumerate(dirs):
-            if t >= d.length or not d.keep[t]:
-                continue
-            p, pp = d.position(t)
-            cur, prev = h[i].select(d.scan_dim, p), h[i].select(d.scan_dim, pp)  # (k, P, N, Cg)
-            g = gates[:, i].select(d.scan_dim + 1, p)  # (3, 1, P, N, Cg)
-            cur.addcmul_(g[1], prev)
-            cur[:, 1:].addcmul_(g[0, :, 1:], prev[:, :-1])
-            cur[:, :-1].addcmul_(g[2, :, :-1], prev[:, 1:])
+def _restarts(length: int, reverse: bool, chunk: int | None):
+    """restart(t) for scan step t: the first step, or the first step of a block [bK, bK + K) of image indices."""
+    def restart(t: int) -> bool:
+        i, prev = (length - 1 - t, length - t) if reverse else (t, t - 1)
+        return t == 0 or (chunk is not None and i // chunk != prev // chunk)
+    return restart
 
 
-def _adjoint_(adj: torch.Tensor, gates: torch.Tensor, dirs: list[_Direction]) -> None:
-    """Adjoint of `_scan_`, in place: dL/dh from the output on entry, total dL/dh (= dL/da) on exit.
-
-    adj[s-1] += M[s]^T adj[s] with (M^T v)[q] = g_1[q] v[q] + g_0[q+1] v[q+1] + g_2[q-1] v[q-1]
-    (gates of step s), visiting the steps in reverse order.
-    """
-    for t in range(max(d.length for d in dirs) - 1, 0, -1):
-        for i, d in enumerate(dirs):
-            if t >= d.length or not d.keep[t]:
-                continue
-            p, pp = d.position(t)
-            nxt, cur = adj[i].select(d.scan_dim, p), adj[i].select(d.scan_dim, pp)
-            g = gates[:, i].select(d.scan_dim + 1, p)
-            cur.addcmul_(g[1], nxt)
-            cur[:, :-1].addcmul_(g[0, :, 1:], nxt[:, 1:])
-            cur[:, 1:].addcmul_(g[2, :, :-1], nxt[:, :-1])
-
-
-def _gate_grads(adj: torch.Tensor, h: torch.Tensor, dirs: list[_Direction]) -> torch.Tensor:
-    """dL/d(gates) (3, D, 1, H, W, N, Cg) from the adjoint and the states, both (D, k, H, W, N, Cg).
-
-    dL/dg_j[s, q] = sum over the k channels a gate serves of adj[s, q] * h[s-1, q + j - 1].
-    """
-    num, k, height, width, n, cg = h.shape
-    dg = h.new_zeros(3, num, 1, height, width, n, cg)
-    for i, d in enumerate(dirs):
-        length, lines = d.length, (height if d.line_dim == 1 else width)
-        if length == 1:
-            continue
-        # positions with a predecessor, and the predecessors, along the scan axis
-        a_pos, h_pos = (0, 1) if d.reverse else (1, 0)
-        adj_s = adj[i].narrow(d.scan_dim, a_pos, length - 1)
-        h_s = h[i].narrow(d.scan_dim, h_pos, length - 1)
-        dg_s = dg[:, i].narrow(d.scan_dim + 1, a_pos, length - 1)  # (3, 1, ...)
-        line = d.line_dim
-        for kk in range(k):
-            a_k, h_k = adj_s[kk:kk + 1], h_s[kk:kk + 1]
-            dg_s[1].addcmul_(a_k, h_k)
-            if lines > 1:
-                dg_s[0].narrow(line, 1, lines - 1).addcmul_(
-                    a_k.narrow(line, 1, lines - 1), h_k.narrow(line, 0, lines - 1))
-                dg_s[2].narrow(line, 0, lines - 1).addcmul_(
-                    a_k.narrow(line, 0, lines - 1), h_k.narrow(line, 1, lines - 1))
-        if d.restarts is not None:
-            index = [slice(None)] * dg[:, i].dim()
-            index[d.scan_dim + 1] = d.restarts
-            dg[:, i][tuple(index)] = 0
-    return dg
-
-
-# ---------------------------------------------------------------------------------------------
-# Four directions: gspn_mix
-# ---------------------------------------------------------------------------------------------
-
-_ALL = (0, 1, 2, 3)
-
-
-class _MixFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, gate_logits, lam, u, chunk):
-        height, width = x.shape[-2:]
-        cg = gate_logits.shape[3]
-        cd = _compute_dtype(x.dtype)
-        dirs = [_Direction(d, height, width, chunk) for d in _ALL]
-        a = _dense(lam.transpose(0, 1), cd, fresh=True).mul_(x)  # lam_d * x, (4, N, C, H, W)
-        h = _to_lines(a, cg, cd)  # (4, k, H, W, N, Cg)
-        del a
-        _scan_(h, _to_lines(_image_gates(gate_logits, cd)[0], cg, cd), dirs)
-        h_img = _from_lines(h)  # (4, N, C, H, W)
-        y = torch.mul(h_img[0], u[:, 0])  # (N, C, H, W)
-        for d in _ALL[1:]:
-            y.addcmul_(h_img[d], u[:, d])
-        ctx.save_for_backward(x, gate_logits, lam, u, h, h_img)
-        ctx.chunk = chunk
-        return y.to(x.dtype)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dy):
-        x, gate_logits, lam, u, h, h_img = ctx.saved_tensors
-        need_x, need_logits, need_lam, need_u = ctx.needs_input_grad[:4]
-        height, width = x.shape[-2:]
-        cg = gate_logits.shape[3]
-        cd = h.dtype
-        dirs = [_Direction(d, height, width, ctx.chunk) for d in _ALL]
-        dy = dy.to(cd)
-        dx = dlogits = dlam = du = None
-
-        if need_u:
-            du = torch.empty(u.shape, dtype=cd, device=u.device)
-            torch.mul(h_img.transpose(0, 1), dy.unsqueeze(1), out=du)
-            du = du.to(u.dtype)
-        if need_x or need_logits or need_lam:
-            g_img, sig = _image_gates(gate_logits, cd)  # (3, 4, N, Cg, H, W)
-            adj = _dense(u.transpose(0, 1), cd, fresh=True).mul_(dy)  # dL/dh = u_d * dy, (4, N, C, H, W)
-            adj = _to_lines(adj, cg, cd)  # (4, k, H, W, N, Cg)
-            _adjoint_(adj, _to_lines(g_img, cg, cd), dirs)  # now dL/d(lam_d * x)
-            if need_x or need_lam:
-                a_img = _from_lines(adj)  # (4, N, C, H, W)
-                if need_x:
-                    dx = torch.mul(a_img[0], lam[:, 0])
-                    for d in _ALL[1:]:
-                        dx.addcmul_(a_img[d], lam[:, d])
-                    dx = dx.to(x.dtype)
-                if need_lam:
-                    dlam = torch.empty(lam.shape, dtype=cd, device=lam.device)
-                    torch.mul(a_img.transpose(0, 1), x.unsqueeze(1), out=dlam)
-                    dlam = dlam.to(lam.dtype)
-            if need_logits:
-                dg = _from_lines(_gate_grads(adj, h, dirs))  # (3, 4, N, Cg, H, W)
-                # g_j = s_j / sum_k s_k with s_j = sigmoid(a_j), or 0 if neighbour j does not exist:
-                # dL/da_j = g_j * (1 - sigmoid(a_j)) * (dg_j - sum_k dg_k g_k)
-                dg -= torch.mul(dg, g_img).sum(0, keepdim=True)
-                dg *= g_img
-                dg *= sig.neg_().add_(1)
-                dlogits = torch.empty(gate_logits.shape, dtype=gate_logits.dtype, device=dg.device)
-                dlogits.copy_(dg.permute(2, 1, 0, 3, 4, 5))
-        return dx, dlogits, dlam, du, None
+def _compute(*tensors):
+    dtype = torch.float64 if tensors[0].dtype == torch.float64 else torch.float32
+    return [t.to(dtype) for t in tensors]
 
 
 def gspn_mix_reference(x, gate_logits, lam, u, chunk=None):
-    """Four-direction GSPN mix, DESIGN.md §3 (inputs assumed valid; `gspn_mix` checks them).
+    """y = sum over d of u_d * scan_d(lam_d * x, stability_gates(gate_logits_d)), all in the image frame.
 
-    x: (N, C, H, W); gate_logits: (N, 4, 3, Cg, H, W); lam, u: (N, 4, C, H, W) -> y (N, C, H, W).
-    y = sum_d u_d * scan_d(lam_d * x, stability_gates(gate_logits_d)), d = 0 L->R, 1 R->L,
-    2 T->B, 3 B->T, all in the image frame; chunk = K restarts every scan at blocks of K lines.
+    x (N, C, H, W); gate_logits (N, 4, 3, Cg, H, W); lam, u (N, 4, C, H, W) -> y (N, C, H, W) in x's dtype.
+    Directions d = 0 left->right, 1 right->left, 2 top->bottom, 3 bottom->top; chunk = K restarts every scan
+    at the image-index blocks [0, K), [K, 2K), ... along its axis.
     """
-    return _MixFunction.apply(x, gate_logits, lam, u, chunk)
-
-
-# ---------------------------------------------------------------------------------------------
-# One direction with given gates: gspn_scan
-# ---------------------------------------------------------------------------------------------
-
-class _ScanFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, lam, g_up, g_mid, g_down, chunk):
-        height, width = x.shape[-2:]
-        cg = g_mid.shape[1]
-        cd = _compute_dtype(x.dtype)
-        dirs = [_Direction(0, height, width, chunk)]
-        gates = torch.stack((g_up, g_mid, g_down)).unsqueeze(1)  # (3, 1, N, Cg, H, W)
-        gates = _to_lines(gates, cg, cd)  # (3, 1, 1, H, W, N, Cg)
-        h = _to_lines(lam, cg, cd).mul_(_to_lines(x, cg, cd)).unsqueeze(0)  # (1, k, H, W, N, Cg)
-        _scan_(h, gates, dirs)
-        ctx.save_for_backward(x, lam, gates, h)
-        ctx.chunk = chunk
-        return _from_lines(h[0]).to(x.dtype)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dy):
-        x, lam, gates, h = ctx.saved_tensors
-        need_x, need_lam, *need_g = ctx.needs_input_grad[:5]
-        height, width = x.shape[-2:]
-        cg = gates.shape[-1]
-        dirs = [_Direction(0, height, width, ctx.chunk)]
-        adj = _to_lines(dy, cg, h.dtype).unsqueeze(0)  # dL/dh, (1, k, H, W, N, Cg)
-        _adjoint_(adj, gates, dirs)
-        a_img = _from_lines(adj[0])  # dL/d(lam * x), (N, C, H, W)
-        dx = (a_img * lam).to(x.dtype) if need_x else None
-        dlam = (a_img * x).to(lam.dtype) if need_lam else None
-        dgs = [None, None, None]
-        if any(need_g):
-            dg = _from_lines(_gate_grads(adj, h, dirs))[:, 0]  # (3, N, Cg, H, W)
-            dgs = [dg[j].to(x.dtype) if need else None for j, need in enumerate(need_g)]
-        return dx, dlam, *dgs, None
+    xc, logits, lam, u = _compute(x, gate_logits, lam, u)
+    y = 0
+    for d in range(4):
+        a = _TO_SCAN[d](lam[:, d] * xc)
+        gates = stability_gates(_TO_SCAN[d](logits[:, d]))
+        h = _scan(a, *gates, _restarts(a.shape[-1], d in (1, 3), chunk))
+        y = y + u[:, d] * _TO_IMAGE[d](h)
+    return y.to(x.dtype)
 
 
 def gspn_scan_reference(x, lam, g_up, g_mid, g_down, chunk=None):
-    """One left->right GSPN scan with given (already normalised) gates, DESIGN.md §3.
-
-    x, lam: (N, C, H, W); g_up, g_mid, g_down: (N, Cg, H, W), Cg divides C -> h (N, C, H, W).
-    h[:, :, i, w] = lam * x + g_up * h[i-1, w-1] + g_mid * h[i, w-1] + g_down * h[i+1, w-1],
-    zero outside the map; chunk = K restarts the recursion at every w with w % K == 0.
-    """
-    return _ScanFunction.apply(x, lam, g_up, g_mid, g_down, chunk)
+    """One left->right scan with given gates: h[:, :, i, w] = lam*x + g_up*h[i-1, w-1] + g_mid*h[i, w-1]
+    + g_down*h[i+1, w-1], zero outside the map; x, lam (N, C, H, W), gates (N, Cg, H, W) -> h in x's dtype."""
+    xc, lam, g_up, g_mid, g_down = _compute(x, lam, g_up, g_mid, g_down)
+    return _scan(lam * xc, g_up, g_mid, g_down, _restarts(x.shape[-1], False, chunk)).to(x.dtype)

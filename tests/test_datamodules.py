@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from gspn_gen.data.datamodule import DigitsDataModule, FashionMNISTDataModule
+from gspn_gen.data.datamodule import DataError, DigitsDataModule, FashionMNISTDataModule
 from gspn_gen.data.digits import load_digits_split
 
 
@@ -57,8 +57,10 @@ def test_fashion_mnist_reads_idx_files_and_pads_to_32(tmp_path):
 
 
 def test_fashion_mnist_missing_files_say_how_to_get_them(tmp_path):
-    with pytest.raises(FileNotFoundError, match="dataset-fashion-mnist"):
-        FashionMNISTDataModule(root=str(tmp_path)).setup("fit")
+    with pytest.raises(DataError, match="dataset-fashion-mnist"):  # at construction, before a run starts
+        FashionMNISTDataModule(root=str(tmp_path))
+    with pytest.raises(DataError, match="not a directory"):
+        FashionMNISTDataModule(root=str(tmp_path / "missing"))
 
 
 def test_torchvision_grey_set_as_rgb(tmp_path):

@@ -198,11 +198,11 @@ def test_interrupted_sampling_resumes_where_it_stopped(checkpoint, tmp_path, mon
     calls = {"n": 0}
     real_save = sample_cli.save_npz
 
-    def crash_after_two(images, labels, path):
+    def crash_after_two(images, labels, path, **extra):
         if calls["n"] == 2:
             raise KeyboardInterrupt("simulated crash")
         calls["n"] += 1
-        real_save(images, labels, path)
+        real_save(images, labels, path, **extra)
 
     monkeypatch.setattr(sample_cli, "save_npz", crash_after_two)
     with pytest.raises(KeyboardInterrupt):
@@ -221,4 +221,5 @@ def test_interrupted_sampling_resumes_where_it_stopped(checkpoint, tmp_path, mon
     with pytest.raises(SystemExit):  # leftover shards drawn with other settings are refused
         (tmp_path / "other.npz.parts").mkdir()
         (tmp_path / "other.npz.parts" / "settings.json").write_text('{"seed": 5}')
+        (tmp_path / "other.npz.parts" / "shard-00000.npz").write_bytes(b"")
         sample_cli.main([*args, "--out", str(tmp_path / "other.npz")])

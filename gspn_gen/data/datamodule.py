@@ -21,6 +21,10 @@ from gspn_gen.data import digits as digits_data
 IDENTITY_CODEC = {"name": "identity"}
 
 
+class DataError(ValueError):
+    """The data set cannot be read (missing files, wrong root); raised with a one-line reason."""
+
+
 def _to_model_space(images: np.ndarray) -> torch.Tensor:
     """uint8 (N, H, W) or (N, H, W, C) -> float (N, C, H, W) in [-1, 1]."""
     t = torch.from_numpy(images).float().div_(127.5).sub_(1.0)
@@ -96,11 +100,16 @@ def _read_idx(path: Path) -> np.ndarray:
 
 
 def _find_idx(root: Path, stem: str) -> Path:
+    if not root.is_dir():
+        raise DataError(
+            f"Fashion-MNIST root {str(root)!r} is not a directory: install Debian's package (`apt-get install "
+            "dataset-fashion-mnist`, `dpkg -L dataset-fashion-mnist` shows where) or pass --data.root DIR"
+        )
     for name in (f"{stem}.gz", stem):
         hits = sorted(root.rglob(name))
         if hits:
             return hits[0]
-    raise FileNotFoundError(
+    raise DataError(
         f"no {stem}(.gz) under {root}: install Debian's package (`apt-get install dataset-fashion-mnist`, "
         "`dpkg -L dataset-fashion-mnist` shows where) or pass --data.root DIR"
     )
@@ -122,8 +131,12 @@ class FashionMNISTDataModule(_PixelDataModule):
             num_workers: DataLoader worker processes.
         """
         super().__init__(batch_size, num_workers)
+        if image_size < 1:
+            raise ValueError(f"image_size must be >= 1, got {image_size}")
         self.root = Path(root)
         self.size = image_size
+        for stem in ("train-images-idx3-ubyte", "t10k-images-idx3-ubyte"):  # say now, not after the run starts
+            _find_idx(self.root, stem)
 
     def _load(self, prefix: str) -> TensorDataset:
         images = _read_idx(_find_idx(self.root, f"{prefix}-images-idx3-ubyte"))
@@ -171,6 +184,8 @@ class TorchvisionDataModule(_PixelDataModule):
 
         if not hasattr(torchvision.datasets, name):
             raise ValueError(f"unknown torchvision data set {name!r} (e.g. CIFAR10, MNIST, FashionMNIST)")
+        if not download and not os.path.isdir(root):
+            raise DataError(f"data root {root!r} is not a directory (set download: true to let torchvision fetch it)")
         self.name, self.root, self.download = name, root, download
         self.size, self.channels, self.num_classes = image_size, channels, num_classes
         self.class_names = [str(i) for i in range(num_classes)]
@@ -183,9 +198,11 @@ class TorchvisionDataModule(_PixelDataModule):
         tf.append(T.Grayscale() if self.channels == 1 else _ToRGB())  # grey sets (MNIST) -> 3 equal channels
         tf += [T.ToTensor(), T.Normalize([0.5] * self.channels, [0.5] * self.channels)]
         cls = getattr(torchvision.datasets, self.name)
-        if not self.download and not os.path.isdir(self.root):
-            raise FileNotFoundError(f"data root {self.root!r} does not exist (set download=true to fetch it)")
-        return cls(self.root, train=train, transform=T.Compose(tf), download=self.download)
+        try:
+            return cls(self.root, train=train, transform=T.Compose(tf), download=self.download)
+        except (RuntimeError, OSError) as e:  # torchvision: "Dataset not found or corrupted", unreadable files
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise DataError(f"cannot read {self.name} from {self.root!r}: {reason}") from None
 
     def setup(self, stage: str | None = None) -> None:
         self.train_set = self._dataset(True)

@@ -14,7 +14,7 @@ scaled; see gspn_gen.codecs). OUT then holds
     report.json                   every unreadable or corrupt image (path + error); they are skipped
 
 Shard s holds the images s*shard_size .. (s+1)*shard_size-1 of the sorted list and is written by
-rank s % world_size alone, to a temp name then renamed, so a finished shard is always complete.
+rank s % world_size alone, crash-safe (gspn_gen.fileio), so a finished shard is always complete.
 Re-running the same command skips finished shards (resume). Processes come from Lightning
 (`--devices`, `--num-nodes`, `--strategy ddp`; SLURM and torchrun work as for training): Lightning
 re-launches this command line for the other ranks, so several devices need the CLI, not `extract()`.
@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader
 from gspn_gen.codecs import DEFAULT_VAE_SCALE, CodecLoadError, build_codec, sd_vae_spec
 from gspn_gen.data.images import ImageFolderDataset
 from gspn_gen.data.latents import FORMAT, VERSION
-from gspn_gen.fileio import write_json
+from gspn_gen.fileio import write_bytes, write_json
 
 
 def shard_name(shard: int) -> str:
@@ -171,9 +171,7 @@ class LatentExtractor(L.LightningModule):
         }
         path = os.path.join(self.out, shard_name(shard))
         data = safetensors_bytes({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata)
-        with open(path + ".tmp", "wb") as f:  # plain open: file mode follows the umask
-            f.write(data)
-        os.replace(path + ".tmp", path)
+        write_bytes(path, data)
 
 
 def write_meta(out: str, plan: ShardPlan, codec) -> dict:

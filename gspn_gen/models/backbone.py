@@ -214,7 +214,7 @@ class DiffusionBackbone(nn.Module):
         conv_kernel: int = 3,                       # GSPN depthwise conv size
         direct_term: bool = False,                  # GSPN x * D term (official generator)
         conv_out: bool = False,                     # GSPN official output path
-        gspn_backend: Literal["auto", "cuda", "reference"] = "auto",  # gspn_mix backend
+        gspn_backend: Literal["auto", "cuda", "torch", "reference"] = "auto",  # gspn_mix backend
     ):
         super().__init__()
         if mixer not in ("gspn", "attention"):

@@ -64,7 +64,7 @@ class GSPNMixer(nn.Module):
         conv_kernel: int = 3,              # depthwise conv size (the official generator uses 7)
         direct_term: bool = False,         # add x * D, D projected from the proxy (official d_conv)
         conv_out: bool = False,            # official output path: 1x1 conv, depthwise 3x3, y * relu(y)
-        backend: str = "auto",             # gspn_mix backend: "auto" | "cuda" | "reference"
+        backend: str = "auto",             # gspn_mix backend: "auto" | "cuda" | "torch" | "reference"
     ):
         super().__init__()
         proxy_dim = max(dim // 16, 1) if proxy_dim is None else proxy_dim

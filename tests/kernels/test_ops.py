@@ -1,4 +1,5 @@
-"""Public GSPN ops (kernels/ops.py): validation messages, backend dispatch, import without CuPy."""
+"""Public GSPN ops (kernels/ops.py): validation messages, backend dispatch, the custom ops (fake tensors,
+torch.compile, what autograd keeps), import without CuPy."""
 
 import subprocess
 import sys
@@ -6,8 +7,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from gspn_gen.kernels import available_backends, gspn_mix, gspn_scan, ops
-from gspn_gen.kernels.reference import gspn_mix_reference, gspn_scan_reference
+from gspn_gen.kernels import available_backends, gspn_mix, gspn_scan, ops, torch_backend
+from gspn_gen.kernels.testing import mix_inputs
 
 
 def mix_args(n=2, c=4, cg=2, h=3, w=5, dtype=torch.float32):
@@ -29,19 +30,19 @@ def test_public_api():
     from gspn_gen import kernels
 
     assert sorted(kernels.__all__) == ["available_backends", "gspn_mix", "gspn_scan"]
-    assert available_backends()[0] == "reference"
-    assert set(available_backends()) <= {"reference", "cuda"}
+    assert available_backends()[:2] == ["reference", "torch"]
+    assert set(available_backends()) <= {"reference", "torch", "cuda"}
 
 
-@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize("backend", ["auto", "torch"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-def test_cpu_dispatches_to_reference(backend, dtype):
+def test_cpu_dispatches_to_the_torch_backend(backend, dtype):
     args = mix_args(dtype=dtype)
     y = gspn_mix(**args, chunk=2, backend=backend)
     assert y.dtype == dtype and y.shape == args["x"].shape
-    torch.testing.assert_close(y, gspn_mix_reference(*args.values(), 2), rtol=0, atol=0)
+    torch.testing.assert_close(y, torch_backend.mix_forward(*args.values(), 2), rtol=0, atol=0)
     s = scan_args(dtype=dtype)
-    expected = gspn_scan_reference(*s.values())
+    expected = torch_backend.scan_forward(*s.values(), None)
     torch.testing.assert_close(gspn_scan(**s, backend=backend), expected, rtol=0, atol=0)
 
 
@@ -49,6 +50,84 @@ def test_gradients_flow_through_public_op():
     args = {k: v.requires_grad_() for k, v in mix_args().items()}
     gspn_mix(**args).square().sum().backward()
     assert all(t.grad is not None and t.grad.shape == t.shape for t in args.values())
+
+
+def test_non_contiguous_inputs():
+    args = mix_args(h=5, w=4)
+    strided = {k: v.transpose(-1, -2).contiguous().transpose(-1, -2) for k, v in args.items()}
+    assert not strided["x"].is_contiguous()
+    torch.testing.assert_close(gspn_mix(**strided, chunk=3), gspn_mix(**args, chunk=3), rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Custom ops: what autograd keeps, fake tensors, torch.compile
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_training_keeps_only_the_inputs(backend):
+    """gspn_mix saves nothing for backward beyond its own inputs (no hidden states, no gates), on ctx or
+    through save_for_backward, whatever the backend."""
+    (x, logits, lam, u), dy = mix_inputs(2, 8, 4, 6, 5, seed=4)
+    leaves = [t.requires_grad_() for t in (x, logits, lam, u)]
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = gspn_mix(*leaves, chunk=3, backend=backend)
+    assert sorted(t.data_ptr() for t in saved) == sorted(t.data_ptr() for t in leaves)
+    assert not any(isinstance(v, torch.Tensor) for v in vars(y.grad_fn).values())
+    grads = torch.autograd.grad(y, leaves, dy)
+    assert all(g.shape == t.shape for g, t in zip(grads, leaves))
+
+
+def test_only_requested_gradients_are_computed(monkeypatch):
+    """The backward asks the backend for exactly the gradients autograd needs."""
+    asked = []
+    real = torch_backend.mix_backward
+    monkeypatch.setattr(torch_backend, "mix_backward", lambda *a: asked.append(a[-1]) or real(*a))
+    args = mix_args()
+    for wanted in range(4):
+        leaves = [t.clone().requires_grad_(i == wanted) for i, t in enumerate(args.values())]
+        gspn_mix(*leaves, backend="torch").sum().backward()
+        assert [t.grad is not None for t in leaves] == [i == wanted for i in range(4)]
+        assert asked[-1] == tuple(i == wanted for i in range(4))
+
+
+def test_double_backward_is_refused():
+    """The backward is a hand-written adjoint, not differentiable itself: asking for a second derivative
+    raises instead of returning a silently wrong one."""
+    leaves = [t.requires_grad_() for t in mix_args().values()]
+    y = gspn_mix(*leaves)
+    (dx,) = torch.autograd.grad(y, leaves[0], torch.randn_like(y).requires_grad_(), create_graph=True)
+    with pytest.raises(RuntimeError, match="no autograd formula"):
+        dx.sum().backward()
+
+
+def test_opcheck():
+    """torch.library's own checks of the custom ops: schema, fake implementation, autograd registration."""
+    (x, logits, lam, u), _ = mix_inputs(1, 4, 2, 3, 5, seed=6)
+    for backend in ("torch", "reference"):
+        torch.library.opcheck(ops._mix_op, (x.requires_grad_(), logits, lam, u, 2, backend))
+        s = scan_args()
+        torch.library.opcheck(ops._scan_op, (*s.values(), 0, backend))
+
+
+def test_torch_compile_traces_without_a_graph_break():
+    """torch.compile sees gspn_mix as one op (fake tensors give its shape), forward and backward equal eager."""
+    torch._dynamo.reset()
+    (x, logits, lam, u), dy = mix_inputs(2, 8, 4, 5, 6, seed=8)
+
+    def layer(x, logits, lam, u):
+        return gspn_mix(torch.tanh(x), logits, lam, u, chunk=2).relu()
+
+    explained = torch._dynamo.explain(layer)(x, logits, lam, u)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    eager_leaves = [t.clone().requires_grad_() for t in (x, logits, lam, u)]
+    comp_leaves = [t.clone().requires_grad_() for t in (x, logits, lam, u)]
+    y_eager, y_comp = layer(*eager_leaves), compiled(*comp_leaves)
+    torch.testing.assert_close(y_comp, y_eager, rtol=1e-6, atol=1e-6)
+    for g_comp, g_eager in zip(torch.autograd.grad(y_comp, comp_leaves, dy),
+                               torch.autograd.grad(y_eager, eager_leaves, dy)):
+        torch.testing.assert_close(g_comp, g_eager, rtol=1e-6, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -121,7 +200,7 @@ def test_bad_chunk(chunk):
 
 
 def test_bad_backend():
-    message = r"backend must be one of \('auto', 'cuda', 'reference'\), got 'gpu'"
+    message = r"backend must be one of \('auto', 'cuda', 'torch', 'reference'\), got 'gpu'"
     with pytest.raises(ValueError, match=message):
         gspn_mix(**mix_args(), backend="gpu")
 
@@ -137,23 +216,34 @@ def test_cuda_backend_on_cpu_tensors_is_a_clear_error():
         gspn_scan(**scan_args(), backend="cuda")
 
 
+def _fake_cuda_x(dtype):
+    return SimpleNamespace(device=torch.device("cuda", 0), dtype=dtype, shape=(1, 4, 8, 8))
+
+
 def test_cuda_backend_rejects_float64():
-    fake = SimpleNamespace(device=torch.device("cuda"), dtype=torch.float64)
     with pytest.raises(ValueError, match=r"backend='cuda' supports float32, float16 and bfloat16"):
-        ops._select("cuda", fake)
-    assert ops._select("auto", fake) is None  # auto: float64 runs the reference
+        ops._resolve("cuda", _fake_cuda_x(torch.float64), 4)
+    assert ops._resolve("auto", _fake_cuda_x(torch.float64), 4) == "torch"
 
 
 def test_missing_cuda_backend(monkeypatch):
-    """backend='cuda' without usable kernels names the fix; 'auto' quietly takes the reference."""
+    """backend='cuda' without usable kernels names the fix; 'auto' quietly takes the PyTorch backend."""
     reason = "CuPy is not installed: pip install 'gspn-gen[cuda13]' (or 'gspn-gen[cuda12]' for CUDA 12)"
     monkeypatch.setattr(ops, "_cuda_backend", lambda: (None, reason))
-    fake = SimpleNamespace(device=torch.device("cuda", 0), dtype=torch.bfloat16)
     with pytest.raises(RuntimeError, match=r"backend='cuda' is unavailable: CuPy is not installed: "
                                            r"pip install 'gspn-gen\[cuda13\]'"):
-        ops._select("cuda", fake)
-    assert ops._select("auto", fake) is None
-    assert available_backends() == ["reference"]
+        ops._resolve("cuda", _fake_cuda_x(torch.bfloat16), 4)
+    assert ops._resolve("auto", _fake_cuda_x(torch.bfloat16), 4) == "torch"
+    assert available_backends() == ["reference", "torch"]
+
+
+def test_maps_the_kernels_cannot_run(monkeypatch):
+    """A map outside the CUDA kernels' plan runs on the PyTorch backend under 'auto' and is an error under 'cuda'."""
+    kernels = SimpleNamespace(supports=lambda *shape_and_dtype: False)
+    monkeypatch.setattr(ops, "_cuda_backend", lambda: (kernels, None))
+    assert ops._resolve("auto", _fake_cuda_x(torch.bfloat16), 4) == "torch"
+    with pytest.raises(ValueError, match=r"backend='cuda' does not support x of shape \(1, 4, 8, 8\)"):
+        ops._resolve("cuda", _fake_cuda_x(torch.bfloat16), 4)
 
 
 def test_import_and_errors_without_cupy():
@@ -165,9 +255,9 @@ def test_import_and_errors_without_cupy():
         "from types import SimpleNamespace\n"
         "from gspn_gen.kernels import gspn_mix, available_backends\n"
         "from gspn_gen.kernels import ops\n"
-        "assert available_backends() == ['reference'], available_backends()\n"
+        "assert available_backends() == ['reference', 'torch'], available_backends()\n"
         "try:\n"
-        "    ops._select('cuda', SimpleNamespace(device=torch.device('cuda'), dtype=torch.float32))\n"
+        "    ops._resolve('cuda', SimpleNamespace(device=torch.device('cuda'), dtype=torch.float32, shape=(1, 2, 3, 4)), 2)\n"
         "except RuntimeError as err:\n"
         "    print(err)\n"
         "x = torch.randn(1, 2, 3, 4)\n"
@@ -182,12 +272,12 @@ def test_import_and_errors_without_cupy():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_reference_backend_on_cuda_matches_cpu():
+def test_torch_backend_on_cuda_matches_cpu():
     args = mix_args(n=2, c=8, cg=4, h=6, w=5)
     args = {k: v.requires_grad_() for k, v in args.items()}
     cuda = {k: v.detach().cuda().requires_grad_() for k, v in args.items()}
     y = gspn_mix(**args, chunk=2)
-    y_cuda = gspn_mix(**cuda, chunk=2, backend="reference")
+    y_cuda = gspn_mix(**cuda, chunk=2, backend="torch")
     torch.testing.assert_close(y_cuda.cpu(), y, rtol=1e-5, atol=1e-5)
     y.sum().backward()
     y_cuda.sum().backward()
