@@ -50,7 +50,7 @@ from pathlib import Path
 
 import torch
 from gspn_gen.kernels import available_backends
-from gspn_gen.kernels.bench import _cpu_name, _slug
+from gspn_gen.kernels.report import cpu_name, slug
 
 from gspn_gen.diffusion import cfg_model_fn
 from gspn_gen.fileio import write_json
@@ -665,11 +665,14 @@ def main(argv=None) -> dict:
 
     deadline = time.perf_counter() + args.max_seconds
     device = torch.device("cpu" if args.tiny else "cuda")
-    device_name = torch.cuda.get_device_name() if device.type == "cuda" else _cpu_name()
+    device_name = torch.cuda.get_device_name() if device.type == "cuda" else cpu_name()
     date = _dt.date.today().isoformat()
     default_dir = Path(tempfile.mkdtemp(prefix="e2e-")) if args.tiny else RESULTS
-    default_name = f"e2e-{_slug(device_name)}-{date}.json"
-    path = args.json / default_name if args.json is not None and args.json.is_dir() else args.json or default_dir / default_name
+    default_name = f"e2e-{slug(device_name)}-{date}.json"
+    if args.json is not None and args.json.is_dir():
+        path = args.json / default_name
+    else:
+        path = args.json or default_dir / default_name
     backends = available_backends()
     if device.type == "cuda" and "cuda" not in backends:
         print("warning: the GSPN CUDA kernels are unavailable, GSPN presets run the PyTorch backend", flush=True)

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import torch
-from gspn_gen.kernels.bench import _cpu_name, _slug
+from gspn_gen.kernels.report import cpu_name, slug
 
 from gspn_gen.fileio import write_json
 from gspn_gen.models.memory import PARTS, block_inputs, measure_block
@@ -173,8 +173,8 @@ def main(argv=None) -> dict:
         if MODELS[name]["mixer"] == "gspn" and MODELS[name].get("recompute") and not args.no_recompute_rows:
             variants.append((name, {"recompute": False}))
     date = _dt.date.today().isoformat()
-    cpu = _cpu_name()
-    path = args.json or RESULTS / f"memory-{_slug(cpu)}-{date}.json"
+    cpu = cpu_name()
+    path = args.json or RESULTS / f"memory-{slug(cpu)}-{date}.json"
     cpu0 = resource.getrusage(resource.RUSAGE_SELF)
     rows = []
     for precision in args.precision:

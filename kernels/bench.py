@@ -1,56 +1,115 @@
-"""Benchmark of the GSPN propagation: ``python -m gspn_gen.kernels.bench [--cpu] [--json PATH]``.
+"""Benchmark of the GSPN propagation kernels: ``python -m gspn_gen.kernels.bench [--bytes] [--tune]``.
 
-GPU mode (default) measures ``gspn_mix`` -- four directions, global scan -- on x (N, C, H, W) with
-C = 1152 channels, i.e. 4 x 1152 channel-lines, the official GSPN benchmark's "C = 4 x 1152, four
-directions stacked", and gate logits with Cg = C channels (one gate per channel, as the official
-kernel) unless --cg says otherwise. For each token grid and dtype (bf16, fp32) it reports forward
-(grad enabled, as in training) and backward (gradients of all four inputs) in milliseconds:
+Measures ``gspn_mix`` (four directions, global scan) on x (N, C, H, W) with C = 1152 channels -- the
+official GSPN benchmark's "C = 4 x 1152, four directions stacked" -- and gate logits with Cg = C
+(one gate per channel) unless --cg says otherwise.
 
-  floor      minimal HBM bytes / measured device-to-device copy bandwidth. Forward reads x,
-             gate_logits, lam, u and writes y; backward reads those and dy and writes dx,
-             d gate_logits, dlam, du (no stored hidden state).
-  reference  gspn_mix_reference (pure PyTorch, one set of batched ops per scan step)
-  per-column the official code's structure: every direction separately, one round of small
-             kernel launches per column (row) step on strided NCHW slices, autograd for backward
-  ours       the CuPy CUDA kernels (gspn_mix_cuda); "ours no-grad" is the inference forward
-  sdpa       F.scaled_dot_product_attention over the same H*W tokens, 16 heads x 72
+--bytes (no GPU needed): per shape, the global-memory bytes the kernels move by construction
+(``cupy_backend.mix_traffic``: every load and store the launch plan issues; the CPU emulation checks it
+counts the same) next to the floor (each input read once, each output written once), and the launch
+plans with their shared memory.
 
-Times are means of CUDA-event timings after warm-up. CPU mode (--cpu) times the reference op,
-forward and forward + backward, at two small model-like shapes. Results go to a table on stdout
-and to JSON naming the device, versions and date (default benchmarks/results/kernels-<device>-<date>.json).
-Imports only torch, numpy, the standard library and (GPU mode) CuPy through cupy_backend.
+GPU (default): per shape and dtype, in milliseconds (median of CUDA-event timings after warm-up):
+  floor       floor bytes / the device-to-device copy bandwidth measured in the same run
+  ours        the CUDA kernels: forward (the same launch with or without grad), backward (all four
+              gradients); "of copy bw" = bytes moved by design / time / copy bandwidth
+  per-column  the official code's structure: each direction separately, one round of small launches
+              per scan step on strided NCHW slices, autograd for backward (fwd + bwd)
+  sdpa        F.scaled_dot_product_attention on the same H * W tokens, 16 heads x 72 (fwd + bwd)
+and a PNG plot of fwd + bwd ms against tokens (ours, per-column, SDPA, floor). --tune also sweeps
+the kernels' launch settings. Results: a table on stdout and JSON (device, versions, date) plus the
+plot in benchmarks/results/ unless --json says where; the JSON is rewritten after every row, so a run
+cut short keeps what it measured.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
-import platform
-import re
+import functools
+import itertools
+import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from gspn_gen.kernels.reference import gspn_mix_reference
 
-from gspn_gen.fileio import write_json
+from . import cupy_backend
+from .cupy_backend import Launch
+from .report import machine, slug, write_json
 
-GPU_SHAPES = [(32, 16, 16), (8, 32, 32), (4, 64, 64), (1, 128, 128), (2, 256, 256)]  # (N, H, W)
-CPU_SHAPES = [(64, 96, 24, 8, 8), (8, 192, 48, 32, 32)]  # (N, C, Cg, H, W)
 CHANNELS = 1152
 HEADS, HEAD_DIM = 16, 72
+TARGETS = [(32, 16, 16), (8, 32, 32), (4, 64, 64), (1, 128, 128)]   # (N, H, W), bf16
+EXTRA = [(4, 64, 64, torch.float32)]                                # and fp32 at 64 x 64
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+TUNE_GRID = {"loaders": (64, 128, 256), "scan_lanes": (64, 128), "tile": (8, 16), "smem": (None, 113 * 1024)}
 
 
 # ---------------------------------------------------------------------------------------------
-# Baselines
+# Bytes by design (CPU)
+
+
+def bytes_rows(shapes, C: int, Cg: int, smem_limit: int) -> list[dict]:
+    """Design bytes vs floor and the plans, per (N, H, W, dtype)."""
+    rows = []
+    for N, H, W, dtype in shapes:
+        t = cupy_backend.mix_traffic(N, C, Cg, H, W, dtype, smem_limit=smem_limit)
+        cpx = N * C * H * W
+        row = {"dtype": _name(dtype), "N": N, "H": H, "W": W, "C": C, "Cg": Cg,
+               "floor_fwd_B_per_Cpx": t["floor_fwd"] / cpx, "floor_bwd_B_per_Cpx": t["floor_bwd"] / cpx}
+        for key in ("fwd", "bwd"):
+            row[f"design_{key}_B_per_Cpx"] = None if t[key] is None else t[key] / cpx
+            row[f"design_{key}_x_floor"] = None if t[key] is None else t[key] / t[f"floor_{key}"]
+            row[f"plan_{key}"] = t.get(f"plan_{key}")
+        rows.append(row)
+    return rows
+
+
+def limit_rows(smem_limit: int) -> list[dict]:
+    """Per dtype, the largest square map (side a multiple of 8) whose forward and backward plans fit."""
+    rows = []
+    for name, dtype in DTYPES.items():
+        best = None
+        for side in range(8, cupy_backend.MAX_LINE + 1, 8):
+            if all(cupy_backend._plan(1, 1, 1, side, side, dtype.itemsize, bwd, True, True, Launch(), smem_limit)
+                   for bwd in (False, True)):
+                best = side
+        rows.append({"dtype": name, "largest_square_side": best, "smem_limit": smem_limit,
+                     "max_line": cupy_backend.MAX_LINE})
+    return rows
+
+
+def print_bytes(rows: list[dict], limits: list[dict]) -> None:
+    print("bytes per C*pixel moved by design vs the floor (each input read once, each output written once)")
+    print(f"{'dtype':6} {'N x H x W':>11} {'floor fwd':>9} {'design':>7} {'x':>6} {'floor bwd':>9} {'design':>7} "
+          f"{'x':>6}   plan fwd / bwd (planes per CTA, warps per line, tile, vector, threads, smem KiB)")
+    for r in rows:
+        cells = []
+        for key in ("fwd", "bwd"):
+            d, x = r[f"design_{key}_B_per_Cpx"], r[f"design_{key}_x_floor"]
+            cells.append(f"{r[f'floor_{key}_B_per_Cpx']:9.1f} {_fmt(d):>7} {_fmt(x, 3):>6}")
+        plans = " / ".join("-" if p is None else
+                           f"{p['planes_per_cta']}, {p['line_warps']}, {p['tile']}, {p['vector']}, {p['threads']}, "
+                           f"{p['smem'] / 1024:.1f}"
+                           for p in (r["plan_fwd"], r["plan_bwd"]))
+        shape = f"{r['N']}x{r['H']}x{r['W']}"
+        print(f"{r['dtype']:6} {shape:>11} {cells[0]} {cells[1]}   {plans}")
+    print(f"largest square maps within {limits[0]['smem_limit']} bytes of shared memory per block "
+          f"(lines of at most {limits[0]['max_line']}): "
+          + ", ".join(f"{r['dtype']} {r['largest_square_side']}^2" for r in limits))
+
+
+# ---------------------------------------------------------------------------------------------
+# Baseline
 
 
 def per_column_mix(x, gate_logits, lam, u, chunk=None):
     """gspn_mix in the official code's style: per direction, one round of launches per scan step.
 
-    Same maths as gspn_mix (aligned directions, Stability-Context gates, compact gates expanded to
-    C channels as the official kernel takes them), on strided slices of the NCHW maps.
+    Same maths as gspn_mix (aligned directions, Stability-Context gates, compact gates expanded to C
+    channels as the official kernel takes them), on strided slices of the NCHW maps.
     """
     _, c, height, width = x.shape
     cg = gate_logits.shape[3]
@@ -84,321 +143,292 @@ def per_column_mix(x, gate_logits, lam, u, chunk=None):
     return y.to(x.dtype)
 
 
-def _ours():
-    from gspn_gen.kernels.cupy_backend import gspn_mix_cuda
-
-    return gspn_mix_cuda
-
-
 # ---------------------------------------------------------------------------------------------
-# Timing
+# GPU timing
 
 
-def _cuda_time(fn, warmup: int = 2, budget_s: float = 0.25, max_reps: int = 30) -> float:
-    """Mean milliseconds of fn() by CUDA events, after warm-up; rep count sized to ~budget_s."""
-    for _ in range(warmup):
+def time_ms(fn, budget_s: float = 0.3, max_reps: int = 50) -> float:
+    """Median milliseconds of fn() by CUDA events, after warm-up; reps sized to about budget_s."""
+    for _ in range(2):
         fn()
     torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
+    t0 = time.perf_counter()
     fn()
-    end.record()
     torch.cuda.synchronize()
-    first = start.elapsed_time(end)
-    reps = int(max(3, min(max_reps, budget_s * 1e3 / max(first, 1e-3))))
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps
-
-
-def _cuda_time_backward(forward, warmup: int = 2, budget_s: float = 0.25, max_reps: int = 30) -> float:
-    """Mean milliseconds of the backward pass only: forward() returns a closure running backward."""
-    def once():
-        backward = forward()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    reps = int(max(5, min(max_reps, budget_s / max(time.perf_counter() - t0, 1e-6))))
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    for start, end in events:
         start.record()
-        backward()
-        end.record()
-        return start, end
-
-    for _ in range(warmup):
-        once()
-    torch.cuda.synchronize()
-    s, e = once()
-    torch.cuda.synchronize()
-    first = s.elapsed_time(e)
-    reps = int(max(3, min(max_reps, budget_s * 1e3 / max(first, 1e-3))))
-    total = 0.0
-    for _ in range(reps):
-        s, e = once()
-        torch.cuda.synchronize()
-        total += s.elapsed_time(e)
-    return total / reps
-
-
-def _cpu_time(fn, budget_s: float = 1.0, max_reps: int = 20) -> float:
-    fn()
-    t0 = time.perf_counter()
-    fn()
-    first = time.perf_counter() - t0
-    reps = int(max(2, min(max_reps, budget_s / max(first, 1e-6))))
-    t0 = time.perf_counter()
-    for _ in range(reps):
         fn()
-    return (time.perf_counter() - t0) / reps * 1e3
+        end.record()
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in events)
 
 
-def copy_bandwidth(nbytes: int = 2**30) -> float:
+def copy_bandwidth(nbytes: int = 2**31) -> float:
     """Device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written."""
-    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    ms = _cuda_time(lambda: dst.copy_(src), warmup=3, budget_s=0.2)
+    buffers = [torch.empty(nbytes, dtype=torch.uint8, device="cuda") for _ in range(2)]
+    ms = time_ms(functools.partial(buffers[1].copy_, buffers[0]), budget_s=0.2)
+    buffers.clear()
+    torch.cuda.empty_cache()
     return 2 * nbytes / (ms * 1e-3)
 
 
-def mix_bytes(N: int, C: int, Cg: int, H: int, W: int, elem: int) -> tuple[int, int]:
-    """Minimal HBM bytes of gspn_mix forward and backward (module docstring)."""
-    px = N * H * W
-    inputs = (C + 12 * Cg + 4 * C + 4 * C) * px * elem  # x, gate_logits, lam, u
-    y = C * px * elem
-    return inputs + y, inputs + y + inputs  # backward: inputs + dy read, their gradients written
+def _inputs(N, C, Cg, H, W, dtype, seed=0):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    x = torch.randn(N, C, H, W, device="cuda", dtype=dtype, generator=gen)
+    logits = 2 * torch.randn(N, 4, 3, Cg, H, W, device="cuda", dtype=dtype, generator=gen)
+    lam = 0.5 + torch.rand(N, 4, C, H, W, device="cuda", dtype=dtype, generator=gen)
+    u = torch.randn(N, 4, C, H, W, device="cuda", dtype=dtype, generator=gen)
+    dy = torch.randn(N, C, H, W, device="cuda", dtype=dtype, generator=gen)
+    return [x, logits, lam, u], dy
 
 
-# ---------------------------------------------------------------------------------------------
-# GPU and CPU runs
+def _fwd_bwd_ms(op, inputs, dy) -> float:
+    leaves = [t.detach().requires_grad_() for t in inputs]
+    return time_ms(lambda: torch.autograd.grad(op(*leaves), leaves, dy), budget_s=0.5, max_reps=10)
 
 
-def _inputs(N, C, Cg, H, W, dtype, device, requires_grad):
-    gen = torch.Generator(device=device).manual_seed(0)
-    x = torch.randn(N, C, H, W, device=device, dtype=dtype, generator=gen)
-    logits = torch.randn(N, 4, 3, Cg, H, W, device=device, dtype=dtype, generator=gen)
-    lam = torch.rand(N, 4, C, H, W, device=device, dtype=dtype, generator=gen) + 0.5
-    u = torch.randn(N, 4, C, H, W, device=device, dtype=dtype, generator=gen)
-    return [t.requires_grad_(requires_grad) for t in (x, logits, lam, u)]
+def sdpa_ms(N: int, tokens: int, dtype) -> float:
+    """fwd + bwd ms of scaled_dot_product_attention (flash on H100/H200) on N x tokens, HEADS x HEAD_DIM."""
+    qkv = [torch.randn(N, HEADS, tokens, HEAD_DIM, device="cuda", dtype=dtype) for _ in range(3)]
+    return _fwd_bwd_ms(F.scaled_dot_product_attention, qkv, torch.randn_like(qkv[0]))
 
 
-def _measure_op(op, inputs, timer_fwd, timer_bwd):
-    """(forward ms, backward ms) of op(*inputs) with all inputs requiring grad."""
-    dy = torch.randn_like(op(*inputs))
-
-    def fwd():
-        return op(*inputs)
-
-    def fwd_then_bwd():
-        y = op(*inputs)
-        return lambda: torch.autograd.grad(y, inputs, dy)
-
-    return timer_fwd(fwd), timer_bwd(fwd_then_bwd)
-
-
-def _attention_times(N, H, W, dtype):
-    tokens = H * W
-    q, k, v = (torch.randn(N, HEADS, tokens, HEAD_DIM, device="cuda", dtype=dtype, requires_grad=True)
-               for _ in range(3))
-
-    def op(q, k, v):
-        return F.scaled_dot_product_attention(q, k, v)
-
-    return _measure_op(op, [q, k, v], _cuda_time, _cuda_time_backward)
-
-
-def _try(fn):
+def _attempt(fn):
+    """fn(), or 'oom' / the error's first line: one failed column never stops the table."""
     try:
         return fn()
     except torch.cuda.OutOfMemoryError:
         torch.cuda.empty_cache()
         return "oom"
+    except Exception as err:  # noqa: BLE001  (a launch error in one configuration is a result to report)
+        return f"error: {str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}"
 
 
-def _gpu_row(N: int, H: int, W: int, dtype: torch.dtype, Cg: int, bandwidth: float, baselines: bool,
-             attention: bool) -> dict:
-    """One table row: every column's forward and backward ms for one shape and dtype."""
+def gpu_row(N, H, W, dtype, Cg, bandwidth, baselines: bool, launch: Launch) -> dict:
+    """One table row: floor, ours fwd / bwd, per-column and SDPA fwd + bwd, for one shape and dtype."""
     C = CHANNELS
-    fwd_bytes, bwd_bytes = mix_bytes(N, C, Cg, H, W, torch.tensor([], dtype=dtype).element_size())
-    row = {"dtype": str(dtype).replace("torch.", ""), "N": N, "H": H, "W": W, "C": C, "Cg": Cg,
-           "tokens": H * W, "floor_fwd_ms": fwd_bytes / bandwidth * 1e3, "floor_bwd_ms": bwd_bytes / bandwidth * 1e3}
-    ours = _ours()
-    inputs = _inputs(N, C, Cg, H, W, dtype, "cuda", requires_grad=True)
-    ops = [("ours", ours)]
+    t = cupy_backend.mix_traffic(N, C, Cg, H, W, dtype, launch=launch)
+    row = {"dtype": _name(dtype), "N": N, "H": H, "W": W, "C": C, "Cg": Cg, "tokens": H * W,
+           "floor_fwd_ms": t["floor_fwd"] / bandwidth * 1e3, "floor_bwd_ms": t["floor_bwd"] / bandwidth * 1e3,
+           "design_fwd_bytes": t["fwd"], "design_bwd_bytes": t["bwd"],
+           "plan_fwd": t.get("plan_fwd"), "plan_bwd": t.get("plan_bwd")}
+    inputs, dy = _inputs(N, C, Cg, H, W, dtype)
+    fwd = functools.partial(cupy_backend.mix_forward, *inputs, None, launch)
+    bwd = functools.partial(cupy_backend.mix_backward, dy, *inputs, None, (True,) * 4, launch)
+    row["ours_fwd_ms"] = _attempt(functools.partial(time_ms, fwd))
+    row["ours_bwd_ms"] = _attempt(functools.partial(time_ms, bwd))
+    for key in ("fwd", "bwd"):
+        ms = row[f"ours_{key}_ms"]
+        if isinstance(ms, float) and t[key]:
+            row[f"ours_{key}_of_copy_bw"] = t[key] / (ms * 1e-3) / bandwidth
+            row[f"ours_{key}_x_floor"] = ms / row[f"floor_{key}_ms"]
     if baselines:
-        ops += [("reference", gspn_mix_reference), ("per_column", per_column_mix)]
-    for name, op in ops:
-        times = _try(lambda op=op: _measure_op(op, inputs, _cuda_time, _cuda_time_backward))
-        row[f"{name}_fwd_ms"], row[f"{name}_bwd_ms"] = (times, times) if times == "oom" else times
-        torch.cuda.empty_cache()
-    with torch.no_grad():
-        row["ours_nograd_fwd_ms"] = _try(lambda: _cuda_time(lambda: ours(*inputs)))
+        row["per_column_fwd_bwd_ms"] = _attempt(functools.partial(_fwd_bwd_ms, per_column_mix, inputs, dy))
+    fwd = bwd = dy = None
     inputs.clear()
     torch.cuda.empty_cache()
-    if attention:
-        times = _try(lambda: _attention_times(N, H, W, dtype))
-        row["sdpa_fwd_ms"], row["sdpa_bwd_ms"] = (times, times) if times == "oom" else times
+    if dtype != torch.float32:
+        row["sdpa_fwd_bwd_ms"] = _attempt(functools.partial(sdpa_ms, N, H * W, dtype))
         torch.cuda.empty_cache()
+    ours = _sum(row["ours_fwd_ms"], row["ours_bwd_ms"])
+    for name in ("per_column", "sdpa"):
+        other = row.get(f"{name}_fwd_bwd_ms")
+        if ours is not None and isinstance(other, float):
+            row[f"speedup_vs_{name}"] = other / ours
     return row
 
 
-TUNE_SHAPES = [(4, 64, 64), (1, 128, 128)]
-TUNE_CONFIGS = [(128, 48), (256, 48), (256, 96), (512, 48), (512, 96), (1024, 96)]  # (threads, shared KiB)
-
-
-def tune_ours(bandwidth: float) -> list[dict]:
-    """ours (bf16) under other launch settings of cupy_backend: threads per block, shared-memory budget."""
-    from gspn_gen.kernels import cupy_backend
-
-    saved = cupy_backend.THREADS, cupy_backend.SMEM_BUDGET
+def tune_rows(shapes, bandwidth, deadline: float) -> list[dict]:
+    """ours (fwd, bwd) under every Launch of TUNE_GRID, per shape; stops at the deadline."""
     rows = []
-    try:
-        for N, H, W in TUNE_SHAPES:
-            inputs = _inputs(N, CHANNELS, CHANNELS, H, W, torch.bfloat16, "cuda", requires_grad=True)
-            floor_f, floor_b = (b / bandwidth * 1e3 for b in mix_bytes(N, CHANNELS, CHANNELS, H, W, 2))
-            for threads, kib in TUNE_CONFIGS:
-                cupy_backend.THREADS, cupy_backend.SMEM_BUDGET = threads, kib * 1024
-                fwd_plan = cupy_backend._plan(N, CHANNELS, H, W, mix=True, backward=False)
-                bwd_plan = cupy_backend._plan(N, CHANNELS, H, W, mix=True, backward=True)
-                times = _try(lambda ins=inputs: _measure_op(cupy_backend.gspn_mix_cuda, ins, _cuda_time, _cuda_time_backward))
-                row = {"N": N, "H": H, "W": W, "threads": threads, "smem_budget": kib * 1024,
-                       "fwd_tiles": [fwd_plan.ts_col, fwd_plan.ts_row], "bwd_tiles": [bwd_plan.ts_col, bwd_plan.ts_row],
-                       "fwd_ms": times if times == "oom" else times[0], "bwd_ms": times if times == "oom" else times[1],
-                       "floor_fwd_ms": floor_f, "floor_bwd_ms": floor_b}
-                rows.append(row)
-                print(f"tune bf16 {N}x{H}x{W} threads {threads:4d} smem {kib:3d} KiB tiles fwd {row['fwd_tiles']} "
-                      f"bwd {row['bwd_tiles']}: fwd {_fmt(row['fwd_ms'])} bwd {_fmt(row['bwd_ms'])} ms "
-                      f"(floor {_fmt(floor_f)} / {_fmt(floor_b)})", flush=True)
-            inputs.clear()
-            torch.cuda.empty_cache()
-    finally:
-        cupy_backend.THREADS, cupy_backend.SMEM_BUDGET = saved
+    for N, H, W, dtype in shapes:
+        inputs, dy = _inputs(N, CHANNELS, CHANNELS, H, W, dtype)
+        for values in itertools.product(*TUNE_GRID.values()):
+            if time.monotonic() > deadline:
+                print("tune: time is up, the remaining settings are skipped", flush=True)
+                return rows
+            launch = Launch(**dict(zip(TUNE_GRID, values)))
+            t = cupy_backend.mix_traffic(N, CHANNELS, CHANNELS, H, W, dtype, launch=launch)
+            fwd = functools.partial(cupy_backend.mix_forward, *inputs, None, launch)
+            bwd = functools.partial(cupy_backend.mix_backward, dy, *inputs, None, (True,) * 4, launch)
+            row = {"dtype": _name(dtype), "N": N, "H": H, "W": W, **dict(zip(TUNE_GRID, values)),
+                   "plan_fwd": t.get("plan_fwd"), "plan_bwd": t.get("plan_bwd"),
+                   "fwd_ms": _attempt(functools.partial(time_ms, fwd)), "bwd_ms": _attempt(functools.partial(time_ms, bwd))}
+            for key in ("fwd", "bwd"):
+                if isinstance(row[f"{key}_ms"], float):
+                    row[f"{key}_of_copy_bw"] = t[key] / (row[f"{key}_ms"] * 1e-3) / bandwidth
+            rows.append(row)
+            print(f"tune {row['dtype']} {N}x{H}x{W} {dict(zip(TUNE_GRID, values))}: fwd {_fmt(row['fwd_ms'], 3)} "
+                  f"bwd {_fmt(row['bwd_ms'], 3)} ms", flush=True)
+        fwd = bwd = dy = None
+        inputs.clear()
+        torch.cuda.empty_cache()
     return rows
 
 
-def run_gpu(args, save) -> dict:
-    """The GPU table; save(result) runs after every row, so a run cut short keeps what it measured."""
-    import cupy
-    from gspn_gen.kernels.cupy_backend import cupy_unavailable_reason
+def plot(rows: list[dict], path: Path, device: str) -> None:
+    """ms (fwd + bwd) against tokens, bf16 rows: ours, per-column, SDPA, floor (log-log)."""
+    import matplotlib
 
-    reason = cupy_unavailable_reason()
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = sorted((r for r in rows if r["dtype"] == "bf16"), key=lambda r: r["tokens"])
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    series = {"ours": lambda r: _sum(r.get("ours_fwd_ms"), r.get("ours_bwd_ms")),
+              "per-column launches": lambda r: r.get("per_column_fwd_bwd_ms"),
+              "SDPA flash attention": lambda r: r.get("sdpa_fwd_bwd_ms"),
+              "HBM floor": lambda r: r["floor_fwd_ms"] + r["floor_bwd_ms"]}
+    for label, value in series.items():
+        pts = [(r["tokens"], value(r)) for r in rows if isinstance(value(r), float)]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", linestyle="--" if label == "HBM floor" else "-", label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("tokens (H x W)")
+    ax.set_ylabel("forward + backward, ms")
+    ax.set_title(f"gspn_mix, C = {CHANNELS}, bf16, batch as in the table\n{device}", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    tmp.replace(path)
+    plt.close(fig)
+
+
+def print_gpu_row(row: dict, header: bool) -> None:
+    if header:
+        print(f"{'dtype':5} {'N x H x W':>11} {'floor f/b':>13} {'ours f/b':>15} {'of copy bw f/b':>15} "
+              f"{'per-column':>10} {'sdpa':>8} {'vs sdpa':>8} {'vs per-col':>10}")
+    ours = f"{_fmt(row['ours_fwd_ms'], 3)}/{_fmt(row['ours_bwd_ms'], 3)}"
+    frac = f"{_pct(row.get('ours_fwd_of_copy_bw'))}/{_pct(row.get('ours_bwd_of_copy_bw'))}"
+    print(f"{row['dtype']:5} {row['N']:>3}x{row['H']}x{row['W']:<4} "
+          f"{_fmt(row['floor_fwd_ms'], 3)}/{_fmt(row['floor_bwd_ms'], 3):<6} {ours:>15} {frac:>15} "
+          f"{_fmt(row.get('per_column_fwd_bwd_ms'), 1):>10} {_fmt(row.get('sdpa_fwd_bwd_ms'), 3):>8} "
+          f"{_fmt(row.get('speedup_vs_sdpa'), 2):>8} {_fmt(row.get('speedup_vs_per_column'), 1):>10}", flush=True)
+
+
+def run_gpu(args, path: Path) -> dict:
+    import cupy
+
+    reason = cupy_backend.unavailable_reason()
     if reason is not None:
-        raise SystemExit(f"GPU benchmark needs the CUDA kernels: {reason} (use --cpu for the CPU table)")
+        _fail(f"the GPU benchmark needs the CUDA kernels: {reason} (--bytes works without a GPU)")
+    deadline = time.monotonic() + args.max_seconds
     bandwidth = copy_bandwidth()
-    print(f"{torch.cuda.get_device_name()}: copy bandwidth {bandwidth / 1e9:.0f} GB/s (read + write)")
-    result = {
-        "benchmark": "gspn_gen.kernels.bench", "mode": "gpu",
-        "device": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
-        "cupy": cupy.__version__, "date": _dt.datetime.now().isoformat(timespec="seconds"),
-        "copy_bandwidth_GBps": bandwidth / 1e9,
-        "measured": (f"gspn_mix, 4 directions, global scan, x (N, {CHANNELS}, H, W) = 4 x {CHANNELS} channel-lines, "
-                     "gate logits (N, 4, 3, Cg, H, W); *_fwd_ms: forward with grad enabled; *_bwd_ms: backward "
-                     "only (grads of x, gate_logits, lam, u); floor: minimal HBM bytes / copy bandwidth; "
-                     f"sdpa: scaled_dot_product_attention on H*W tokens, {HEADS} heads x {HEAD_DIM}; "
-                     "mean CUDA-event ms after warm-up; 'oom' = out of memory, absent = skipped as too slow"),
-        "rows": [],
-        "tuning": [],
-    }
-    for dtype in (torch.bfloat16, torch.float32):
-        for N, H, W in args.shapes:
-            small = H * W <= args.max_baseline_tokens
-            row = _gpu_row(N, H, W, dtype, args.cg or CHANNELS, bandwidth, baselines=small,
-                           attention=small or dtype != torch.float32)
-            result["rows"].append(row)
-            _print_gpu_row(row, header=len(result["rows"]) == 1)
-            save(result)
+    device = torch.cuda.get_device_name()
+    print(f"{device}: copy bandwidth {bandwidth / 1e9:.0f} GB/s (read + write)", flush=True)
+    result = {"benchmark": "gspn_gen.kernels.bench", "mode": "gpu",
+              "machine": machine(device=device, torch=torch.__version__, cuda=torch.version.cuda,
+                                 cupy=cupy.__version__),
+              "copy_bandwidth_GBps": bandwidth / 1e9,
+              "measured": (f"gspn_mix, 4 directions, global scan, x (N, {CHANNELS}, H, W), gate logits "
+                           "(N, 4, 3, Cg, H, W); ours_*_ms: the CUDA kernels alone, median CUDA-event ms; "
+                           "*_of_copy_bw: bytes moved by design / time / copy bandwidth; floor: minimal bytes / "
+                           f"copy bandwidth; sdpa: scaled_dot_product_attention, {HEADS} heads x {HEAD_DIM}, fwd + "
+                           "bwd; per_column: the official code's launch structure, fwd + bwd"),
+              "rows": [], "tuning": [], "skipped": []}
+    launch = Launch()
+    for N, H, W, dtype in args.shapes:
+        if time.monotonic() > deadline:
+            result["skipped"].append(f"{_name(dtype)} {N}x{H}x{W}")
+            continue
+        row = gpu_row(N, H, W, dtype, args.cg or CHANNELS, bandwidth, not args.no_baselines, launch)
+        result["rows"].append(row)
+        print_gpu_row(row, header=len(result["rows"]) == 1)
+        write_json(path, result)
+    if result["skipped"]:
+        print(f"time is up ({args.max_seconds} s): skipped {', '.join(result['skipped'])}")
     if args.tune:
-        result["tuning"] = tune_ours(bandwidth)
-        save(result)
+        result["tuning"] = tune_rows(args.shapes, bandwidth, deadline + args.tune_seconds)
+        write_json(path, result)
+    try:
+        plot(result["rows"], path.with_suffix(".png"), device)
+        print(f"wrote {path.with_suffix('.png')}")
+    except ImportError:
+        print("matplotlib is not installed: no plot")
     return result
 
 
-def _fmt(v) -> str:
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def _fail(message: str):
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def _name(dtype: torch.dtype) -> str:
+    return next(k for k, v in DTYPES.items() if v == dtype)
+
+
+def _sum(a, b):
+    return a + b if isinstance(a, float) and isinstance(b, float) else None
+
+
+def _fmt(v, digits: int = 1) -> str:
     if v is None:
         return "-"
     if isinstance(v, str):
-        return v
-    return f"{v:.3f}" if v < 10 else f"{v:.1f}"
+        return v[:10]
+    return f"{v:.{digits}f}"
 
 
-def _print_gpu_row(row: dict, header: bool) -> None:
-    cols = ["floor", "reference", "per_column", "ours", "sdpa"]
-    if header:
-        print(f"{'dtype':9} {'N x H x W':>12} " + " ".join(f"{c + ' fwd/bwd':>21}" for c in cols)
-              + f" {'ours/floor':>11}")
-    shape = f"{row['N']}x{row['H']}x{row['W']}"
-    cells = [f"{_fmt(row.get(c + '_fwd_ms')):>10}/{_fmt(row.get(c + '_bwd_ms')):<10}" for c in cols]
-    ratio = "-"
-    if isinstance(row.get("ours_fwd_ms"), float):
-        ratio = f"{row['ours_fwd_ms'] / row['floor_fwd_ms']:.1f}/{row['ours_bwd_ms'] / row['floor_bwd_ms']:.1f}"
-    print(f"{row['dtype']:9} {shape:>12} " + " ".join(cells) + f" {ratio:>11}", flush=True)
+def _pct(v) -> str:
+    return "-" if v is None else f"{100 * v:.0f}%"
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+def _shape(text: str):
+    """NxHxW[:dtype], e.g. 4x64x64 or 4x64x64:fp32 (default bf16)."""
+    dims, _, dtype = text.partition(":")
+    parts = dims.lower().split("x")
+    if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts) or (dtype and dtype not in DTYPES):
+        raise argparse.ArgumentTypeError(f"shape must be NxHxW[:{'|'.join(DTYPES)}], got {text!r}")
+    return (*map(int, parts), DTYPES[dtype or "bf16"])
 
 
-def _cpu_row(N: int, C: int, Cg: int, H: int, W: int) -> dict:
-    inputs = _inputs(N, C, Cg, H, W, torch.float32, "cpu", requires_grad=True)
-    dy = torch.randn(N, C, H, W)
-    with torch.no_grad():
-        fwd = _cpu_time(lambda: gspn_mix_reference(*inputs))
-    both = _cpu_time(lambda: torch.autograd.grad(gspn_mix_reference(*inputs), inputs, dy))
-    return {"dtype": "float32", "N": N, "C": C, "Cg": Cg, "H": H, "W": W,
-            "reference_fwd_ms": fwd, "reference_fwd_bwd_ms": both}
-
-
-def run_cpu(args) -> dict:
-    print(f"{_cpu_name()}, {torch.get_num_threads()} threads")
-    print(f"{'N x C x H x W':>18} {'Cg':>4} {'fwd ms':>10} {'fwd+bwd ms':>11}")
-    rows = []
-    for N, C, Cg, H, W in CPU_SHAPES:
-        rows.append(_cpu_row(N, C, Cg, H, W))
-        print(f"{f'{N}x{C}x{H}x{W}':>18} {Cg:>4} {_fmt(rows[-1]['reference_fwd_ms']):>10} "
-              f"{_fmt(rows[-1]['reference_fwd_bwd_ms']):>11}", flush=True)
-    return {
-        "benchmark": "gspn_gen.kernels.bench", "mode": "cpu", "device": _cpu_name(),
-        "threads": torch.get_num_threads(), "torch": torch.__version__,
-        "date": _dt.datetime.now().isoformat(timespec="seconds"),
-        "measured": ("gspn_mix_reference, 4 directions, global scan, float32; reference_fwd_ms: forward "
-                     "under no_grad; reference_fwd_bwd_ms: forward + backward of all four inputs; mean ms"),
-        "rows": rows,
-    }
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "unknown"
-
-
-def _shape(text: str) -> tuple[int, int, int]:
-    parts = [int(p) for p in text.lower().split("x")]
-    if len(parts) != 3 or min(parts) < 1:
-        raise argparse.ArgumentTypeError(f"shape must be NxHxW with positive sizes, got {text!r}")
-    return tuple(parts)
-
-
-def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m gspn_gen.kernels.bench", description=__doc__.split("\n")[0])
-    parser.add_argument("--cpu", action="store_true", help="time the reference op on the CPU instead")
-    parser.add_argument("--json", type=Path, default=None, help="output JSON path")
-    parser.add_argument("--shapes", type=_shape, nargs="+", default=GPU_SHAPES, help="GPU shapes NxHxW")
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m gspn_gen.kernels.bench", description=__doc__.split("\n")[0],
+                                     epilog="Without --bytes it needs a CUDA GPU of compute capability 9.0.")
+    parser.add_argument("--bytes", action="store_true", help="only the bytes-by-design table (no GPU needed)")
+    parser.add_argument("--shapes", type=_shape, nargs="+",
+                        default=[(*s, torch.bfloat16) for s in TARGETS] + EXTRA,
+                        help="NxHxW[:dtype] (default: the four bf16 targets and 4x64x64:fp32)")
     parser.add_argument("--cg", type=int, default=None, help=f"gate channels (default C = {CHANNELS})")
-    parser.add_argument("--max-baseline-tokens", type=int, default=128 * 128,
-                        help="skip the reference and per-column baselines above this many tokens")
-    parser.add_argument("--tune", action="store_true",
-                        help="also time ours (bf16) under other threads-per-block / shared-memory settings")
+    parser.add_argument("--json", type=Path, default=None, help="output JSON (the plot goes beside it as .png)")
+    parser.add_argument("--no-baselines", action="store_true", help="skip the per-column baseline")
+    parser.add_argument("--tune", action="store_true", help="also sweep the kernels' launch settings")
+    parser.add_argument("--max-seconds", type=float, default=240, help="stop starting new rows after this long")
+    parser.add_argument("--tune-seconds", type=float, default=120, help="extra time the --tune sweep may take")
+    parser.add_argument("--smem", type=int, default=232448,
+                        help="--bytes: shared memory per block to plan for (default H100/H200: 232448)")
     args = parser.parse_args(argv)
     if args.cg is not None and (args.cg < 1 or CHANNELS % args.cg):
         parser.error(f"--cg must divide {CHANNELS}, got {args.cg}")
-    if not args.cpu and not torch.cuda.is_available():
-        raise SystemExit("no CUDA device is visible to PyTorch; use --cpu for the CPU table")
-    device = _cpu_name() if args.cpu else torch.cuda.get_device_name()
-    path = args.json or Path("benchmarks/results") / f"kernels-{_slug(device)}-{_dt.date.today().isoformat()}.json"
-    result = run_cpu(args) if args.cpu else run_gpu(args, save=lambda r: write_json(path, r))
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.bytes:
+        rows = bytes_rows(args.shapes, CHANNELS, args.cg or CHANNELS, args.smem)
+        limits = limit_rows(args.smem)
+        print_bytes(rows, limits)
+        path = args.json or Path("benchmarks/results/kernels-bytes.json")
+        result = {"benchmark": "gspn_gen.kernels.bench", "mode": "bytes", "machine": machine(), "rows": rows,
+                  "limits": limits}
+        write_json(path, result)
+        print(f"wrote {path}")
+        return result
+    if not torch.cuda.is_available():
+        _fail("no CUDA device is visible to PyTorch; --bytes gives the table that needs none")
+    path = args.json or Path("benchmarks/results") / f"kernels-{slug(torch.cuda.get_device_name())}.json"
+    result = run_gpu(args, path)
     write_json(path, result)
     print(f"wrote {path}")
     return result

@@ -1,270 +1,302 @@
-// GSPN backward kernels: the adjoint scan of gspn_scan and of the fused four-direction gspn_mix.
-// Thread mapping and notation: gspn_common.cuh.
+// GSPN backward kernels: the adjoint of gspn_mix (gspn_mix_bwd, clusters of 4 CTAs) and of gspn_scan
+// (gspn_scan_bwd), and the compact-gate epilogue (gspn_gate_grad). Notation: gspn_common.cuh.
 //
-// With dh = dL/dh (u_d * dy for the mix, dy for the scan), the adjoint runs in reverse scan order:
-//
-//   a[s, p] = dh[s, p] + sum_k g_k[next, p - k + 1] * a[next, p - k + 1]     (next = step after s)
-//
-// and gives dx += lam * a, dlam = x * a, dg_k[s, p] = a[s, p] * h[prev(s), p + k - 1], du = dy * h.
-// The scan phase keeps the three products c_k[q] = g_k * a of the last step in a double-buffered
-// shared array, so a[s, q] gathers c_0[q + 1] + c_1[q] + c_2[q - 1] with one barrier per step.
-// Gates are recomputed from the logits (sigmoid, normalisation), never stored by forward; h comes
-// from the fp32 copy forward saved.
-//
-// Gate gradients: with one gate channel per channel (Cg == C, `dgacc` null) the kernel applies the
-// normalisation's gradient itself and writes dL/dlogits (mix) or dL/dg (scan) in the input dtype.
-// With compact gates (Cg < C) the C / Cg channels of a gate channel add dL/dg into the fp32 buffer
-// `dgacc` with atomicAdd, and gspn_mix_gate_grad (mix) or a cast on the host (scan) finishes.
-// The mix adds lam_d * a_d of its four directions into the fp32 buffer dx32 with atomicAdd.
-//
-// Per element and direction, global traffic of the mix backward: reads dy, u, x, lam, 3 logits,
-// 2 x 4 bytes of saved h (current and previous step, the second mostly from cache); writes du,
-// dlam, 3 logit gradients and one fp32 atomic add into dx32.
+// Nothing is saved by the forward pass: each CTA (direction d, lb planes) keeps the direction's gate
+// inputs and dy resident in shared memory and makes two passes over its tiles.
+//   Pass 1, reverse scan order: the adjoint a[s] = u * dy[s] + M_{next}^T a[next], i.e.
+//     a[s, p] = u dy + g_0[next, p + 1] a[next, p + 1] + g_1[next, p] a[next, p] + g_2[next, p - 1] a[next, p - 1],
+//     the lane carrying c_k = g_k * a of the last step; a goes to the fp32 plane.
+//   Pass 2, scan order: h recomputed from x, lam and the resident gates (h carried in registers), and
+//     per pixel du = dy * h, dlam = x * a, D_k = dL/dg_k = a * h[prev, p + k - 1], and the plane entry
+//     overwritten by lam * a, this direction's part of dx.
+// Gate gradients: one gate channel per channel (gmode 0) -> the lanes apply the normalisation's
+// gradient (mix) and the loaders copy the result out; compact gates whose channels all lie in the CTA
+// (gmode 1) -> the loaders add D_k over the channels of a gate channel in a fixed order, then apply
+// the gradient; otherwise (gmode 2) -> D_k of every channel goes to an fp32 scratch and
+// gspn_gate_grad adds them up in a fixed order. Column-direction outputs leave through the ostage
+// tiles so that their global stores run along rows. dx = ((A_0 + A_1) + A_2) + A_3 through
+// distributed shared memory, written once. No atomics.
 #include "gspn_common.cuh"
 
-template <class D>
-struct BwdArgs {
-  typedef typename D::T T;
-  const T* x;            // (N, C, H, W)
-  const T* lam;          // mix (N, 4, C, H, W); scan (N, C, H, W)
-  const T* u;            // mix (N, 4, C, H, W)
-  const T* g0;           // mix: gate logits (N, 4, 3, Cg, H, W); scan: g_up (N, Cg, H, W)
-  const T* g1;           // scan: g_mid
-  const T* g2;           // scan: g_down
-  const float* h;        // fp32 hidden state saved by forward, laid out like lam
-  const T* dy;           // (N, C, H, W)
-  float* dx32;           // mix: (N, C, H, W) fp32 accumulator, zeroed by the host, or null
-  T* dx;                 // scan: (N, C, H, W), or null
-  T* dlam;               // like lam, or null
-  T* du;                 // mix: like u, or null
-  T* dg0;                // mix: d logits (N, 4, 3, Cg, H, W); scan: d g_up. Null: no gate grads
-  T* dg1;                // scan: d g_mid
-  T* dg2;                // scan: d g_down
-  float* dgacc;          // compact gates: fp32 accumulator of dL/dg, mix like the logits,
-                         // scan (3, N, Cg, H, W); null when Cg == C
-  int C, Cg, NC;
-  long long HW;
-  bool gates;            // any gate gradient wanted
-};
-
 template <class D, bool MIX>
-__device__ void scan_backward(const BwdArgs<D>& a, const Lines& g, int plane0) {
-  extern __shared__ float smem[];
-  float* A = smem;              // dh, then the adjoint a
-  float* S0 = A + g.tile;       // mix: sigmoid of the logits; scan: the gates
-  float* S1 = S0 + g.tile;
-  float* S2 = S1 + g.tile;
-  float* HP = S2 + g.tile;      // h at the previous step (0 at a scan or chunk start)
-  float* cb = HP + g.tile;      // [2][3][Q] products g_k * a of the last step
-  int* tab = (int*)(cb + 6 * g.Q);  // [4][Q] position table (fill_table)
-  fill_table(g, plane0, a.NC, a.C, a.Cg, tab);
-  const long long kstride = (long long)a.Cg * a.HW;
-  const int tiles = (g.L + g.ts - 1) / g.ts;
-  int cur = 0;
-
-  for (int it = 0; it < tiles; ++it) {
-    const int t = g.rev ? it : tiles - 1 - it;  // reverse scan order
-    const int s0 = t * g.ts;
-    const int n = min(g.ts, g.L - s0);
-
-    // A. stage dh, the gates and the previous step's h; write du = dy * h on the way.
-    for (int e = threadIdx.x; e < g.Q * n; e += blockDim.x) {
-      int q, ss;
-      g.split(e, n, q, ss);
-      if (tab[q] < 0) continue;
-      const Site st = make_site<MIX>(g, tab, q, s0 + ss, a.C, a.Cg, a.HW);
-      const int i = g.sidx(q, ss);
-      const float dyv = D::load(a.dy[st.ox]);
-      if (MIX) {
-        A[i] = dyv * D::load(a.u[st.od]);
-        if (a.du) a.du[st.od] = D::make(dyv * a.h[st.od]);
-        S0[i] = sigmoidf(D::load(a.g0[st.og]));
-        S1[i] = sigmoidf(D::load(a.g0[st.og + kstride]));
-        S2[i] = sigmoidf(D::load(a.g0[st.og + 2 * kstride]));
-      } else {
-        A[i] = dyv;
-        S0[i] = D::load(a.g0[st.og]);
-        S1[i] = D::load(a.g1[st.og]);
-        S2[i] = D::load(a.g2[st.og]);
-      }
-      if (a.gates) {
-        const int sp = g.prev(st.s);
-        HP[i] = sp < 0 ? 0.f : a.h[st.od - g.pix(st.p, st.s) + g.pix(st.p, sp)];
-      }
+__device__ void load_backward_tile(const Args& a, const Cta& c, int vt, int buf, int li, int nl) {
+  typedef typename D::T T;
+  const Geo& g = c.g;
+  const int Q = a.lb * g.Ps;
+  const int plane = g.L * g.Ps;  // resident arrays: [lb][L][Ps]
+  T* stage = (T*)(c.smem + g.stage + buf * g.stage_buf);
+  int s0, n;
+  if (vt < g.nt) {  // pass 1: gates and dy into the resident arrays, u staged
+    tile_span(c, vt, !c.desc, a.ts, s0, n);
+    for (int k = 0; k < 3; ++k) {
+      load_tile<D>(a, c, (const T*)a.gate[k], c.gate_off, c.ngp, s0, n, (T*)(c.smem + g.res + k * g.res_arr), plane,
+                   g.Ps, s0, li, nl);
     }
-    __syncthreads();
-
-    // B. adjoint scan over the tile's steps in reverse scan order; one barrier per step.
-    for (int k = 0; k < n; ++k) {
-      const int ss = g.rev ? k : n - 1 - k;
-      const bool has_next = g.next(s0 + ss) >= 0;
-      const float* cc = cb + cur * 3 * g.Q;
-      float* cn = cb + (cur ^ 1) * 3 * g.Q;
-      for (int q = threadIdx.x; q < g.Q; q += blockDim.x) {
-        if (tab[q] < 0) continue;
-        const int p = tab[3 * g.Q + q];
-        const int i = g.sidx(q, ss);
-        float adj = A[i];
-        if (has_next) {
-          adj += cc[g.Q + q];                              // mid of the same position
-          if (p < g.P - 1) adj += cc[q + 1];               // "up" of the position below
-          if (p > 0) adj += cc[2 * g.Q + q - 1];           // "down" of the position above
-        }
-        float w0, w1, w2;
-        if (MIX) {
-          normalise_gates(S0[i], S1[i], S2[i], p > 0, p < g.P - 1, w0, w1, w2);
-        } else {
-          w0 = S0[i];
-          w1 = S1[i];
-          w2 = S2[i];
-        }
-        A[i] = adj;
-        cn[q] = w0 * adj;
-        cn[g.Q + q] = w1 * adj;
-        cn[2 * g.Q + q] = w2 * adj;
-      }
-      __syncthreads();
-      cur ^= 1;
-    }
-
-    // C. gradients of x, lam and the gates.
-    for (int e = threadIdx.x; e < g.Q * n; e += blockDim.x) {
-      int q, ss;
-      g.split(e, n, q, ss);
-      if (tab[q] < 0) continue;
-      const Site st = make_site<MIX>(g, tab, q, s0 + ss, a.C, a.Cg, a.HW);
-      const int p = st.p;
-      const int i = g.sidx(q, ss);
-      const float adj = A[i];
-      if (a.dlam) a.dlam[st.od] = D::make(D::load(a.x[st.ox]) * adj);
-      if (MIX) {
-        if (a.dx32) atomicAdd(a.dx32 + st.ox, D::load(a.lam[st.od]) * adj);
-      } else if (a.dx) {
-        a.dx[st.ox] = D::make(D::load(a.lam[st.od]) * adj);
-      }
-      if (!a.gates) continue;
-      const float D0 = p > 0 ? adj * HP[g.sidx(q - 1, ss)] : 0.f;
-      const float D1 = adj * HP[i];
-      const float D2 = p < g.P - 1 ? adj * HP[g.sidx(q + 1, ss)] : 0.f;
-      if (a.dgacc) {
-        const long long ks = MIX ? kstride : (long long)(a.NC / a.C) * kstride;  // scan: (3, N, Cg, H, W)
-        atomicAdd(a.dgacc + st.og, D0);
-        atomicAdd(a.dgacc + st.og + ks, D1);
-        atomicAdd(a.dgacc + st.og + 2 * ks, D2);
-      } else if (MIX) {
-        float d0, d1, d2;
-        gate_logit_grads(S0[i], S1[i], S2[i], p > 0, p < g.P - 1, D0, D1, D2, d0, d1, d2);
-        a.dg0[st.og] = D::make(d0);
-        a.dg0[st.og + kstride] = D::make(d1);
-        a.dg0[st.og + 2 * kstride] = D::make(d2);
-      } else {
-        a.dg0[st.og] = D::make(D0);
-        a.dg1[st.og] = D::make(D1);
-        a.dg2[st.og] = D::make(D2);
-      }
-    }
-    __syncthreads();
+    load_tile<D>(a, c, (const T*)a.dy, c.x_off, c.nplanes, s0, n, (T*)(c.smem + g.res + 3 * g.res_arr), plane, g.Ps,
+                 s0, li, nl);
+    if (MIX) load_tile<D>(a, c, (const T*)a.u, c.map_off, c.nplanes, s0, n, stage, g.Ps, Q, 0, li, nl);
+  } else {  // pass 2: x and lam staged
+    tile_span(c, vt - g.nt, c.desc, a.ts, s0, n);
+    load_tile<D>(a, c, (const T*)a.x, c.x_off, c.nplanes, s0, n, stage, g.Ps, Q, 0, li, nl);
+    load_tile<D>(a, c, (const T*)a.lam, c.map_off, c.nplanes, s0, n, (T*)((unsigned char*)stage + g.stage_arr), g.Ps,
+                 Q, 0, li, nl);
   }
 }
 
-template <class D>
-__global__ void gspn_mix_bwd(const typename D::T* __restrict__ x, const typename D::T* __restrict__ gate_logits,
-                             const typename D::T* __restrict__ lam, const typename D::T* __restrict__ u,
-                             const float* __restrict__ h, const typename D::T* __restrict__ dy,
-                             float* __restrict__ dx32, typename D::T* __restrict__ dgate_logits,
-                             float* __restrict__ dgacc, typename D::T* __restrict__ dlam,
-                             typename D::T* __restrict__ du,
-                             int N, int C, int Cg, int H, int W, int chunk,
-                             int lb_col, int ts_col, int lb_row, int ts_row) {
-  const Lines g = make_lines(blockIdx.y, H, W, chunk, lb_col, ts_col, lb_row, ts_row);
-  const int plane0 = blockIdx.x * g.lb;
-  if (plane0 >= N * C) return;  // whole block: the column and row grids differ in size
-  BwdArgs<D> a;
-  a.x = x;
-  a.lam = lam;
-  a.u = u;
-  a.g0 = gate_logits;
-  a.g1 = nullptr;
-  a.g2 = nullptr;
-  a.h = h;
-  a.dy = dy;
-  a.dx32 = dx32;
-  a.dx = nullptr;
-  a.dlam = dlam;
-  a.du = du;
-  a.dg0 = dgate_logits;
-  a.dg1 = nullptr;
-  a.dg2 = nullptr;
-  a.dgacc = dgacc;
-  a.C = C;
-  a.Cg = Cg;
-  a.NC = N * C;
-  a.HW = (long long)H * W;
-  a.gates = dgate_logits != nullptr || dgacc != nullptr;
-  scan_backward<D, true>(a, g, plane0);
+// Byte offset of backward output array o (0 dlam, 1 du, 2..4 gates) in ostage buffer buf.
+__device__ __forceinline__ int ostage_at(const Args& a, const Geo& g, int buf, int o) {
+  const int gate_bytes = a.gmode == 0 ? g.ostage_t : g.ostage_f;
+  return g.ostage + buf * g.ostage_buf + (o < 2 ? o * g.ostage_t : 2 * g.ostage_t + (o - 2) * gate_bytes);
 }
 
-template <class D>
-__global__ void gspn_scan_bwd(const typename D::T* __restrict__ x, const typename D::T* __restrict__ lam,
-                              const typename D::T* __restrict__ g_up, const typename D::T* __restrict__ g_mid,
-                              const typename D::T* __restrict__ g_down, const float* __restrict__ h,
-                              const typename D::T* __restrict__ dy, typename D::T* __restrict__ dx,
-                              typename D::T* __restrict__ dlam, typename D::T* __restrict__ dg_up,
-                              typename D::T* __restrict__ dg_mid, typename D::T* __restrict__ dg_down,
-                              float* __restrict__ dgacc,
-                              int N, int C, int Cg, int H, int W, int chunk, int lb_col, int ts_col) {
-  const Lines g = make_lines(0, H, W, chunk, lb_col, ts_col, 1, 1);
-  const int plane0 = blockIdx.x * g.lb;
-  if (plane0 >= N * C) return;
-  BwdArgs<D> a;
-  a.x = x;
-  a.lam = lam;
-  a.u = nullptr;
-  a.g0 = g_up;
-  a.g1 = g_mid;
-  a.g2 = g_down;
-  a.h = h;
-  a.dy = dy;
-  a.dx32 = nullptr;
-  a.dx = dx;
-  a.dlam = dlam;
-  a.du = nullptr;
-  a.dg0 = dg_up;
-  a.dg1 = dg_mid;
-  a.dg2 = dg_down;
-  a.dgacc = dgacc;
-  a.C = C;
-  a.Cg = Cg;
-  a.NC = N * C;
-  a.HW = (long long)H * W;
-  a.gates = dg_up != nullptr || dgacc != nullptr;
-  scan_backward<D, false>(a, g, plane0);
+// The loaders' half of pass 2: tile vt's outputs from ostage buffer buf to global memory.
+template <class D, bool MIX>
+__device__ void write_backward_tile(const Args& a, const Cta& c, int vt, int buf, int li, int nl) {
+  typedef typename D::T T;
+  const Geo& g = c.g;
+  const int Q = a.lb * g.Ps;
+  int s0, n;
+  tile_span(c, vt - g.nt, c.desc, a.ts, s0, n);
+  const T* dlam = (const T*)(c.smem + ostage_at(a, g, buf, 0));
+  const T* du = (const T*)(c.smem + ostage_at(a, g, buf, 1));
+  void* maps[2] = {a.dlam, MIX ? a.du : nullptr};
+  store_tile<D, false, 2>(a, c, maps, c.map_off, c.nplanes, s0, n, li, nl, [&](int j, int p, int ss, float* v) {
+    const int at = ss * Q + j * g.Ps + p;
+    v[0] = D::load(dlam[at]);
+    v[1] = MIX ? D::load(du[at]) : 0.f;
+  });
+  if (!a.dgate[0]) return;
+  void* gates[3] = {a.dgate[0], a.dgate[1], a.dgate[2]};
+  if (a.gmode == 0) {  // final per-channel gate gradients, rounded by the lanes
+    const T* o0 = (const T*)(c.smem + ostage_at(a, g, buf, 2));
+    const T* o1 = (const T*)(c.smem + ostage_at(a, g, buf, 3));
+    const T* o2 = (const T*)(c.smem + ostage_at(a, g, buf, 4));
+    store_tile<D, false, 3>(a, c, gates, c.gate_off, c.ngp, s0, n, li, nl, [&](int j, int p, int ss, float* v) {
+      const int at = ss * Q + j * g.Ps + p;
+      v[0] = D::load(o0[at]);
+      v[1] = D::load(o1[at]);
+      v[2] = D::load(o2[at]);
+    });
+    return;
+  }
+  const float* D0 = (const float*)(c.smem + ostage_at(a, g, buf, 2));
+  const float* D1 = (const float*)(c.smem + ostage_at(a, g, buf, 3));
+  const float* D2 = (const float*)(c.smem + ostage_at(a, g, buf, 4));
+  if (a.gmode == 2) {  // per channel to the scratch; gspn_gate_grad sums them
+    void* scr[3] = {a.scratch, a.scratch + a.scr_k, a.scratch + 2 * a.scr_k};
+    store_tile<D, true, 3>(a, c, scr, c.scr_off, c.nplanes, s0, n, li, nl, [&](int j, int p, int ss, float* v) {
+      const int at = ss * Q + j * g.Ps + p;
+      v[0] = D0[at];
+      v[1] = D1[at];
+      v[2] = D2[at];
+    });
+    return;
+  }
+  // gmode 1: gate slot j serves planes j * kk .. j * kk + kk - 1 of this CTA; add them in order.
+  const T* r0 = (const T*)(c.smem + g.res);
+  const T* r1 = (const T*)(c.smem + g.res + g.res_arr);
+  const T* r2 = (const T*)(c.smem + g.res + 2 * g.res_arr);
+  store_tile<D, false, 3>(a, c, gates, c.gate_off, c.ngp, s0, n, li, nl, [&](int j, int p, int ss, float* v) {
+    float S0 = 0.f, S1 = 0.f, S2 = 0.f;
+    for (int t = 0; t < a.kk; ++t) {
+      const int at = ss * Q + (j * a.kk + t) * g.Ps + p;
+      S0 += D0[at];
+      S1 += D1[at];
+      S2 += D2[at];
+    }
+    if (!MIX) {
+      v[0] = S0;
+      v[1] = S1;
+      v[2] = S2;
+      return;
+    }
+    const int rat = (j * g.L + s0 + ss) * g.Ps + p;
+    const float s0v = sigmoid_fast(D::load(r0[rat])), s1v = sigmoid_fast(D::load(r1[rat])),
+                s2v = sigmoid_fast(D::load(r2[rat]));
+    float w0, w1, w2;
+    normalise(s0v, s1v, s2v, p > 0, p < g.P - 1, true, w0, w1, w2);
+    logit_grads(s0v, s1v, s2v, w0, w1, w2, S0, S1, S2, v[0], v[1], v[2]);
+  });
 }
 
-// Compact-gate epilogue of the mix backward: dL/dg summed over each gate channel's C / Cg channels
-// (fp32, like the logits) -> dL/dlogits through the normalisation's gradient. One thread per
-// (n, d, cg, pixel), grid-stride loop.
+// The scan lanes' work on virtual tile vt: pass 1 (vt < nt) the adjoint, pass 2 the recomputation and
+// the per-pixel gradients. c0..c2 (pass 1) and h (pass 2) carry over from tile to tile.
+template <class D, int R, bool MIX>
+__device__ __forceinline__ void scan_backward_tile(const Args& a, const Cta& c, int vt, const Lane& ln, Walk& walk,
+                                                   int& parity, float* c0, float* c1, float* c2, float* h) {
+  typedef typename D::T T;
+  const Geo& g = c.g;
+  const int Q = a.lb * g.Ps;
+  const int j = ln.j, p0 = ln.p0;
+  const bool active = ln.active;
+  float* A = (float*)(c.smem + g.plane) + (long long)j * g.L * g.Pp;
+  const T* res_g[3] = {(const T*)(c.smem + g.res), (const T*)(c.smem + g.res + g.res_arr),
+                       (const T*)(c.smem + g.res + 2 * g.res_arr)};
+  const T* res_dy = (const T*)(c.smem + g.res + 3 * g.res_arr);
+  const int gate_row0 = ln.jg * g.L * g.Ps + p0, map_row0 = j * g.L * g.Ps + p0;
+  const bool pass1 = vt < g.nt;
+  if (vt == g.nt) walk.start(c.desc, g.L, a.K);
+  int s0, n;
+  tile_span(c, pass1 ? vt : vt - g.nt, pass1 ? !c.desc : c.desc, a.ts, s0, n);
+  const bool down = pass1 ? !c.desc : c.desc;  // this pass walks toward decreasing s
+  const unsigned char* stage = c.smem + g.stage + (vt & 1) * g.stage_buf;
+  for (int k = 0; k < n; ++k) {
+    const int ss = down ? n - 1 - k : k;
+    const int s = s0 + ss;
+    const bool first = walk.first(s);
+    walk.advance();
+    float s0v[R], s1v[R], s2v[R], w0[R], w1[R], w2[R], dyv[R], av[R];
+    lane_gates<D, R, MIX>(res_g[0] + gate_row0 + s * g.Ps, res_g[1] + gate_row0 + s * g.Ps,
+                          res_g[2] + gate_row0 + s * g.Ps, active, p0, g.P, s0v, s1v, s2v, w0, w1, w2);
+    read_row<D, R>(res_dy + map_row0 + s * g.Ps, active, dyv);
+    if (pass1) {
+      float uv[R];
+      if (MIX) {
+        read_row<D, R>((const T*)stage + ss * Q + j * g.Ps + p0, active, uv);
+      } else {
+#pragma unroll
+        for (int r = 0; r < R; ++r) uv[r] = 1.f;
+      }
+      // c_0 of position p + 1 and c_2 of position p - 1, moved as neighbours() moves h.
+      float below[R], above[R], up, dn;
+      exchange(a, c, ln, c0[0], c2[R - 1], parity, up, dn);
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        below[r] = r < R - 1 ? c0[r + 1] : dn;
+        above[r] = r > 0 ? c2[r - 1] : up;
+      }
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        float adj = uv[r] * dyv[r];
+        if (!first) adj += below[r] + c1[r] + above[r];
+        av[r] = p0 + r < g.P ? adj : 0.f;
+        c0[r] = w0[r] * av[r];
+        c1[r] = w1[r] * av[r];
+        c2[r] = w2[r] * av[r];
+      }
+      if (active) write_row_f32<R>(A + s * g.Pp + p0, av);
+      continue;
+    }
+    // Pass 2.
+    float xv[R], lv[R], left[R], right[R];
+    read_row<D, R>((const T*)stage + ss * Q + j * g.Ps + p0, active, xv);
+    read_row<D, R>((const T*)(stage + g.stage_arr) + ss * Q + j * g.Ps + p0, active, lv);
+    if (active) {
+      read_row_f32<R>(A + s * g.Pp + p0, av);
+    } else {
+#pragma unroll
+      for (int r = 0; r < R; ++r) av[r] = 0.f;
+    }
+    neighbours<R>(a, c, ln, h, parity, left, right);
+    float dl[R], du[R], ax[R], D0[R], D1[R], D2[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const float lf = first ? 0.f : left[r], md = first ? 0.f : h[r], rt = first ? 0.f : right[r];
+      const float hn = lv[r] * xv[r] + w0[r] * lf + w1[r] * md + w2[r] * rt;
+      h[r] = p0 + r < g.P ? hn : 0.f;
+      dl[r] = xv[r] * av[r];
+      du[r] = dyv[r] * h[r];
+      ax[r] = lv[r] * av[r];
+      D0[r] = av[r] * lf;
+      D1[r] = av[r] * md;
+      D2[r] = av[r] * rt;
+    }
+    if (!active) continue;
+    write_row_f32<R>(A + s * g.Pp + p0, ax);
+    const int at = ss * Q + j * g.Ps + p0;
+    const int buf = vt & 1;
+    write_row<D, R>((T*)(c.smem + ostage_at(a, g, buf, 0)) + at, dl);
+    if (MIX) write_row<D, R>((T*)(c.smem + ostage_at(a, g, buf, 1)) + at, du);
+    if (a.gmode == 0) {
+      if (MIX) {
+#pragma unroll
+        for (int r = 0; r < R; ++r) logit_grads(s0v[r], s1v[r], s2v[r], w0[r], w1[r], w2[r], D0[r], D1[r], D2[r], D0[r], D1[r], D2[r]);
+      }
+      write_row<D, R>((T*)(c.smem + ostage_at(a, g, buf, 2)) + at, D0);
+      write_row<D, R>((T*)(c.smem + ostage_at(a, g, buf, 3)) + at, D1);
+      write_row<D, R>((T*)(c.smem + ostage_at(a, g, buf, 4)) + at, D2);
+    } else {
+      write_row_f32<R>((float*)(c.smem + ostage_at(a, g, buf, 2)) + at, D0);
+      write_row_f32<R>((float*)(c.smem + ostage_at(a, g, buf, 3)) + at, D1);
+      write_row_f32<R>((float*)(c.smem + ostage_at(a, g, buf, 4)) + at, D2);
+    }
+  }
+}
+
+template <class D, int R, bool MIX>
+__device__ void backward_cta(const Args& a, int d, int group) {
+  typedef typename D::T T;
+  const Cta c = make_cta(a, d, group);
+  const Geo& g = c.g;
+  const int nvt = 2 * g.nt;  // virtual tiles: pass 1 then pass 2
+
+  const Lane ln = make_lane<R>(a, c);
+  // Lane state: pass 1 carries c_k = g_k * a of the last step, pass 2 the hidden state.
+  float c0[R], c1[R], c2[R], h[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r) c0[r] = c1[r] = c2[r] = h[r] = 0.f;
+  Walk walk;
+  walk.start(!c.desc, g.L, a.K);
+  int parity = 0;
+
+  load_backward_tile<D, MIX>(a, c, 0, 0, c.tid, c.nthreads);
+  __syncthreads();
+  for (int vt = 0; vt < nvt; ++vt) {
+    if (c.tid >= g.nscan) {
+      const int li = c.tid - g.nscan, nl = c.nthreads - g.nscan;
+      if (vt + 1 < nvt) load_backward_tile<D, MIX>(a, c, vt + 1, (vt + 1) & 1, li, nl);
+      if (vt - 1 >= g.nt) write_backward_tile<D, MIX>(a, c, vt - 1, (vt - 1) & 1, li, nl);
+    } else {
+      scan_backward_tile<D, R, MIX>(a, c, vt, ln, walk, parity, c0, c1, c2, h);
+    }
+    __syncthreads();
+  }
+  write_backward_tile<D, MIX>(a, c, nvt - 1, (nvt - 1) & 1, c.tid, c.nthreads);
+
+  if (a.dx) write_output<D, MIX>(a, c, (T*)a.dx);  // uniform over the cluster
+}
+
+// Entry points, as the forward ones (gspn_forward.cu).
+template <class D, int R>
+__global__ void __cluster_dims__(4, 1, 1) gspn_mix_bwd(const __grid_constant__ Args a) { backward_cta<D, R, true>(a, blockIdx.x & 3, blockIdx.x >> 2); }
+template <class D, int R>
+__global__ void gspn_scan_bwd(const __grid_constant__ Args a) { backward_cta<D, R, false>(a, 0, blockIdx.x); }
+
+// Compact-gate epilogue (gmode 2): for every (n, d, gate channel cg, pixel), the fp32 D_k of its kk
+// channels added in channel order, then (mix) the normalisation's gradient with the logits; written
+// in T. One thread per element, grid-stride loop; a.dirs: 4 (mix) or 1 (scan).
 template <class D>
-__global__ void gspn_mix_gate_grad(const typename D::T* __restrict__ gate_logits, const float* __restrict__ dgacc,
-                                   typename D::T* __restrict__ dgate_logits, int N, int Cg, int H, int W) {
-  const long long HW = (long long)H * W;
-  const long long CgHW = (long long)Cg * HW;
-  const long long total = (long long)N * 4 * CgHW;
-  for (long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x; idx < total;
-       idx += (long long)gridDim.x * blockDim.x) {
-    const long long nd = idx / CgHW;
-    const long long rest = idx - nd * CgHW;
-    const int d = (int)(nd % 4);
-    const long long px = rest % HW;
-    const int p = d < 2 ? (int)(px / W) : (int)(px % W);
-    const int P = d < 2 ? H : W;
-    const long long o = nd * 3 * CgHW + rest;
-    float d0, d1, d2;
-    gate_logit_grads(sigmoidf(D::load(gate_logits[o])), sigmoidf(D::load(gate_logits[o + CgHW])),
-                     sigmoidf(D::load(gate_logits[o + 2 * CgHW])), p > 0, p < P - 1,
-                     dgacc[o], dgacc[o + CgHW], dgacc[o + 2 * CgHW], d0, d1, d2);
-    dgate_logits[o] = D::make(d0);
-    dgate_logits[o + CgHW] = D::make(d1);
-    dgate_logits[o + 2 * CgHW] = D::make(d2);
+__global__ void gspn_gate_grad(const __grid_constant__ Args a) {
+  typedef typename D::T T;
+  const bool mix = a.dirs == 4;
+  const int dirs = a.dirs;
+  const long long total = (long long)a.N * dirs * a.Cg * a.HW;
+  for (long long e = (long long)blockIdx.x * blockDim.x + threadIdx.x; e < total;
+       e += (long long)gridDim.x * blockDim.x) {
+    const long long px = e % a.HW;
+    const long long rest = e / a.HW;
+    const int cg = (int)(rest % a.Cg);
+    const int nd = (int)(rest / a.Cg);
+    const int n = nd / dirs, d = nd - n * dirs;
+    float S[3] = {0.f, 0.f, 0.f};
+    for (int t = 0; t < a.kk; ++t) {
+      const long long at = n * a.scr_n + d * a.scr_d + (long long)(cg * a.kk + t) * a.HW + px;
+#pragma unroll
+      for (int k = 0; k < 3; ++k) S[k] += gload(a.scratch + k * a.scr_k + at);
+    }
+    const long long go = n * a.gate_n + d * a.gate_d + cg * a.HW + px;
+    float out[3] = {S[0], S[1], S[2]};
+    if (mix) {
+      const int i = (int)(px / a.W), jj = (int)(px - (long long)i * a.W);
+      const int p = d < 2 ? i : jj, P = d < 2 ? a.H : a.W;
+      const float s0 = sigmoid_fast(D::load(gload((const T*)a.gate[0] + go)));
+      const float s1 = sigmoid_fast(D::load(gload((const T*)a.gate[1] + go)));
+      const float s2 = sigmoid_fast(D::load(gload((const T*)a.gate[2] + go)));
+      float w0, w1, w2;
+      normalise(s0, s1, s2, p > 0, p < P - 1, true, w0, w1, w2);
+      logit_grads(s0, s1, s2, w0, w1, w2, S[0], S[1], S[2], out[0], out[1], out[2]);
+    }
+#pragma unroll
+    for (int k = 0; k < 3; ++k) gstore((T*)a.dgate[k] + go, D::make(out[k]));
   }
 }

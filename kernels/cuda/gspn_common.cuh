@@ -1,51 +1,53 @@
 // GSPN line-scan kernels: definitions shared by gspn_forward.cu and gspn_backward.cu.
 //
-// The op (DESIGN.md section 3; GSPN, arXiv 2501.12381, eq. 1-3). For one direction, with a
-// "line" of P positions p and a scan of L steps s:
+// The op (DESIGN.md section 3; GSPN, arXiv 2501.12381, eq. 1-3). For one direction, a "line" of P
+// positions p is scanned over L steps s:
 //
-//   h[s, p] = lam[s, p] * x[s, p] + sum_k g_k[s, p] * h[prev(s), p + k - 1]      k = 0, 1, 2
+//   h[s, p] = lam[s, p] * x[s, p] + sum_k g_k[s, p] * h[prev(s), p + k - 1]        k = 0, 1, 2
 //
-// where prev(s) is the step before s in scan order, h of a missing step (scan start, chunk
-// start) or of a position outside 0..P-1 is 0, and the gates come from logits a_k through the
-// Stability-Context normalisation g_k = sigmoid(a_k) / sum over existing k' of sigmoid(a_k')
-// ("up", k = 0, does not exist at p = 0; "down", k = 2, does not exist at p = P - 1).
+// h of a missing step (scan start, chunk start) or of a position outside 0..P-1 is 0. gspn_mix takes
+// gate logits a_k and normalises them (Stability-Context Condition): g_k = sigmoid(a_k) / sum over
+// the neighbours k' that exist of sigmoid(a_k') ("up", k = 0, is missing at p = 0; "down", k = 2, at
+// p = P - 1). gspn_scan takes the gates as given.
 //
-// Directions, in the image frame of NCHW maps (H rows i, W columns j, j contiguous):
-//   d = 0  left->right   line = column j, position p = i (P = H), step s = j (L = W), increasing
-//   d = 1  right->left   same lines, decreasing s
-//   d = 2  top->bottom   line = row i,    position p = j (P = W), step s = i (L = H), increasing
-//   d = 3  bottom->top   same lines, decreasing s
-// so pixel (p, s) of a plane is p * W + s for d < 2 ("column lines") and s * W + p for d >= 2
-// ("row lines"). Chunks cut the step axis into [0, K), [K, 2K), ... for both scan orders.
+// Directions in the image frame of NCHW maps (H rows i, W columns j, j contiguous):
+//   d = 0 left->right  line = column j, p = i (P = H), s = j (L = W), ascending s   "column lines"
+//   d = 1 right->left  same lines, descending s
+//   d = 2 top->bottom  line = row i, p = j (P = W), s = i (L = H), ascending s      "row lines"
+//   d = 3 bottom->top  same lines, descending s
+// so pixel (p, s) is p * W + s for column lines and s * W + p for row lines. A chunk K cuts the step
+// axis into blocks [0, K), [K, 2K), ... in image coordinates for both orders.
 //
-// Thread mapping. One block owns `lb` whole planes (n, c) of one direction, i.e.
-// Q = lb * P positions (lb = threads / P, at least 1), and walks the step axis in tiles of
-// `ts` steps, in scan order (reverse scan order in backward). Per tile:
-//   A. load: every input of the tile (Q x ts values per tensor) is read with consecutive
-//      threads on consecutive addresses -- along s for column lines (each position's ts steps
-//      are one contiguous run of a row), along p for row lines -- and staged in fp32 in
-//      shared memory (gates already passed through sigmoid / normalisation);
-//   B. scan: thread q owns position q (q, q + threads, ... when P > threads) and steps through
-//      the tile in scan order; the previous step's hidden state of the Q positions lives in a
-//      double-buffered shared array, so one __syncthreads per step;
-//   C. store: results leave shared memory with the same coalesced pattern as A.
-// This is the "tile of consecutive w per step" answer to the NCHW coalescing problem of
-// horizontal scans: a thread per (n, c, i) reading x[n, c, i, w] step by step would touch one
-// 32-byte sector per element. Column-line tiles are stored [q][ss] with an odd row stride
-// (ts | 1) so the scan phase, where neighbouring threads read neighbouring q, is free of bank
-// conflicts; row-line tiles are stored [ss][q]. A per-position table (n, c, gate channel, p), built
-// once per block, keeps integer divisions out of the per-element loops. Host code (cupy_backend.py)
-// picks ts as the largest tile that fits the shared-memory budget.
+// Work split. A CTA owns `lb` consecutive planes (plane = n * C + c) and one direction; gspn_mix
+// launches clusters of 4 CTAs, rank d scanning direction d of the same planes (gspn_scan: one CTA,
+// d = 0). Threads below `nscan` are scan lanes: a line is held by G lanes of one warp (or by W whole
+// warps, for long lines on few planes), R consecutive positions per lane in registers; neighbours
+// across lanes come by warp shuffles, across the W warps of a line through shared memory and the line's
+// named barrier, once per step. The other threads are loaders: while the lanes scan tile t (ts steps) from
+// shared memory, the loaders stage tile t + 1 (and, backward, write tile t - 1's results), one
+// __syncthreads per tile. Each map is read from global memory once per CTA with 16-byte vectors when
+// W and the pointers allow it. Results are summed over directions on chip: each CTA keeps its fp32
+// plane of u_d * h_d (backward: lam_d * a_d) in shared memory, and after a cluster barrier the 4 CTAs
+// each add up one quarter of the rows through distributed shared memory in the fixed order
+// ((d0 + d1) + d2) + d3 and write them once. No atomics: results are bitwise reproducible.
 //
-// Shared memory per block, in 4-byte words: forward 4 staged arrays (lam * x then h, three gates)
-// of Q x cs plus 2 Q (previous h, double-buffered) plus 4 Q (table); backward 5 staged arrays
-// (dh then the adjoint, three gate sigmoids, previous-step h) plus 6 Q (carried g_k * a) plus 4 Q.
+// Shared memory (byte offsets from the host plan, cupy_backend._plan; "row" = one step of lb planes,
+// a plane's positions at stride Ps):
+//   tab     [4][lb] long long  per-plane global offsets (maps, gates, x-like, gate scratch)
+//   stage   [2][arrays][ts][lb * Ps] T   staged input tiles (double buffered)
+//   plane   [lb][L][Pp] float   forward u * h; backward the adjoint, then lam * adjoint
+//   res     [4][lb][L][Ps] T    backward: the gate inputs and dy of the whole plane, resident
+//   ostage  [2][5][ts][lb * Ps] backward outputs of a tile (dlam, du in T; gates in T, or fp32 sums)
+//   xchg    [2][lb][W][2] float  values crossing between the warps of a line (when W > 1)
 #pragma once
 
+#ifndef GSPN_EMULATION
+#include "gspn_device.cuh"
+#endif
+
 // ---------------------------------------------------------------------------------------------
-// Storage types. Tensors arrive as float, IEEE half or bfloat16 and all arithmetic is fp32.
-// Half and bfloat16 travel as raw 16-bit words with explicit round-to-nearest-even conversions,
-// so the sources include no CUDA header and NVRTC compiles them as they are.
+// Storage types: all arithmetic is fp32. bf16 and fp16 travel as raw 16-bit words with explicit
+// round-to-nearest-even conversions, so NVRTC needs no CUDA header.
 struct F32 {
   typedef float T;
   static __device__ __forceinline__ float load(T v) { return v; }
@@ -63,148 +65,522 @@ struct BF16 {
   }
 };
 
-#ifndef GSPN_EMULATION
 struct F16 {
   typedef unsigned short T;
-  static __device__ __forceinline__ float load(T v) {
-    float f;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v));
-    return f;
-  }
-  static __device__ __forceinline__ T make(float f) {
-    T v;
-    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(v) : "f"(f));
-    return v;
-  }
+  static __device__ __forceinline__ float load(T v) { return half_to_float(v); }
+  static __device__ __forceinline__ T make(float f) { return float_to_half(f); }
 };
-#endif
 
-__device__ __forceinline__ float sigmoidf(float a) { return 1.f / (1.f + expf(-a)); }
+// 16 bytes moved as one vector (LDG.128 / STG.128 / LDS.128).
+struct __align__(16) Vec16 {
+  unsigned int w[4];
+};
 
-// Stability-Context normalisation: existing neighbours' weights sum to 1, missing ones are 0.
-__device__ __forceinline__ void normalise_gates(float s0, float s1, float s2, bool has_up, bool has_down,
-                                                float& g0, float& g1, float& g2) {
-  const float inv = 1.f / (s1 + (has_up ? s0 : 0.f) + (has_down ? s2 : 0.f));
-  g0 = has_up ? s0 * inv : 0.f;
-  g1 = s1 * inv;
-  g2 = has_down ? s2 * inv : 0.f;
+// Element e of a 4-byte word holding 4 / sizeof(T) elements (little endian, as on the GPU and x86).
+template <class T>
+__device__ __forceinline__ T word_elem(unsigned int w, int e) {
+  if constexpr (sizeof(T) == 4) {
+    return __uint_as_float(w);
+  } else {
+    return (T)(e ? (w >> 16) : (w & 0xffffu));
+  }
 }
-
-// Gradient of the normalisation: with D_k = dL/dg_k, g_k = s_k / S and s_k = sigmoid(a_k),
-// dL/da_k = s_k (1 - s_k) (D_k - sum_k' D_k' g_k') / S = g_k (1 - s_k) (D_k - dot) for an existing
-// neighbour k, and 0 for a missing one.
-__device__ __forceinline__ void gate_logit_grads(float s0, float s1, float s2, bool has_up, bool has_down,
-                                                 float D0, float D1, float D2,
-                                                 float& da0, float& da1, float& da2) {
-  float g0, g1, g2;
-  normalise_gates(s0, s1, s2, has_up, has_down, g0, g1, g2);
-  const float dot = D0 * g0 + D1 * g1 + D2 * g2;
-  da0 = g0 * (1.f - s0) * (D0 - dot);
-  da1 = g1 * (1.f - s1) * (D1 - dot);
-  da2 = g2 * (1.f - s2) * (D2 - dot);
+template <class T>
+__device__ __forceinline__ unsigned int elem_bits(T v) {
+  if constexpr (sizeof(T) == 4) {
+    return __float_as_uint(v);
+  } else {
+    return (unsigned int)v;
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
-// Geometry of one block's work: direction, line/step axes, chunks and the shared-memory tile.
-struct Lines {
-  int d;        // direction 0..3
-  bool col;     // d < 2: lines are columns, the scan walks along W
-  bool rev;     // d odd: the scan walks toward decreasing step index
-  int P, L;     // positions per line, steps per scan
-  int K;        // steps per chunk (L for a global scan)
-  int W;        // row stride of the maps
-  int lb, Q;    // planes per block, positions per block (lb * P)
-  int ts, cs;   // steps per tile, row stride of a column-line tile (odd)
-  int tile;     // floats per staged tile array
+// Launch arguments: one struct, filled by cupy_backend._args (a ctypes mirror of this layout: only
+// 8-byte pointers / long longs, then 4-byte ints, so host and device agree on every offset).
+struct Geo {      // the plan of one line kind: [0] column lines (d = 0, 1), [1] row lines (d = 2, 3)
+  int P, L, G;    // positions per line, steps per scan, lanes of a warp on one line (power of two <= 32)
+  int nt;         // tiles per pass, ceil(L / ts)
+  int Ps;         // staged row length of one plane (elements), a multiple of R and of the vector width
+  int Pp;         // row length of the fp32 planes (floats), a multiple of R (odd when R = 1)
+  int nscan;      // scan threads (whole warps); the others load
+  int stage, stage_arr, stage_buf;      // byte offset of the staging buffers, bytes per array, per buffer
+  int plane;                            // byte offset of the fp32 planes
+  int res, res_arr;                     // byte offset of the resident arrays (backward), bytes per array
+  int ostage, ostage_t, ostage_f, ostage_buf;  // backward outputs: offset, bytes per T / fp32 array, per buffer
+  int W;          // warps per line (1, 2 or 4; G = 32 when W > 1)
+  int xchg;       // byte offset of the exchange slots between the warps of a line
+};
 
-  __device__ __forceinline__ long long pix(int p, int s) const {
+struct Args {
+  const void* x;      // (N, C, H, W)
+  const void* lam;    // mix (N, 4, C, H, W); scan (N, C, H, W)
+  const void* u;      // mix (N, 4, C, H, W); scan: null
+  const void* gate[3];  // gate k: mix, logits + k * Cg * H * W of (N, 4, 3, Cg, H, W); scan: g_up, g_mid, g_down
+  const void* dy;     // backward: gradient of the output, (N, C, H, W)
+  void* y;            // forward output: mix y, scan h (N, C, H, W)
+  void* dx;           // backward outputs, each null when not wanted: like x,
+  void* dlam;         //   like lam,
+  void* du;           //   like u,
+  void* dgate[3];     //   like gate[k]
+  float* scratch;     // compact gates split across CTAs (gmode 2): fp32 per-channel gate gradients
+  long long HW;
+  long long map_n, map_d;     // element strides of lam / u: batch, direction (scan: C * HW, 0)
+  long long gate_n, gate_d;   // element strides of the gates: batch, direction (scan: Cg * HW, 0)
+  long long scr_n, scr_d, scr_k;  // strides of the scratch (gate k, channel c at + c * HW)
+  int N, C, Cg, H, W;
+  int K;              // chunk (steps per block), 0 for a global scan
+  int kk;             // C / Cg: channels per gate channel
+  int NC;             // N * C
+  int lb;             // planes per CTA
+  int ts;             // steps per tile
+  int V;              // elements per global vector access: 1, or 16 / sizeof(T)
+  int gmode;          // backward gate output: 0 final per channel (kk == 1), 1 summed inside the CTA, 2 scratch
+  int nthreads;       // threads per CTA
+  int dirs;           // 4 for gspn_mix, 1 for gspn_scan
+  Geo geo[2];
+};
+
+// ---------------------------------------------------------------------------------------------
+// Gates. sigmoid through __expf and __fdividef (exp overflow gives 1 / inf = 0, the right limit).
+__device__ __forceinline__ float sigmoid_fast(float a) { return __fdividef(1.f, 1.f + __expf(-a)); }
+
+// Normalised gates of one position from its three sigmoids: existing neighbours' weights sum to 1,
+// missing ones (and positions past the line, valid = false) are 0.
+__device__ __forceinline__ void normalise(float s0, float s1, float s2, bool up, bool down, bool valid,
+                                          float& w0, float& w1, float& w2) {
+  const float inv = __fdividef(1.f, s1 + (up ? s0 : 0.f) + (down ? s2 : 0.f));
+  w0 = valid && up ? s0 * inv : 0.f;
+  w1 = valid ? s1 * inv : 0.f;
+  w2 = valid && down ? s2 * inv : 0.f;
+}
+
+// Gradient of the normalisation: with D_k = dL/dw_k, w_k = s_k / S, s_k = sigmoid(a_k):
+// dL/da_k = w_k (1 - s_k) (D_k - sum_k' D_k' w_k') for an existing neighbour k, 0 for a missing one
+// (w_k = 0 there).
+__device__ __forceinline__ void logit_grads(float s0, float s1, float s2, float w0, float w1, float w2,
+                                            float D0, float D1, float D2, float& d0, float& d1, float& d2) {
+  const float dot = D0 * w0 + D1 * w1 + D2 * w2;
+  d0 = w0 * (1.f - s0) * (D0 - dot);
+  d1 = w1 * (1.f - s1) * (D1 - dot);
+  d2 = w2 * (1.f - s2) * (D2 - dot);
+}
+
+// ---------------------------------------------------------------------------------------------
+// One CTA's share of the work: its direction, planes, tables and shared-memory plan.
+struct Cta {
+  int d;            // direction
+  bool col;         // column lines (d = 0, 1)
+  bool desc;        // the forward scan walks toward decreasing s (d = 1, 3)
+  Geo g;            // the plan of this line kind
+  int pl0, nplanes; // first plane, planes owned (< lb in the last group)
+  int gp0, ngp;     // first gate plane (n * Cg + cg), gate planes used
+  int tid, nthreads;
+  unsigned char* smem;
+  long long* map_off;   // [lb] element offset of plane j in lam / u / dlam / du
+  long long* gate_off;  // [lb] element offset of gate plane j (slots 0..ngp-1) in gate[k] / dgate[k]
+  long long* x_off;     // [lb] element offset of plane j in x / y / dy / dx
+  long long* scr_off;   // [lb] element offset of plane j in the scratch
+
+  // Global element offset of (position p, step s) inside a plane.
+  __device__ __forceinline__ long long pix(int p, int s, int W) const {
     return col ? (long long)p * W + s : (long long)s * W + p;
   }
-  // Shared-memory index of (position q, step ss within the tile).
-  __device__ __forceinline__ int sidx(int q, int ss) const { return col ? q * cs + ss : ss * Q + q; }
-  // Flat element e of a tile holding n steps -> (q, ss); consecutive e are consecutive in memory.
-  __device__ __forceinline__ void split(int e, int n, int& q, int& ss) const {
-    if (col) {
-      q = e / n;
-      ss = e - q * n;
-    } else {
-      ss = e / Q;
-      q = e - ss * Q;
-    }
-  }
-  // The step before / after s in scan order inside the same chunk, or -1.
-  __device__ __forceinline__ int prev(int s) const {
-    const int t = rev ? s + 1 : s - 1;
-    return (t >= 0 && t < L && t / K == s / K) ? t : -1;
-  }
-  __device__ __forceinline__ int next(int s) const {
-    const int t = rev ? s - 1 : s + 1;
-    return (t >= 0 && t < L && t / K == s / K) ? t : -1;
-  }
 };
 
-__device__ __forceinline__ Lines make_lines(int d, int H, int W, int chunk, int lb_col, int ts_col,
-                                            int lb_row, int ts_row) {
-  Lines g;
-  g.d = d;
-  g.col = d < 2;
-  g.rev = (d & 1) != 0;
-  g.P = g.col ? H : W;
-  g.L = g.col ? W : H;
-  g.K = chunk > 0 ? chunk : g.L;
-  g.W = W;
-  g.lb = g.col ? lb_col : lb_row;
-  g.Q = g.lb * g.P;
-  g.ts = g.col ? ts_col : ts_row;
-  g.cs = g.col ? (g.ts | 1) : g.ts;
-  g.tile = g.Q * g.cs;
-  return g;
-}
-
-// Per-position table of a block, built once (integer divisions stay out of the per-element loops):
-// [0, Q) batch index n (-1 past the last plane), [Q, 2Q) channel c, [2Q, 3Q) gate channel, [3Q, 4Q)
-// position p along the line. Lives in shared memory after the staged arrays.
-__device__ __forceinline__ void fill_table(const Lines& g, int plane0, int NC, int C, int Cg, int* tab) {
-  for (int q = threadIdx.x; q < g.Q; q += blockDim.x) {
-    const int plane = plane0 + q / g.P;
-    int n = -1, c = 0;
-    if (plane < NC) {
-      n = plane / C;
-      c = plane - n * C;
+// Geometry and the per-plane offset tables (one integer division per plane, once per CTA).
+__device__ __forceinline__ Cta make_cta(const Args& a, int d, int group) {
+  Cta c;
+  c.d = d;
+  c.col = d < 2;
+  c.desc = (d & 1) != 0;
+  c.g = c.col ? a.geo[0] : a.geo[1];
+  c.pl0 = group * a.lb;
+  c.nplanes = min(a.lb, a.NC - c.pl0);
+  c.gp0 = c.pl0 / a.kk;
+  c.ngp = (c.pl0 + c.nplanes - 1) / a.kk - c.gp0 + 1;
+  c.tid = threadIdx.x;
+  c.nthreads = a.nthreads;
+  c.smem = dyn_smem();
+  c.map_off = (long long*)c.smem;
+  c.gate_off = c.map_off + a.lb;
+  c.x_off = c.gate_off + a.lb;
+  c.scr_off = c.x_off + a.lb;
+  if (c.tid < a.lb) {
+    const int j = c.tid;
+    const int pl = c.pl0 + j;
+    if (j < c.nplanes) {
+      const int n = pl / a.C, ch = pl - n * a.C;
+      c.map_off[j] = n * a.map_n + d * a.map_d + ch * a.HW;
+      c.x_off[j] = pl * a.HW;
+      c.scr_off[j] = n * a.scr_n + d * a.scr_d + ch * a.HW;
     }
-    tab[q] = n;
-    tab[g.Q + q] = c;
-    tab[2 * g.Q + q] = c / (C / Cg);
-    tab[3 * g.Q + q] = q % g.P;
+    if (j < c.ngp) {
+      const int gp = c.gp0 + j;
+      const int n = gp / a.Cg, cg = gp - n * a.Cg;
+      c.gate_off[j] = n * a.gate_n + d * a.gate_d + cg * a.HW;
+    }
   }
   __syncthreads();
+  return c;
 }
 
-// Indices of one staged element: plane (n, c), its gate channel, and the global offsets.
-struct Site {
-  int n, c, cg, p, s;
-  long long ox;  // (N, C, H, W) maps: x, y, dy, dx
-  long long od;  // (N, 4, C, H, W) maps of the mix (lam, u, h); == ox for the one-direction scan
-  long long og;  // gate (n, d, 0, cg) of the mix (N, 4, 3, Cg, H, W); (n, cg) of the scan (N, Cg, H, W)
+// Steps of the scan in traversal order: tile `it` of a pass covers [s0, s0 + n); `m` = s % K tracks
+// the chunk block without a division per step. A step starts its block ("first": nothing carried in)
+// at s % K == 0 ascending, at s % K == K - 1 or s == L - 1 descending.
+struct Walk {
+  bool desc;
+  int L, K, m;
+  __device__ __forceinline__ void start(bool descending, int L_, int chunk) {
+    desc = descending;
+    L = L_;
+    K = chunk > 0 ? chunk : L_;
+    m = desc ? (L - 1) % K : 0;
+  }
+  __device__ __forceinline__ bool first(int s) const { return desc ? (m == K - 1 || s == L - 1) : m == 0; }
+  __device__ __forceinline__ void advance() { m = desc ? (m == 0 ? K - 1 : m - 1) : (m + 1 == K ? 0 : m + 1); }
 };
 
-template <bool MIX>
-__device__ __forceinline__ Site make_site(const Lines& g, const int* tab, int q, int s, int C, int Cg,
-                                          long long HW) {
-  Site t;
-  t.n = tab[q];
-  t.c = tab[g.Q + q];
-  t.cg = tab[2 * g.Q + q];
-  t.p = tab[3 * g.Q + q];
-  t.s = s;
-  const long long px = g.pix(t.p, s);
-  t.ox = ((long long)t.n * C + t.c) * HW + px;
-  if (MIX) {
-    t.od = (((long long)t.n * 4 + g.d) * C + t.c) * HW + px;
-    t.og = (((long long)t.n * 4 + g.d) * 3 * Cg + t.cg) * HW + px;
-  } else {
-    t.od = t.ox;
-    t.og = ((long long)t.n * Cg + t.cg) * HW + px;
+// Tile t of a pass walked in the given order: first step s0 and step count n.
+__device__ __forceinline__ void tile_span(const Cta& c, int it, bool descending, int ts, int& s0, int& n) {
+  const int t = descending ? c.g.nt - 1 - it : it;
+  s0 = t * ts;
+  n = min(ts, c.g.L - s0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Loading a tile: `planes` planes x P positions x n steps of one map, from global memory (plane j at
+// src + off[j]) into shared memory at dst + j * dplane + (row0 + ss) * drow + p, by threads li of nl.
+// Vectors of V elements run along the contiguous global axis: s for column lines (n and s0 are
+// multiples of V, host plan), p for row lines (P = W is a multiple of V). Up to 4 vectors per thread
+// are in flight before the first shared-memory store.
+template <class D>
+__device__ void load_tile(const Args& a, const Cta& c, const typename D::T* src, const long long* off, int planes,
+                          int s0, int n, typename D::T* dst, int dplane, int drow, int row0, int li, int nl) {
+  typedef typename D::T T;
+  const int P = c.g.P, V = a.V;
+  const int per_line = c.col ? n / V : P / V;        // vectors along the contiguous axis
+  const int lines = c.col ? P : n;                   // per plane
+  const int total = planes * lines * per_line;
+  constexpr int U = 4;
+  for (int e0 = li; e0 < total; e0 += U * nl) {
+    Vec16 v[U];
+    int j[U], p[U], ss[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int e = e0 + u * nl;
+      if (e >= total) continue;
+      j[u] = e / (lines * per_line);
+      const int r = e - j[u] * lines * per_line;
+      const int ln = r / per_line, k = r - ln * per_line;
+      p[u] = c.col ? ln : k * V;
+      ss[u] = c.col ? k * V : ln;
+      const T* ptr = src + off[j[u]] + c.pix(p[u], s0 + ss[u], a.W);
+      if (V == 1) {
+        v[u].w[0] = elem_bits<T>(gload(ptr));
+      } else {
+        v[u] = gload((const Vec16*)ptr);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int e = e0 + u * nl;
+      if (e >= total) continue;
+      T* out = dst + j[u] * dplane + (row0 + ss[u]) * drow + p[u];
+      if (V == 1) {
+        *out = word_elem<T>(v[u].w[0], 0);
+      } else if (!c.col) {
+        *(Vec16*)out = v[u];  // V consecutive positions of one row: aligned (Ps, p multiples of V)
+      } else {
+        constexpr int VM = 16 / sizeof(T);  // V is 1 or VM
+#pragma unroll
+        for (int k = 0; k < VM; ++k) out[k * drow] = word_elem<T>(v[u].w[k * sizeof(T) / 4], k & (sizeof(T) == 2));
+      }
+    }
   }
-  return t;
+}
+
+// ---------------------------------------------------------------------------------------------
+// R consecutive values of a shared-memory row (aligned to R elements, host plan) into registers as
+// floats; zeros when the lane holds no positions of a plane.
+template <class D, int R>
+__device__ __forceinline__ void read_row(const typename D::T* p, bool active, float* out) {
+  typedef typename D::T T;
+  constexpr int B = R * (int)sizeof(T);
+  if (!active) {
+#pragma unroll
+    for (int r = 0; r < R; ++r) out[r] = 0.f;
+    return;
+  }
+  if constexpr (B >= 16) {
+#pragma unroll
+    for (int q = 0; q < B / 16; ++q) {
+      const Vec16 v = ((const Vec16*)p)[q];
+#pragma unroll
+      for (int e = 0; e < 16 / (int)sizeof(T); ++e) {
+        out[q * (16 / sizeof(T)) + e] = D::load(word_elem<T>(v.w[e * sizeof(T) / 4], e & (sizeof(T) == 2)));
+      }
+    }
+  } else if constexpr (B == 8) {
+    const unsigned int* w = (const unsigned int*)p;
+    const unsigned int w0 = w[0], w1 = w[1];
+#pragma unroll
+    for (int e = 0; e < R; ++e) {
+      const unsigned int word = (e * sizeof(T) / 4) ? w1 : w0;
+      out[e] = D::load(word_elem<T>(word, e & (sizeof(T) == 2)));
+    }
+  } else if constexpr (B == 4 && sizeof(T) == 2) {
+    const unsigned int w = *(const unsigned int*)p;
+    out[0] = D::load(word_elem<T>(w, 0));
+    out[1] = D::load(word_elem<T>(w, 1));
+  } else {
+    out[0] = D::load(p[0]);
+  }
+}
+
+// R floats into a row of an fp32 plane (rows are multiples of R floats, host plan).
+template <int R>
+__device__ __forceinline__ void write_row_f32(float* p, const float* v) {
+  if constexpr (R >= 4) {
+#pragma unroll
+    for (int q = 0; q < R / 4; ++q) {
+      Vec16 w;
+#pragma unroll
+      for (int e = 0; e < 4; ++e) w.w[e] = __float_as_uint(v[4 * q + e]);
+      ((Vec16*)p)[q] = w;
+    }
+  } else {
+#pragma unroll
+    for (int r = 0; r < R; ++r) p[r] = v[r];
+  }
+}
+
+template <int R>
+__device__ __forceinline__ void read_row_f32(const float* p, float* v) {
+  if constexpr (R >= 4) {
+#pragma unroll
+    for (int q = 0; q < R / 4; ++q) {
+      const Vec16 w = ((const Vec16*)p)[q];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) v[4 * q + e] = __uint_as_float(w.w[e]);
+    }
+  } else {
+#pragma unroll
+    for (int r = 0; r < R; ++r) v[r] = p[r];
+  }
+}
+
+// R values rounded to T into a shared-memory row (aligned to R elements).
+template <class D, int R>
+__device__ __forceinline__ void write_row(typename D::T* p, const float* v) {
+#pragma unroll
+  for (int r = 0; r < R; ++r) p[r] = D::make(v[r]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scan lanes.
+// Scan lane's fixed place: plane slot j, lane li of the line's G * W lanes (lane sl of warp w of the
+// line), first position p0 = li * R, gate slot jg.
+struct Lane {
+  int j, li, sl, w, p0, jg;
+  bool active;
+};
+
+template <int R>
+__device__ __forceinline__ Lane make_lane(const Args& a, const Cta& c) {
+  Lane ln;
+  const int GW = c.g.G * c.g.W;  // a power of two
+  ln.j = c.tid / GW;
+  ln.li = c.tid & (GW - 1);
+  ln.sl = ln.li & (c.g.G - 1);
+  ln.w = ln.li / c.g.G;
+  ln.p0 = ln.li * R;
+  ln.active = c.tid < c.g.nscan && ln.j < c.nplanes && ln.p0 < c.g.P;
+  ln.jg = ln.active ? (c.pl0 + ln.j) / a.kk - c.gp0 : 0;
+  return ln;
+}
+
+// The values beside a lane's positions on its line: prev = the previous lane's `last`, next = the next
+// lane's `first`, 0 past the ends of the line. Within a warp by shuffles; across the W warps of a line
+// through shared-memory slots and the line's named barrier, double buffered by `parity` so that one
+// barrier per call suffices (a warp rewrites a slot only after every warp passed the barrier that
+// followed its last reading). Every scan lane of the CTA calls it the same number of times.
+__device__ __forceinline__ void exchange(const Args& a, const Cta& c, const Lane& ln, float first, float last,
+                                         int& parity, float& prev, float& next) {
+  const int G = c.g.G, W = c.g.W;
+  prev = __shfl_up_sync(0xffffffffu, last, 1, G);
+  next = __shfl_down_sync(0xffffffffu, first, 1, G);
+  if (W > 1) {
+    float* slots = (float*)(c.smem + c.g.xchg) + (parity * a.lb + ln.j) * W * 2;
+    if (ln.sl == 0) slots[2 * ln.w] = first;
+    if (ln.sl == G - 1) slots[2 * ln.w + 1] = last;
+    line_sync(1 + ln.j, 32 * W);
+    if (ln.sl == 0 && ln.w > 0) prev = slots[2 * (ln.w - 1) + 1];
+    if (ln.sl == G - 1 && ln.w < W - 1) next = slots[2 * (ln.w + 1)];
+    parity ^= 1;
+  }
+  if (ln.li == 0) prev = 0.f;
+  if (ln.li == G * W - 1) next = 0.f;
+}
+
+// Gates of R positions from three staged rows: normalised sigmoids of the logits (MIX) or the given
+// gates; 0 for missing neighbours and for positions past the line.
+template <class D, int R, bool MIX>
+__device__ __forceinline__ void lane_gates(const typename D::T* r0, const typename D::T* r1, const typename D::T* r2,
+                                           bool active, int p0, int P, float* s0, float* s1, float* s2,
+                                           float* w0, float* w1, float* w2) {
+  read_row<D, R>(r0, active, s0);
+  read_row<D, R>(r1, active, s1);
+  read_row<D, R>(r2, active, s2);
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    const int pos = p0 + r;
+    const bool valid = active && pos < P;
+    if (MIX) {
+      s0[r] = sigmoid_fast(s0[r]);
+      s1[r] = sigmoid_fast(s1[r]);
+      s2[r] = sigmoid_fast(s2[r]);
+      normalise(s0[r], s1[r], s2[r], pos > 0, pos < P - 1, valid, w0[r], w1[r], w2[r]);
+    } else {
+      w0[r] = valid ? s0[r] : 0.f;
+      w1[r] = valid ? s1[r] : 0.f;
+      w2[r] = valid ? s2[r] : 0.f;
+    }
+  }
+}
+
+// The hidden state of the previous step at offsets -1 and +1 of each of the lane's R positions:
+// inside the lane from registers, across lanes by exchange(); 0 outside the line.
+template <int R>
+__device__ __forceinline__ void neighbours(const Args& a, const Cta& c, const Lane& ln, const float* h, int& parity,
+                                           float* left, float* right) {
+  float prev, next;
+  exchange(a, c, ln, h[0], h[R - 1], parity, prev, next);
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    left[r] = r > 0 ? h[r - 1] : prev;
+    right[r] = r < R - 1 ? h[r + 1] : next;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Writing a tile: NOUT outputs of `planes` planes x P positions x n steps to global memory (output o
+// of plane j at dst[o] + off[j], skipped when dst[o] is null), each element's values from
+// val(j, p, ss, float out[NOUT]). Outputs are T (rounded) or fp32 (FP32); V-wide vectors along the
+// contiguous global axis as in load_tile.
+template <class D, bool FP32, int NOUT, class Fn>
+__device__ void store_tile(const Args& a, const Cta& c, void* const* dst, const long long* off, int planes, int s0,
+                           int n, int li, int nl, Fn val) {
+  typedef typename D::T T;
+  constexpr int VM = 16 / sizeof(T);                  // V is 1 or VM
+  constexpr int B = VM * (FP32 ? 4 : (int)sizeof(T));  // bytes of a vector: 16, or 32 for fp32 of 16-bit maps
+  const int P = c.g.P, V = a.V;
+  const int per_line = c.col ? n / V : P / V;
+  const int lines = c.col ? P : n;
+  const int total = planes * lines * per_line;
+  for (int e = li; e < total; e += nl) {
+    const int j = e / (lines * per_line);
+    const int r = e - j * lines * per_line;
+    const int ln = r / per_line, k = r - ln * per_line;
+    const int p = c.col ? ln : k * V, ss = c.col ? k * V : ln;
+    const long long at = off[j] + c.pix(p, s0 + ss, a.W);
+    if (V == 1) {
+      float v[NOUT];
+      val(j, p, ss, v);
+#pragma unroll
+      for (int o = 0; o < NOUT; ++o) {
+        if (!dst[o]) continue;
+        if (FP32) {
+          gstore((float*)dst[o] + at, v[o]);
+        } else {
+          gstore((T*)dst[o] + at, D::make(v[o]));
+        }
+      }
+      continue;
+    }
+    float v[NOUT][VM];
+#pragma unroll
+    for (int q = 0; q < VM; ++q) {
+      float t[NOUT];
+      val(j, c.col ? p : p + q, c.col ? ss + q : ss, t);
+#pragma unroll
+      for (int o = 0; o < NOUT; ++o) v[o][q] = t[o];
+    }
+#pragma unroll
+    for (int o = 0; o < NOUT; ++o) {
+      if (!dst[o]) continue;
+#pragma unroll
+      for (int h = 0; h < B / 16; ++h) {
+        Vec16 w;
+        if (FP32) {
+#pragma unroll
+          for (int q = 0; q < 4; ++q) w.w[q] = __float_as_uint(v[o][4 * h + q]);
+          gstore((Vec16*)((float*)dst[o] + at) + h, w);
+        } else {
+#pragma unroll
+          for (int q = 0; q < 4; ++q) w.w[q] = 0u;
+#pragma unroll
+          for (int q = 0; q < VM; ++q) w.w[q * sizeof(T) / 4] |= elem_bits<T>(D::make(v[o][q])) << (16 * (q & (sizeof(T) == 2)));
+          gstore((Vec16*)((T*)dst[o] + at), w);
+        }
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The output map (y forward, dx backward) from the fp32 planes: out[pixel] = sum over the CTAs of
+// the cluster of their plane at that pixel, in the fixed order ((d0 + d1) + d2) + d3 (MIX), or this
+// CTA's plane alone (one-direction scan). Rows of the group (plane, i) are split into 4 quarters,
+// CTA rank d writes quarter d; V-wide vectors along j.
+template <class D, bool MIX>
+__device__ void write_sum(const Args& a, const Cta& c, typename D::T* out) {
+  typedef typename D::T T;
+  constexpr int VM = 16 / sizeof(T);  // V is 1 or VM
+  const int H = a.H, W = a.W, V = a.V;
+  const int rows = c.nplanes * H;
+  const int r0 = MIX ? rows * c.d / 4 : 0, r1 = MIX ? rows * (c.d + 1) / 4 : rows;
+  const int per_row = W / V;
+  const int total = (r1 - r0) * per_row;
+  auto sum_at = [&](int pl, int i, int j) {
+    float sum = 0.f;
+#pragma unroll
+    for (int d = 0; d < (MIX ? 4 : 1); ++d) {
+      const Geo& g = d < 2 ? a.geo[0] : a.geo[1];
+      const int s = d < 2 ? j : i, p = d < 2 ? i : j;
+      const float* ptr = (const float*)(c.smem + g.plane) + ((long long)pl * g.L + s) * g.Pp + p;
+      const float val = MIX ? ld_cluster(ptr, d) : *ptr;
+      sum = d == 0 ? val : sum + val;
+    }
+    return sum;
+  };
+  for (int e = c.tid; e < total; e += c.nthreads) {
+    const int row = r0 + e / per_row;
+    const int j0 = (e - (row - r0) * per_row) * V;
+    const int pl = row / H, i = row - pl * H;
+    T* dst = out + c.x_off[pl] + (long long)i * W + j0;
+    if (V == 1) {
+      gstore(dst, D::make(sum_at(pl, i, j0)));
+      continue;
+    }
+    Vec16 w;
+#pragma unroll
+    for (int q = 0; q < 4; ++q) w.w[q] = 0u;
+#pragma unroll
+    for (int q = 0; q < VM; ++q) w.w[q * sizeof(T) / 4] |= elem_bits<T>(D::make(sum_at(pl, i, j0 + q))) << (16 * (q & (sizeof(T) == 2)));
+    gstore((Vec16*)dst, w);
+  }
+}
+
+// The output map (y forward, dx backward) once this CTA's plane is complete. gspn_mix: a cluster
+// barrier (the 4 directions' planes complete and visible), the fixed-order sum, and a second barrier
+// (no CTA leaves while another still reads its shared memory). gspn_scan: the CTA's plane itself.
+template <class D, bool MIX>
+__device__ __forceinline__ void write_output(const Args& a, const Cta& c, typename D::T* out) {
+  if (MIX) {
+    cluster_sync();  // the 4 directions' planes are complete and visible to the cluster
+    write_sum<D, true>(a, c, out);
+    cluster_sync();  // no CTA leaves while another still reads its shared memory
+  } else {
+    write_sum<D, false>(a, c, out);
+  }
 }

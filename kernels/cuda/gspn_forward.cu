@@ -1,164 +1,94 @@
-// GSPN forward kernels: the one-direction scan (gspn_scan) and the fused four-direction mix
-// (gspn_mix). Thread mapping and notation: gspn_common.cuh.
+// GSPN forward kernels: the fused four-direction mix (gspn_mix_fwd, clusters of 4 CTAs) and the
+// one-direction scan with given gates (gspn_scan_fwd). Notation, work split and shared memory:
+// gspn_common.cuh.
 //
-// gspn_mix_fwd: grid (blocks, 4 directions). Each block scans its planes in its direction with
-// lam and the normalised gates applied in the kernel, then adds u_d * h_d into the fp32
-// accumulator y32 with atomicAdd (four directions meet there; the host zeroes it first and casts
-// it to the input dtype afterwards). With `hsave` it also stores the fp32 hidden state of every
-// direction, (N, 4, C, H, W), for the backward pass.
-// gspn_scan_fwd: grid (blocks, 1), direction 0 with normalised gates given, writes h.
-//
-// Per element and direction, global traffic of the mix forward: reads x, lam, u and 3 gate
-// logits (3 / k with compact gates), one fp32 atomic add into y32, and 4 bytes of h when saved.
+// Per CTA (direction d, lb planes): the loaders stage x, lam_d, u_d and the three gate maps of the
+// next tile; the scan lanes walk the current tile's steps, h[s] = lam * x + M_s h[prev] with M_s the
+// tridiagonal of the normalised gates, and keep u_d * h (scan: h) in the CTA's fp32 plane. Then the
+// planes of the 4 directions are summed through distributed shared memory and written once.
+// Global traffic per CTA: each input map read once (x once per direction), the output written once.
 #include "gspn_common.cuh"
 
-template <class D>
-struct FwdArgs {
-  typedef typename D::T T;
-  const T* x;       // (N, C, H, W)
-  const T* lam;     // mix (N, 4, C, H, W); scan (N, C, H, W)
-  const T* u;       // mix (N, 4, C, H, W); scan: unused
-  const T* g0;      // mix: gate logits (N, 4, 3, Cg, H, W); scan: g_up (N, Cg, H, W)
-  const T* g1;      // scan: g_mid
-  const T* g2;      // scan: g_down
-  float* y32;       // mix: (N, C, H, W) fp32 accumulator, zeroed by the host
-  T* out;           // scan: h (N, C, H, W), may be null when hsave is given
-  float* hsave;     // fp32 h for backward, or null: mix (N, 4, C, H, W), scan (N, C, H, W)
-  int C, Cg, NC;
-  long long HW;
-};
-
 template <class D, bool MIX>
-__device__ void scan_forward(const FwdArgs<D>& a, const Lines& g, int plane0) {
-  extern __shared__ float smem[];
-  float* V = smem;              // lam * x, then h
-  float* G0 = V + g.tile;       // normalised gates
-  float* G1 = G0 + g.tile;
-  float* G2 = G1 + g.tile;
-  float* hp = G2 + g.tile;      // [2][Q] hidden state of the previous step
-  int* tab = (int*)(hp + 2 * g.Q);  // [4][Q] position table (fill_table)
-  fill_table(g, plane0, a.NC, a.C, a.Cg, tab);
-  const long long kstride = (long long)a.Cg * a.HW;
-  const int tiles = (g.L + g.ts - 1) / g.ts;
-  int cur = 0;
-
-  for (int it = 0; it < tiles; ++it) {
-    const int t = g.rev ? tiles - 1 - it : it;
-    const int s0 = t * g.ts;
-    const int n = min(g.ts, g.L - s0);
-
-    // A. stage lam * x and the gates of the tile.
-    for (int e = threadIdx.x; e < g.Q * n; e += blockDim.x) {
-      int q, ss;
-      g.split(e, n, q, ss);
-      if (tab[q] < 0) continue;
-      const Site st = make_site<MIX>(g, tab, q, s0 + ss, a.C, a.Cg, a.HW);
-      const int i = g.sidx(q, ss);
-      V[i] = D::load(a.x[st.ox]) * D::load(a.lam[st.od]);
-      float w0, w1, w2;
-      if (MIX) {
-        normalise_gates(sigmoidf(D::load(a.g0[st.og])), sigmoidf(D::load(a.g0[st.og + kstride])),
-                        sigmoidf(D::load(a.g0[st.og + 2 * kstride])), st.p > 0, st.p < g.P - 1, w0, w1, w2);
-      } else {
-        w0 = D::load(a.g0[st.og]);
-        w1 = D::load(a.g1[st.og]);
-        w2 = D::load(a.g2[st.og]);
-      }
-      G0[i] = w0;
-      G1[i] = w1;
-      G2[i] = w2;
-    }
-    __syncthreads();
-
-    // B. scan the tile's steps in scan order; one barrier per step.
-    for (int k = 0; k < n; ++k) {
-      const int ss = g.rev ? n - 1 - k : k;
-      const bool restart = g.prev(s0 + ss) < 0;
-      const float* hc = hp + cur * g.Q;
-      float* hn = hp + (cur ^ 1) * g.Q;
-      for (int q = threadIdx.x; q < g.Q; q += blockDim.x) {
-        if (tab[q] < 0) continue;
-        const int p = tab[3 * g.Q + q];
-        const int i = g.sidx(q, ss);
-        float h = V[i];
-        if (!restart) {
-          h += G1[i] * hc[q];
-          if (p > 0) h += G0[i] * hc[q - 1];
-          if (p < g.P - 1) h += G2[i] * hc[q + 1];
-        }
-        V[i] = h;
-        hn[q] = h;
-      }
-      __syncthreads();
-      cur ^= 1;
-    }
-
-    // C. write the tile's results.
-    for (int e = threadIdx.x; e < g.Q * n; e += blockDim.x) {
-      int q, ss;
-      g.split(e, n, q, ss);
-      if (tab[q] < 0) continue;
-      const Site st = make_site<MIX>(g, tab, q, s0 + ss, a.C, a.Cg, a.HW);
-      const float h = V[g.sidx(q, ss)];
-      if (MIX) {
-        atomicAdd(a.y32 + st.ox, D::load(a.u[st.od]) * h);
-      } else if (a.out) {
-        a.out[st.ox] = D::make(h);
-      }
-      if (a.hsave) a.hsave[st.od] = h;
-    }
-    __syncthreads();
+__device__ void load_forward_tile(const Args& a, const Cta& c, int it, int buf, int li, int nl) {
+  typedef typename D::T T;
+  const Geo& g = c.g;
+  int s0, n;
+  tile_span(c, it, c.desc, a.ts, s0, n);
+  const int Q = a.lb * g.Ps;
+  T* base = (T*)(c.smem + g.stage + buf * g.stage_buf);
+  int arr = 0;
+  load_tile<D>(a, c, (const T*)a.x, c.x_off, c.nplanes, s0, n, (T*)((unsigned char*)base + arr++ * g.stage_arr), g.Ps, Q, 0, li, nl);
+  load_tile<D>(a, c, (const T*)a.lam, c.map_off, c.nplanes, s0, n, (T*)((unsigned char*)base + arr++ * g.stage_arr), g.Ps, Q, 0, li, nl);
+  if (MIX) {
+    load_tile<D>(a, c, (const T*)a.u, c.map_off, c.nplanes, s0, n, (T*)((unsigned char*)base + arr++ * g.stage_arr), g.Ps, Q, 0, li, nl);
+  }
+  for (int k = 0; k < 3; ++k) {
+    load_tile<D>(a, c, (const T*)a.gate[k], c.gate_off, c.ngp, s0, n, (T*)((unsigned char*)base + arr++ * g.stage_arr), g.Ps, Q, 0, li, nl);
   }
 }
 
-template <class D>
-__global__ void gspn_mix_fwd(const typename D::T* __restrict__ x, const typename D::T* __restrict__ gate_logits,
-                             const typename D::T* __restrict__ lam, const typename D::T* __restrict__ u,
-                             float* __restrict__ y32, float* __restrict__ hsave,
-                             int N, int C, int Cg, int H, int W, int chunk,
-                             int lb_col, int ts_col, int lb_row, int ts_row) {
-  const Lines g = make_lines(blockIdx.y, H, W, chunk, lb_col, ts_col, lb_row, ts_row);
-  const int plane0 = blockIdx.x * g.lb;
-  if (plane0 >= N * C) return;  // whole block: the column and row grids differ in size
-  FwdArgs<D> a;
-  a.x = x;
-  a.lam = lam;
-  a.u = u;
-  a.g0 = gate_logits;
-  a.g1 = nullptr;
-  a.g2 = nullptr;
-  a.y32 = y32;
-  a.out = nullptr;
-  a.hsave = hsave;
-  a.C = C;
-  a.Cg = Cg;
-  a.NC = N * C;
-  a.HW = (long long)H * W;
-  scan_forward<D, true>(a, g, plane0);
+template <class D, int R, bool MIX>
+__device__ void forward_cta(const Args& a, int d, int group) {
+  typedef typename D::T T;
+  const Cta c = make_cta(a, d, group);
+  const Geo& g = c.g;
+  const int Q = a.lb * g.Ps;
+
+  const Lane ln = make_lane<R>(a, c);
+  const int j = ln.j, p0 = ln.p0, jg = ln.jg;
+  const bool active = ln.active;
+  int parity = 0;
+  float* plane = (float*)(c.smem + g.plane) + (long long)j * g.L * g.Pp;
+  float h[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r) h[r] = 0.f;
+  Walk walk;
+  walk.start(c.desc, g.L, a.K);
+
+  load_forward_tile<D, MIX>(a, c, 0, 0, c.tid, c.nthreads);
+  __syncthreads();
+  for (int it = 0; it < g.nt; ++it) {
+    if (c.tid >= g.nscan) {
+      if (it + 1 < g.nt) load_forward_tile<D, MIX>(a, c, it + 1, (it + 1) & 1, c.tid - g.nscan, c.nthreads - g.nscan);
+    } else {
+      int s0, n;
+      tile_span(c, it, c.desc, a.ts, s0, n);
+      const unsigned char* base = c.smem + g.stage + (it & 1) * g.stage_buf;
+      const int gate0 = MIX ? 3 : 2;
+      for (int k = 0; k < n; ++k) {
+        const int ss = c.desc ? n - 1 - k : k;
+        const int row = ss * Q + j * g.Ps + p0, grow = ss * Q + jg * g.Ps + p0;
+        float xv[R], lv[R], uv[R], s0v[R], s1v[R], s2v[R], w0[R], w1[R], w2[R], left[R], right[R];
+        read_row<D, R>((const T*)base + row, active, xv);
+        read_row<D, R>((const T*)(base + g.stage_arr) + row, active, lv);
+        if (MIX) read_row<D, R>((const T*)(base + 2 * g.stage_arr) + row, active, uv);
+        lane_gates<D, R, MIX>((const T*)(base + gate0 * g.stage_arr) + grow, (const T*)(base + (gate0 + 1) * g.stage_arr) + grow,
+                              (const T*)(base + (gate0 + 2) * g.stage_arr) + grow, active, p0, g.P, s0v, s1v, s2v,
+                              w0, w1, w2);
+        neighbours<R>(a, c, ln, h, parity, left, right);
+        const bool first = walk.first(s0 + ss);
+        walk.advance();
+        float out[R];
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          float hn = lv[r] * xv[r];
+          if (!first) hn += w0[r] * left[r] + w1[r] * h[r] + w2[r] * right[r];
+          h[r] = p0 + r < g.P ? hn : 0.f;
+          out[r] = MIX ? uv[r] * h[r] : h[r];
+        }
+        if (active) write_row_f32<R>(plane + (s0 + ss) * g.Pp + p0, out);
+      }
+    }
+    __syncthreads();
+  }
+
+  write_output<D, MIX>(a, c, (T*)a.y);
 }
 
-template <class D>
-__global__ void gspn_scan_fwd(const typename D::T* __restrict__ x, const typename D::T* __restrict__ lam,
-                              const typename D::T* __restrict__ g_up, const typename D::T* __restrict__ g_mid,
-                              const typename D::T* __restrict__ g_down, typename D::T* __restrict__ out,
-                              float* __restrict__ hsave,
-                              int N, int C, int Cg, int H, int W, int chunk, int lb_col, int ts_col) {
-  const Lines g = make_lines(0, H, W, chunk, lb_col, ts_col, 1, 1);
-  const int plane0 = blockIdx.x * g.lb;
-  if (plane0 >= N * C) return;
-  FwdArgs<D> a;
-  a.x = x;
-  a.lam = lam;
-  a.u = nullptr;
-  a.g0 = g_up;
-  a.g1 = g_mid;
-  a.g2 = g_down;
-  a.y32 = nullptr;
-  a.out = out;
-  a.hsave = hsave;
-  a.C = C;
-  a.Cg = Cg;
-  a.NC = N * C;
-  a.HW = (long long)H * W;
-  scan_forward<D, false>(a, g, plane0);
-}
+// Entry points. gspn_mix: grid.x = 4 * groups in clusters of 4, rank = blockIdx.x % 4 = direction.
+// gspn_scan: grid.x = groups, direction 0 (left to right), gates given.
+template <class D, int R>
+__global__ void __cluster_dims__(4, 1, 1) gspn_mix_fwd(const __grid_constant__ Args a) { forward_cta<D, R, true>(a, blockIdx.x & 3, blockIdx.x >> 2); }
+template <class D, int R>
+__global__ void gspn_scan_fwd(const __grid_constant__ Args a) { forward_cta<D, R, false>(a, 0, blockIdx.x); }
