@@ -110,10 +110,10 @@ def _run_eval(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["sweep"]:
-        from fid_eval.sweep import main as sweep_main
+        from fid_eval import sweep
 
-        return sweep_main(argv[1:])
-    if argv[:1] == ["stats"]:
+        args, run = sweep.parse_args(argv[1:]), sweep.run
+    elif argv[:1] == ["stats"]:
         args, run = _stats_parser().parse_args(argv[1:]), _run_stats
     else:
         args, run = _eval_parser().parse_args(argv), _run_eval

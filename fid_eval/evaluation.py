@@ -355,7 +355,7 @@ def _versions() -> dict:
 
 
 def format_table(report: dict) -> str:
-    """The report as a small human-readable table, with the notes and warnings under it."""
+    """The report as a small human-readable table, with the notes under it (warnings go to stderr)."""
     m, s, ref = report["metrics"], report["settings"], report["ref"]
     ext = report["extractor"]
     head = (f"fid_eval | protocol {report['protocol']} | {ext['name']} "
@@ -381,5 +381,4 @@ def format_table(report: dict) -> str:
     width = max(len(r[0]) for r in rows) + 2
     lines = [head, f"  {'metric':<{width}}value"] + [f"  {k:<{width}}{v}" for k, v in rows]
     lines += [f"note: {n}" for n in report["notes"] if n]
-    lines += [f"warning: {w}" for w in report.get("warnings", [])]
     return "\n".join(lines)

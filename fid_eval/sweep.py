@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 from fid_eval.errors import FidEvalError
-from fid_eval.evaluation import METRICS, PROTOCOLS, evaluate, parse_metrics, resolve_protocol
+from fid_eval.evaluation import METRICS, PROTOCOLS, evaluate, parse_metrics, print_warnings, resolve_protocol
 from fid_eval.extractors import EXTRACTORS, build_extractor
 from gspn_gen.fileio import write_json
 
@@ -193,6 +193,7 @@ def run(args: argparse.Namespace) -> dict:
             report = evaluate(str(samples_path), args.ref, metrics, extractor, batch_size=args.batch_size,
                               cache_dir=args.cache_dir, protocol=protocol, progress=not args.no_progress)
             report["cfg_scale"] = scale
+            print_warnings(report)
             write_json(metrics_path, report)
             if args.delete_samples:
                 samples_path.unlink()
@@ -215,12 +216,3 @@ def run(args: argparse.Namespace) -> dict:
         print(f"best guidance scale for FID: {best['cfg_scale']:g} (FID {best['fid']:.4f})")
     return summary
 
-
-def main(argv: list[str]) -> int:
-    args = parse_args(argv)
-    try:
-        run(args)
-    except FidEvalError as e:
-        print(f"fid_eval sweep: error: {e}", file=sys.stderr)
-        return 2
-    return 0

@@ -69,6 +69,7 @@ class FIDCallback(L.Callback):
         self._extractor = None
         self._reference = None
         self._last_step = -1
+        self._warned = False  # warnings of the comparison (e.g. image sizes differ) are printed once
 
     @rank_zero_only
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -116,6 +117,7 @@ class FIDCallback(L.Callback):
     def score(self, pl_module) -> dict[str, float]:
         """Sample with the EMA weights and score: {"eval/fid": ..., ..., "eval/seconds": ...}."""
         from fid_eval import ArraySource, evaluate
+        from fid_eval.evaluation import print_warnings
         from gspn_gen.sampling import generate
 
         start, start_cpu = time.perf_counter(), time.process_time()
@@ -127,6 +129,9 @@ class FIDCallback(L.Callback):
             for s in range(0, self.num_samples, self.batch_size)])
         report = evaluate(ArraySource(images, labels.numpy(), name="EMA samples"), self._reference, self.metrics,
                           self._extractor, progress=False)
+        if not self._warned:
+            print_warnings(report, "FIDCallback")
+            self._warned = True
         values = {f"eval/{k}": v for k, v in report["metrics"].items()}
         values["eval/seconds"] = time.perf_counter() - start
         values["eval/cpu_seconds"] = time.process_time() - start_cpu  # training waits meanwhile: all of it is ours
