@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fid_eval.errors import FidEvalError
-from fid_eval.extractors import Extractor, resolve_device, sha256_file
+from fid_eval.extractors import FINGERPRINT_PREFIX, Extractor, resolve_device, sha256_file
 
 DEFAULT_WEIGHTS = Path(__file__).parent / "weights" / "digits_cnn.pt"
 INPUT_SIZE = 16
@@ -90,7 +90,7 @@ class DigitsExtractor(Extractor):
         self.net = load_digits_cnn(path, device)
         self.weights_path, self.sha256 = str(path), sha256_file(path)
         self.feature_dim = self.net.head.in_features
-        self.fingerprint = f"digits-cnn-{self.sha256[:16]}"
+        self.fingerprint = f"{FINGERPRINT_PREFIX[self.name]}{self.sha256[:16]}"
 
     def _forward(self, images):
         return self.net(preprocess(images))  # (B, 64), (B, 10)

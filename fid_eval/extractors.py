@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -17,6 +18,13 @@ import torch
 from fid_eval.errors import FidEvalError
 
 EXTRACTORS = ("inception", "digits")
+# Each extractor's fingerprint is "<prefix><first 16 hex digits of its weights' sha256>".
+FINGERPRINT_PREFIX = {"inception": "inception-v3-compat-", "digits": "digits-cnn-"}
+
+
+def extractor_of(fingerprint: str) -> str | None:
+    """The extractor name a statistics fingerprint belongs to (None when unknown)."""
+    return next((name for name, prefix in FINGERPRINT_PREFIX.items() if fingerprint.startswith(prefix)), None)
 
 
 def sha256_file(path: str | Path) -> str:
@@ -40,6 +48,14 @@ def resolve_device(device: str | None) -> torch.device:
     return dev
 
 
+class Features(NamedTuple):
+    """What an extractor gives for a batch of B images (float32 arrays)."""
+
+    features: np.ndarray              # (B, D): FID, KID, precision/recall
+    logits: np.ndarray                # (B, K): IS, class agreement
+    spatial: np.ndarray | None = None  # (B, S): sFID; None when the network has no spatial features
+
+
 class Extractor:
     """A frozen network in eval mode. Subclasses set the attributes and implement `_forward`."""
 
@@ -48,25 +64,27 @@ class Extractor:
     weights_path: str
     feature_dim: int
     num_classes: int      # width of the logits used for IS
+    spatial_dim: int | None = None  # width of the spatial features (sFID), None when there are none
     note: str = ""        # how comparable its numbers are, printed under the table
 
     def __init__(self, device: torch.device):
         self.device = device
 
-    def _forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """uint8 (B, 3, H, W) on self.device -> features (B, D), logits (B, K)."""
+    def _forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """uint8 (B, 3, H, W) on self.device -> features (B, D), logits (B, K)[, spatial (B, S)]."""
         raise NotImplementedError
 
     @torch.no_grad()
-    def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """uint8 (B, H, W, 3) -> float32 features (B, D) and logits (B, K)."""
+    def __call__(self, images: np.ndarray) -> Features:
+        """uint8 (B, H, W, 3) -> float32 Features of the batch."""
         x = torch.from_numpy(np.array(images)).to(self.device).permute(0, 3, 1, 2)  # (B, 3, H, W), copied
-        features, logits = self._forward(x)
-        return features.float().cpu().numpy(), logits.float().cpu().numpy()
+        out = [t.float().cpu().numpy() for t in self._forward(x)]
+        return Features(*out)
 
     def describe(self) -> dict:
         return {"name": self.name, "fingerprint": self.fingerprint, "weights": self.weights_path,
-                "feature_dim": self.feature_dim, "dtype": "float32", "note": self.note}
+                "feature_dim": self.feature_dim, "spatial_dim": self.spatial_dim, "dtype": "float32",
+                "note": self.note}
 
 
 def build_extractor(name: str, weights: str | None = None, device: str | None = None) -> Extractor:

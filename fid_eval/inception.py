@@ -4,7 +4,8 @@ torch-fidelity reproduces the TensorFlow graph behind ADM's and StyleGAN's FIDs 
 299 matches TF1, its pool3 and unbiased logits too). Left alone it downloads its weights from GitHub;
 here the file must already be on disk, and a missing, unreadable or mis-shaped file is a one-line
 FidEvalError saying what to put where. Features: pool3 (2048-d) for FID/KID/P&R; logits without the
-fc bias (1008-d, torch-fidelity's choice for IS).
+fc bias (1008-d, torch-fidelity's choice for IS and the softmax ADM's evaluator takes); ADM's spatial
+features (2,023-d) for sFID.
 """
 
 from __future__ import annotations
@@ -16,13 +17,29 @@ from pathlib import Path
 import torch
 
 from fid_eval.errors import FidEvalError
-from fid_eval.extractors import Extractor, sha256_file
+from fid_eval.extractors import FINGERPRINT_PREFIX, Extractor, sha256_file
 
 WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
 WEIGHTS_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{WEIGHTS_FILE}"
 # torch.hub names files "<name>-<first hex digits of sha256>.<ext>"; anything else is not the official file.
 OFFICIAL_SHA256_PREFIX = "6726825d"
 FEATURES = ("2048", "logits_unbiased")
+
+# sFID's spatial features, as ADM's evaluator (openai/guided-diffusion evaluations/evaluator.py) takes them:
+# the TF graph tensor "mixed_6/conv:0", first 7 channels (`spatial[..., :7]` in NHWC), flattened to
+# 17 x 17 x 7 = 2,023 values. "mixed_6" is the graph's seventh Inception block, Mixed_6d (torch-fidelity's
+# weight converter maps mixed_6/conv/{conv2d_params,batchnorm} to Mixed_6d.branch1x1), and "mixed_6/conv:0"
+# is that block's 1x1 branch after batch norm and ReLU: the output of the BasicConv2d Mixed_6d.branch1x1.
+# A forward hook on that module reads it; flattening in NHWC order keeps the index order of the mu_s/sigma_s
+# stored in ADM's reference batches, so ours can be compared with theirs.
+SPATIAL_MODULE = "Mixed_6d.branch1x1"
+SPATIAL_CHANNELS = 7
+SPATIAL_DIM = 17 * 17 * SPATIAL_CHANNELS
+
+
+def spatial_features(conv_out: torch.Tensor) -> torch.Tensor:
+    """Mixed_6d.branch1x1 output (B, 192, H, W) -> ADM's spatial features (B, H * W * 7), NHWC order."""
+    return conv_out[:, :SPATIAL_CHANNELS].permute(0, 2, 3, 1).reshape(conv_out.shape[0], -1)
 
 
 def default_weights_path() -> Path:
@@ -67,6 +84,7 @@ class InceptionExtractor(Extractor):
     name = "inception"
     feature_dim = 2048
     num_classes = 1008
+    spatial_dim = SPATIAL_DIM
 
     def __init__(self, weights: str | Path | None, device: torch.device):
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
@@ -84,18 +102,25 @@ class InceptionExtractor(Extractor):
         except RuntimeError as e:
             raise FidEvalError(f"{path}: does not fit inception-v3-compat ({_mismatch_summary(e)})") from None
         self.net = net.to(device)
+        self._spatial: torch.Tensor | None = None
+        net.get_submodule(SPATIAL_MODULE).register_forward_hook(self._keep_spatial)
         sha = sha256_file(path)
         self.weights_path, self.sha256 = str(path), sha
         self.official = sha.startswith(OFFICIAL_SHA256_PREFIX)
-        self.fingerprint = f"inception-v3-compat-{sha[:16]}"
+        self.fingerprint = f"{FINGERPRINT_PREFIX[self.name]}{sha[:16]}"
         self.note = ("torch-fidelity inception-v3-compat, official weights: comparable with ADM/torch-fidelity FIDs"
                      if self.official else
                      f"WARNING: {path.name} is not the official inception-v3-compat file (sha256 {sha[:8]}..., "
                      f"expected {OFFICIAL_SHA256_PREFIX}...): these numbers are not comparable with published ones")
 
+    def _keep_spatial(self, module, inputs, output) -> None:
+        self._spatial = spatial_features(output)  # (B, 2023)
+
     def _forward(self, images):
+        self._spatial = None
         features, logits = self.net(images)  # (B, 2048), (B, 1008)
-        return features, logits
+        spatial, self._spatial = self._spatial, None  # (B, 2023), set by the hook during the forward
+        return features, logits, spatial
 
     def describe(self):
         return {**super().describe(), "sha256": self.sha256, "official_weights": self.official}

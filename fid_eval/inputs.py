@@ -54,8 +54,9 @@ class ImageSource:
     num_images: int
     image_size: tuple[int, int]
     labels: np.ndarray | None = None
-    # ADM reference batches carry Inception pool3 statistics: (mu (2048,), sigma (2048, 2048)) or None.
-    stored_stats: tuple[np.ndarray, np.ndarray] | None = None
+    # ADM reference batches carry Inception statistics: mu (2048,), sigma (2048, 2048) of pool3 and, for
+    # sFID, mu_s (2023,), sigma_s (2023, 2023) of the spatial features; None when there are none.
+    stored_stats: dict[str, np.ndarray] | None = None
 
     def batches(self, batch_size: int, limit: int | None = None) -> Iterator[np.ndarray]:
         """uint8 (B, H, W, 3) batches in order, of the first `limit` images (all when None)."""
@@ -89,7 +90,7 @@ class ArraySource(ImageSource):
 
 
 class NpzSource(ImageSource):
-    """ADM-style `.npz`: `arr_0` uint8 (N, H, W, 3); optional `arr_1` labels and `mu`/`sigma` statistics."""
+    """ADM-style `.npz`: `arr_0` uint8 (N, H, W, 3); optional `arr_1` labels, `mu`/`sigma`/`mu_s`/`sigma_s`."""
 
     def __init__(self, path: Path):
         self.path, self.name = path, str(path)
@@ -107,11 +108,18 @@ class NpzSource(ImageSource):
         _check_image_array(shape, dtype, str(path))
         self.shape = shape
         self.num_images, self.image_size = shape[0], (shape[1], shape[2])
-        with np.load(path, allow_pickle=False) as data:
-            if "arr_1.npy" in members and data["arr_1"].shape == (self.num_images,):
-                self.labels = data["arr_1"].astype(np.int64)
-            if {"mu.npy", "sigma.npy"} <= members:
-                self.stored_stats = (data["mu"].astype(np.float64), data["sigma"].astype(np.float64))
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                if "arr_1.npy" in members:
+                    labels = data["arr_1"]
+                    if labels.shape == (self.num_images,) and np.issubdtype(labels.dtype, np.integer):
+                        self.labels = labels.astype(np.int64)
+                stored = {k: data[k] for k in ("mu", "sigma", "mu_s", "sigma_s") if f"{k}.npy" in members}
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:  # object arrays, truncated members
+            raise FidEvalError(f"{path}: cannot read its arrays without unpickling ({e}); "
+                               "expected plain numeric arrays (arr_0 uint8, arr_1 int labels, mu/sigma)") from None
+        if "mu" in stored:
+            self.stored_stats = stored
 
     def _read_header(self, f) -> tuple[tuple, np.dtype]:
         try:

@@ -1,10 +1,13 @@
 """The metrics, computed from features or feature statistics alone (no network in this file).
 
-FID from Gaussian statistics, Inception Score from classifier logits, KID from features (polynomial-kernel
-MMD over random subsets), improved precision/recall from features (k-NN balls). Conventions follow
-torch-fidelity 0.4 (IS: 10 splits over a shuffled order with seed 2020; KID: cubic kernel, 100 subsets
-of 1000, unbiased MMD^2; P&R: k = 3), so our numbers equal what torch-fidelity prints for the same
-features; tests/fid_eval/test_fid_metrics.py checks each one against an independent computation.
+FID (and sFID, the same distance on spatial features) from Gaussian statistics, Inception Score from
+classifier logits, KID from features (polynomial-kernel MMD over random subsets), improved
+precision/recall from features (k-NN balls). Two protocols fix the free choices:
+  torch-fidelity 0.4: IS over 10 splits of a shuffled order (seed 2020); KID cubic kernel, 100 subsets of
+                      1000, unbiased MMD^2; P&R k = 3. Our numbers equal torch-fidelity's for the same features.
+  ADM (openai/guided-diffusion evaluations/evaluator.py, behind DiT/SiT/GSPN tables): IS over consecutive
+                      splits of 5,000 in sample order, no shuffle; P&R k = 3 against the reference batch's images.
+tests/fid_eval/test_fid_metrics.py checks each one against an independent computation.
 """
 
 from __future__ import annotations
@@ -15,6 +18,16 @@ import torch
 from fid_eval.errors import FidEvalError
 
 DEFAULT_SEED = 2020  # torch-fidelity's rng_seed: IS shuffle and KID subsets
+ADM_ISC_SPLIT_SIZE = 5000  # ADM's compute_inception_score(split_size=5000)
+
+
+def check_finite(name: str, value: np.ndarray | float) -> None:
+    """Raise a FidEvalError naming `name` when it holds NaN or inf (a number we must not report)."""
+    array = np.asarray(value)
+    if not np.isfinite(array).all():
+        bad = int((~np.isfinite(array)).sum())
+        raise FidEvalError(f"{name} holds {bad} NaN/inf value{'s' if bad > 1 else ''} of {array.size}; "
+                           "refusing to report a number from it")
 
 
 def feature_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -23,6 +36,35 @@ def feature_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if features.ndim != 2 or len(features) < 2:
         raise FidEvalError(f"statistics need at least 2 feature vectors (N, D), got shape {features.shape}")
     return features.mean(axis=0), np.cov(features, rowvar=False)
+
+
+class MomentAccumulator:
+    """Mean (D,) and unbiased covariance (D, D) of rows fed batch by batch, without holding the rows.
+
+    Sums are taken about the first row (a shift), in float64, so large common offsets do not cancel;
+    the result equals np.mean / np.cov of the stacked rows to float64 round-off. Used for ADM's spatial
+    features (2,023-d per image), which are summarised, never stored.
+    """
+
+    def __init__(self):
+        self.n, self.shift, self.s1, self.s2 = 0, None, None, None
+
+    def update(self, rows: np.ndarray) -> None:
+        rows = np.asarray(rows, dtype=np.float64)  # (B, D)
+        if self.shift is None:
+            self.shift = rows[0].copy()
+            self.s1, self.s2 = np.zeros_like(self.shift), np.zeros((len(self.shift),) * 2)
+        d = rows - self.shift
+        self.n += len(rows)
+        self.s1 += d.sum(axis=0)
+        self.s2 += d.T @ d
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        if self.n < 2:
+            raise FidEvalError(f"statistics need at least 2 feature vectors, got {self.n}")
+        mean_d = self.s1 / self.n
+        cov = (self.s2 - self.n * np.outer(mean_d, mean_d)) / (self.n - 1)
+        return self.shift + mean_d, (cov + cov.T) / 2
 
 
 # Frechet distance between N(mu1, sigma1) and N(mu2, sigma2) (Heusel et al. 2017, FID):
@@ -40,6 +82,8 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
             f"statistics do not match: mu1 {mu1.shape}, sigma1 {sigma1.shape}, mu2 {mu2.shape}, "
             f"sigma2 {sigma2.shape}; expected (D,) and (D, D) with one D (same feature extractor)"
         )
+    for name, value in (("mu1", mu1), ("sigma1", sigma1), ("mu2", mu2), ("sigma2", sigma2)):
+        check_finite(f"Frechet distance input {name}", value)
     evals1, evecs1 = np.linalg.eigh((sigma1 + sigma1.T) / 2)
     sqrt1 = (evecs1 * np.sqrt(np.clip(evals1, 0, None))) @ evecs1.T  # sigma1^(1/2)
     inner = sqrt1 @ sigma2 @ sqrt1
@@ -48,24 +92,37 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
 
 
-# Inception Score (Salimans et al. 2016): exp(E_x KL(p(y|x) || p(y))), averaged over `splits` disjoint
-# parts of the (seeded, shuffled) samples; std over the parts.
+# Inception Score (Salimans et al. 2016): exp(E_x KL(p(y|x) || p(y))), averaged over disjoint parts of the
+# samples; std over the parts. torch-fidelity: `splits` equal parts of a seeded shuffle. ADM: consecutive
+# parts of `split_size` in sample order (the last one may be shorter), no shuffle.
 def inception_score(logits: np.ndarray | torch.Tensor,
                     splits: int = 10,        # torch-fidelity's isc_splits
                     seed: int = DEFAULT_SEED,
                     shuffle: bool = True,
+                    split_size: int | None = None,  # ADM protocol: parts of this many samples, unshuffled
                     ) -> tuple[float, float]:
     """(mean, std) of the Inception Score of logits (N, K), N >= splits."""
     logits = torch.as_tensor(np.asarray(logits), dtype=torch.float64)
     n = logits.shape[0]
-    if logits.ndim != 2 or n < splits or splits < 1:
-        raise FidEvalError(f"Inception Score needs logits (N, K) with N >= splits={splits}, got {tuple(logits.shape)}")
-    if shuffle:
-        logits = logits[torch.from_numpy(np.random.RandomState(seed).permutation(n))]
+    if split_size is not None:
+        if split_size < 1 or logits.ndim != 2 or n < 1:
+            raise FidEvalError(f"Inception Score needs logits (N, K), N >= 1, and split size >= 1, got "
+                               f"{tuple(logits.shape)} and {split_size}")
+        bounds = [(start, min(start + split_size, n)) for start in range(0, n, split_size)]
+    else:
+        if splits < 1:
+            raise FidEvalError(f"--isc-splits must be >= 1, got {splits}")
+        if logits.ndim != 2 or n < splits:
+            raise FidEvalError(f"Inception Score needs logits (N, K) with N >= splits={splits}, "
+                               f"got {tuple(logits.shape)}")
+        if shuffle:
+            logits = logits[torch.from_numpy(np.random.RandomState(seed).permutation(n))]
+        bounds = [(i * n // splits, (i + 1) * n // splits) for i in range(splits)]
+    check_finite("Inception Score logits", logits.numpy())
     log_p = logits.log_softmax(dim=1)                    # (N, K)
     scores = []
-    for i in range(splits):
-        part = log_p[i * n // splits:(i + 1) * n // splits]
+    for start, stop in bounds:
+        part = log_p[start:stop]
         log_q = part.exp().mean(dim=0).log()             # (K,) marginal p(y) of this part
         kl = (part.exp() * (part - log_q)).sum(dim=1)    # (n_part,)
         scores.append(kl.mean().exp().item())
@@ -83,8 +140,14 @@ def kernel_inception_distance(features1: np.ndarray,
     """(mean, std, subset size used) of KID between features1 (N1, D) and features2 (N2, D)."""
     f1 = np.asarray(features1, dtype=np.float64)
     f2 = np.asarray(features2, dtype=np.float64)
+    if subsets < 1:
+        raise FidEvalError(f"--kid-subsets must be >= 1, got {subsets}")
+    if subset_size < 2:
+        raise FidEvalError(f"--kid-subset-size must be >= 2 (an unbiased MMD needs pairs), got {subset_size}")
     if f1.ndim != 2 or f2.ndim != 2 or f1.shape[1] != f2.shape[1]:
         raise FidEvalError(f"KID needs features (N1, D) and (N2, D), got {f1.shape} and {f2.shape}")
+    check_finite("KID sample features", f1)
+    check_finite("KID reference features", f2)
     m = min(subset_size, len(f1), len(f2))
     if m < 2:
         raise FidEvalError(f"KID needs at least 2 feature vectors on each side, got {len(f1)} and {len(f2)}")
@@ -124,7 +187,15 @@ def precision_recall(fake: np.ndarray | torch.Tensor,
                      batch: int = 2048,       # rows of the distance matrix held at once
                      device: str | torch.device = "cpu",
                      ) -> tuple[float, float]:
-    """(precision, recall) of generated features fake (N1, D) against real features (N2, D)."""
+    """(precision, recall) of generated features fake (N1, D) against real features (N2, D).
+
+    ADM's evaluator computes the same sets (k-th neighbour radii, reference = its batch's images) with
+    distances in float16 when they are finite; here they are float32, so ties at a ball's edge may differ.
+    """
+    if k < 1:
+        raise FidEvalError(f"--prc-k must be >= 1, got {k}")
+    check_finite("precision/recall sample features", np.asarray(fake))
+    check_finite("precision/recall reference features", np.asarray(real))
     fake = torch.as_tensor(np.asarray(fake), dtype=torch.float32, device=device)
     real = torch.as_tensor(np.asarray(real), dtype=torch.float32, device=device)
     if fake.ndim != 2 or real.ndim != 2 or fake.shape[1] != real.shape[1]:

@@ -67,3 +67,44 @@ def test_module_entry_point_runs(tmp_path):
                              "--ref", "digits:val"], capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 2 and "nothing.npz: no such file or folder" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_bad_settings_and_inputs_are_one_line_with_exit_code_2(tmp_path, capsys):
+    _demo_like_samples(tmp_path / "s.npz", per_class=3)
+    val = digits_source("val")
+    np.savez(tmp_path / "objects.npz", arr_0=val.images[:4], arr_1=np.array([object()] * 4, dtype=object))
+    np.savez(tmp_path / "labels.npz", arr_0=val.images[:30], arr_1=val.labels[:30] + 20)
+    samples = ["--samples", str(tmp_path / "s.npz"), "--ref", "digits:val"]
+    cases = [
+        (samples + ["--num-samples", "0"], "--num-samples must be >= 1, got 0"),
+        (samples + ["--num-samples", "31"], "--num-samples 31, but"),
+        (samples + ["--kid-subset-size", "0"], "--kid-subset-size must be >= 2, got 0"),
+        (samples + ["--kid-subsets", "0"], "--kid-subsets must be >= 1, got 0"),
+        (samples + ["--prc-k", "0"], "--prc-k must be >= 1, got 0"),
+        (samples + ["--isc-splits", "0"], "--isc-splits must be >= 1, got 0"),
+        (samples + ["--metrics", "sfid"], "sFID needs the samples' spatial statistics"),
+        (["--samples", str(tmp_path / "objects.npz"), "--ref", "digits:val"], "cannot read its arrays without unpickling"),
+        (["--samples", str(tmp_path / "labels.npz"), "--ref", "digits:val"], "labels (arr_1) must be class ids 0..9"),
+    ]
+    for argv, message in cases:
+        rc = main(argv + ["--extractor", "digits", "--device", "cpu", "--no-progress",
+                          "--cache-dir", str(tmp_path / "cache")])
+        captured = capsys.readouterr()
+        assert rc == 2 and message in captured.err and captured.err.count("\n") == 1, (message, captured.err)
+        assert captured.err.startswith("fid_eval: error:")
+
+
+def test_misleading_comparisons_warn_on_stderr_and_in_json(tmp_path, capsys):
+    val = digits_source("val")
+    np.savez(tmp_path / "ref20.npz", arr_0=val.images[:20])
+    big = np.repeat(np.repeat(val.images[:100], 2, axis=1), 2, axis=2)  # 32x32 samples, reference 16x16
+    np.savez(tmp_path / "s32.npz", arr_0=big, arr_1=val.labels[:100])
+    rc = main(["--samples", str(tmp_path / "s32.npz"), "--ref", str(tmp_path / "ref20.npz"), "--extractor", "digits",
+               "--device", "cpu", "--no-progress", "--metrics", "fid", "--cache-dir", str(tmp_path / "cache"),
+               "--out", str(tmp_path / "r.json")])
+    err = capsys.readouterr().err
+    warnings = json.loads((tmp_path / "r.json").read_text())["warnings"]
+    assert rc == 0 and len(warnings) == 2
+    assert "the reference hold 20 images, fewer than the 64 feature dimensions" in warnings[0]
+    assert "samples are 32x32 images but the reference is 16x16" in warnings[1]
+    assert err.count("fid_eval: warning:") == 2

@@ -58,9 +58,10 @@ def test_missing_weights_fail_at_once_with_where_to_put_them(capsys):
 
 def test_features_from_a_random_weights_file(inception):
     images = np.random.default_rng(0).integers(0, 256, (2, 24, 20, 3), dtype=np.uint8)
-    features, logits = inception(images)
-    assert features.shape == (2, 2048) and logits.shape == (2, 1008)
-    assert np.isfinite(features).all() and np.isfinite(logits).all()
+    features, logits, spatial = inception(images)
+    assert features.shape == (2, 2048) and logits.shape == (2, 1008) and spatial.shape == (2, 2023)
+    assert np.isfinite(features).all() and np.isfinite(logits).all() and np.isfinite(spatial).all()
+    assert (spatial >= 0).all() and spatial.std() > 0  # after Mixed_6d.branch1x1's ReLU, as ADM's mixed_6/conv:0
     assert not inception.official and "not comparable" in inception.note
     assert inception.fingerprint.startswith("inception-v3-compat-")
 

@@ -39,7 +39,7 @@ def test_npz_grey_images_are_repeated_to_rgb(tmp_path):
 def test_npz_reference_batch_exposes_stored_statistics(tmp_path):
     np.savez(tmp_path / "ref.npz", arr_0=_images(), mu=np.ones(3), sigma=np.eye(3))
     src = open_images(str(tmp_path / "ref.npz"))
-    assert np.array_equal(src.stored_stats[0], np.ones(3)) and src.stored_stats[1].shape == (3, 3)
+    assert np.array_equal(src.stored_stats["mu"], np.ones(3)) and src.stored_stats["sigma"].shape == (3, 3)
     assert not is_stats_file(tmp_path / "ref.npz")
     np.savez(tmp_path / "stats.npz", mu=np.ones(3), sigma=np.eye(3))
     assert is_stats_file(tmp_path / "stats.npz")

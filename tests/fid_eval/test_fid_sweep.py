@@ -1,0 +1,67 @@
+"""`python -m fid_eval sweep`: per-scale samples and metrics, sweep.json, the PNG, resume and refusals."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from fid_eval.__main__ import main
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """An untrained tiny model saved as a training checkpoint: the sweep's mechanics need no training."""
+    from gspn_gen.lit import GenerationModule
+
+    torch.manual_seed(0)
+    module = GenerationModule(model="GSPN-T/2", model_args={"hidden_size": 32, "depth": 2, "num_heads": 2},
+                              input_size=8)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.ckpt"
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, path)
+    return path
+
+
+def _sweep(checkpoint, out, *extra):
+    return main(["sweep", "--ckpt", str(checkpoint), "--num-samples", "30", "--steps", "2", "--ref", "digits:val",
+                 "--extractor", "digits", "--device", "cpu", "--no-progress", "--cache-dir", str(out / "cache"),
+                 "--out", str(out), *extra])
+
+
+def test_sweep_writes_json_png_and_best_scale_then_resumes(checkpoint, tmp_path, capsys, monkeypatch):
+    from PIL import Image
+
+    assert _sweep(checkpoint, tmp_path, "--cfg-scales", "1", "3") == 0
+    out = capsys.readouterr().out
+    summary = json.loads((tmp_path / "sweep.json").read_text())
+    rows = summary["scales"]
+    assert [r["cfg_scale"] for r in rows] == [1.0, 3.0]
+    assert all({"fid", "isc_mean", "precision", "recall", "class_agreement"} <= set(r) for r in rows)
+    best = min(rows, key=lambda r: r["fid"])
+    assert summary["best"] == {"cfg_scale": best["cfg_scale"], "fid": best["fid"]}
+    assert f"best guidance scale for FID: {best['cfg_scale']:g}" in out
+    assert summary["protocol"] == "torch-fidelity" and summary["extractor"]["name"] == "digits"
+    with Image.open(tmp_path / "sweep.png") as png:
+        assert png.format == "PNG" and png.width > 2 * png.height  # three panels side by side
+    samples = np.load(tmp_path / "cfg-3" / "samples.npz")
+    assert samples["arr_0"].shape == (30, 8, 8, 3)
+
+    # Rerun with one more scale: the two scored ones are read back, only the new one is sampled.
+    sampled = []
+    real = __import__("fid_eval.sweep", fromlist=["sample_scale"]).sample_scale
+    monkeypatch.setattr("fid_eval.sweep.sample_scale", lambda args, s, p: sampled.append(s) or real(args, s, p))
+    assert _sweep(checkpoint, tmp_path, "--cfg-scales", "1", "2", "3") == 0
+    assert sampled == [2.0]
+    assert [r["cfg_scale"] for r in json.loads((tmp_path / "sweep.json").read_text())["scales"]] == [1.0, 2.0, 3.0]
+
+    # Other settings in the same folder are refused in one line.
+    capsys.readouterr()
+    assert _sweep(checkpoint, tmp_path, "--cfg-scales", "1", "--seed", "5") == 2
+    err = capsys.readouterr().err
+    assert "holds a sweep made with other settings" in err and "'seed': (0, 5)" in err and err.count("\n") == 1
+
+
+def test_sweep_refuses_bad_scales(checkpoint, tmp_path, capsys):
+    assert _sweep(checkpoint, tmp_path, "--cfg-scales", "2", "nan") == 2
+    assert "--cfg-scales must be finite and >= 0" in capsys.readouterr().err
+    assert not (tmp_path / "sweep_settings.json").exists()
