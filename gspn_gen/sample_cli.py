@@ -49,6 +49,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="classifier-free guidance scale on all channels; 1 disables guidance (default 4.0)")
     p.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
                    help="guide only where t / T lies in [LO, HI] (default: everywhere)")
+    p.add_argument("--guide-channels", type=int, default=None, metavar="K",
+                   help="guide only the first K latent channels (default: all); official DiT/SiT sampling "
+                        "guides 3 of the SD VAE's 4, so --guide-channels 3 reproduces their published numbers")
     p.add_argument("--sampler", default=None,
                    help="gaussian: ddim (default) or ddpm; flow: heun (default), euler or sde")
     p.add_argument("--steps", type=int, default=None,
@@ -91,6 +94,7 @@ def sample_range(module, labels: torch.Tensor, start: int, stop: int, args, prog
     """Samples start..stop-1 (global ids, so seeds do not depend on batching) in --batch-size chunks."""
     kw = {"seed": args.seed, "cfg_scale": args.cfg_scale, "steps": args.steps, "sampler": args.sampler,
           "guidance_interval": tuple(args.guidance_interval) if args.guidance_interval else None,
+          "guide_channels": args.guide_channels,
           "use_ema": not args.no_ema}
     chunks = []
     starts = range(start, stop, args.batch_size)
@@ -128,8 +132,8 @@ def write_npz(args) -> None:
     module = load(args, fabric.device)
     labels = torch.arange(args.num_samples) % module.hparams.num_classes
     parts = Path(f"{args.out}.parts")
-    settings = {k: getattr(args, k) for k in ("seed", "cfg_scale", "guidance_interval", "sampler", "steps",
-                                              "no_ema", "num_samples", "shard_size")}
+    settings = {k: getattr(args, k) for k in ("seed", "cfg_scale", "guidance_interval", "guide_channels", "sampler",
+                                              "steps", "no_ema", "num_samples", "shard_size")}
     settings["ckpt"] = os.path.abspath(args.ckpt)
     if fabric.global_rank == 0:
         write_manifest(parts, settings)
@@ -180,7 +184,7 @@ def run(args: argparse.Namespace) -> None:
         fail(f"--out {out!r}: expected a .png/.jpg (grid) or .npz (sample batch) path")
     if is_npz and not args.num_samples:
         fail("--out *.npz needs --num-samples N")
-    for name in ("num_samples", "per_class", "batch_size", "shard_size", "devices", "num_nodes"):
+    for name in ("num_samples", "per_class", "batch_size", "shard_size", "devices", "num_nodes", "guide_channels"):
         value = getattr(args, name)
         if value is not None and value < 1:
             fail(f"--{name.replace('_', '-')} must be >= 1, got {value}")
