@@ -47,3 +47,14 @@ def load_module(path: str, device: str | torch.device = "cpu") -> GenerationModu
         )
     return module.to(device).eval()
 
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m gspn_gen.checkpoints import-dit|import-sit SRC --out DST`: see gspn_gen.convert."""
+    from gspn_gen.convert import main as convert_main
+
+    convert_main(argv)
+
+
+if __name__ == "__main__":
+    main()
