@@ -34,9 +34,11 @@ from gspn_gen.diffusion import KINDS, FlowMatching
 from gspn_gen.diffusion.gaussian import mean_flat
 from gspn_gen.lit import GenerationModule
 
+SETTINGS = ("teacher_ema", "output_weight", "layer_weight", "distill_steps")  # fixed for the whole run
 
-class TeacherMismatchError(ValueError):
-    """The teacher does not fit the student, or differs from the one a resumed run was distilled from."""
+
+class DistillationError(ValueError):
+    """The teacher does not fit the student, or a resume would change the teacher or the settings."""
 
 
 class DistillationModule(GenerationModule):
@@ -61,7 +63,7 @@ class DistillationModule(GenerationModule):
             layer_weight: weight of the layer-wise loss: each mixer's output against the teacher's
                 attention on the same input, averaged over blocks (0: off).
             distill_steps: distil for this many steps, then fine-tune with the ordinary diffusion loss;
-                None: distil throughout.
+                None: distil throughout; 0: fine-tune the converted model without distillation.
             **kwargs: the student's GenerationModule arguments (model: a GSPN preset of the teacher's
                 width and depth). model_args gets fixed_pos_embed: true unless set, so the student keeps
                 the teacher's position embedding and starts as the teacher without attention.
@@ -83,7 +85,7 @@ class DistillationModule(GenerationModule):
         try:
             convert_to_gspn(net, self.model)
         except ValueError as e:
-            raise TeacherMismatchError(f"teacher {teacher!r} cannot initialise {self.hparams.model}: {e}") from None
+            raise DistillationError(f"teacher {teacher!r} cannot initialise {self.hparams.model}: {e}") from None
         self.ema.load_state_dict(self.model.state_dict())
 
     def training_losses(self, batch) -> dict[str, torch.Tensor]:
@@ -127,24 +129,27 @@ class DistillationModule(GenerationModule):
         plain = inspect.signature(GenerationModule.__init__).parameters
         hparams = dict(checkpoint.get("hyper_parameters", self.hparams))
         checkpoint["hyper_parameters"] = {k: v for k, v in hparams.items() if k in plain}
-        checkpoint["distillation"] = {k: hparams.get(k) for k in
-                                      ("teacher", "teacher_ema", "output_weight", "layer_weight", "distill_steps")}
-        checkpoint["distillation"]["teacher_sha256"] = self.teacher_sha256
+        checkpoint["distillation"] = {"teacher": hparams.get("teacher"), "teacher_sha256": self.teacher_sha256,
+                                      **{k: hparams.get(k) for k in SETTINGS}}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        recorded = checkpoint.get("distillation", {}).get("teacher_sha256")
+        recorded = checkpoint.get("distillation")
         if recorded is None:
-            raise TeacherMismatchError("this checkpoint was not written by a distillation run; resume it with "
+            raise DistillationError("this checkpoint was not written by a distillation run; resume it with "
                                        "train_gen.py")
-        if recorded != self.teacher_sha256:
-            raise TeacherMismatchError(
-                f"teacher {self.hparams.teacher!r} is not the one this run was distilled from "
-                f"(weights SHA-256 {self.teacher_sha256[:12]}..., the checkpoint records {recorded[:12]}...)")
+        if recorded["teacher_sha256"] != self.teacher_sha256:
+            raise DistillationError(
+                f"teacher {self.hparams.teacher!r} is not the one this run was distilled from (weights SHA-256 "
+                f"{self.teacher_sha256[:12]}..., the checkpoint records {recorded['teacher_sha256'][:12]}...)")
+        changed = {k: (recorded.get(k), self.hparams[k]) for k in SETTINGS if recorded.get(k) != self.hparams[k]}
+        if changed:
+            raise DistillationError(f"the run was distilled with other settings (checkpoint, now): {changed}; "
+                                       "resume with the same ones")
         super().on_load_checkpoint(checkpoint)
 
 
 def check_compatible(teacher: GenerationModule, student: GenerationModule) -> None:
-    """Teacher and student must model the same data with the same process; else TeacherMismatchError.
+    """Teacher and student must model the same data with the same process; else DistillationError.
 
     Read from the built networks and processes, not from `hparams`: a module built while LightningCLI
     instantiates another one is given that one's hyper-parameters.
@@ -160,7 +165,7 @@ def check_compatible(teacher: GenerationModule, student: GenerationModule) -> No
     theirs, ours = facts(teacher), facts(student)
     for name in ours:
         if theirs.get(name) != ours[name]:
-            raise TeacherMismatchError(f"the teacher has {name}={theirs.get(name)!r} but the student {name}={ours[name]!r}")
+            raise DistillationError(f"the teacher has {name}={theirs.get(name)!r} but the student {name}={ours[name]!r}")
 
 
 def noisy_input(diffusion, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -186,7 +191,7 @@ def weights_sha256(net: nn.Module) -> str:
 def main(args: list[str] | None = None) -> None:
     try:
         train_cli.main(args, model_class=DistillationModule)
-    except TeacherMismatchError as e:
+    except DistillationError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

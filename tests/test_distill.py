@@ -118,3 +118,14 @@ def test_a_teacher_of_other_data_is_refused_in_one_line(tmp_path, capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error:") and "diffusion='flow'" in err[-1]
+
+
+def test_resume_with_other_settings_is_refused(teacher):
+    student = DistillationModule(teacher=str(teacher), model="GSPN-T/2", model_args=TINY, input_size=8,
+                                 diffusion_args={"learn_sigma": True}, layer_weight=0.5)
+    checkpoint = {}
+    student.on_save_checkpoint(checkpoint)
+    assert checkpoint["distillation"]["layer_weight"] == 0.5
+    checkpoint["distillation"]["layer_weight"] = 0.0
+    with pytest.raises(distill.DistillationError, match="layer_weight"):
+        student.on_load_checkpoint(checkpoint)
