@@ -198,3 +198,13 @@ class SafeCheckpointIO(TorchCheckpointIO):
     def load_checkpoint(self, path, map_location: Any = None, weights_only: bool | None = None) -> dict:
         return read_checkpoint(os.fspath(path), map_location=map_location or "cpu")
 
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m gspn_gen.checkpoints import-dit|import-sit SRC --out DST`: see gspn_gen.convert."""
+    from gspn_gen.convert import main as convert_main
+
+    convert_main(argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -136,8 +136,7 @@ class GenerationModule(L.LightningModule):
 
     # ---------------------------------------------------------------- training
     def training_step(self, batch, batch_idx):
-        x, y = batch  # (B, C, H, W), (B,)
-        losses = self.diffusion.training_losses(self.model, x, y)
+        losses = self.training_losses(batch)
         loss = losses["loss"].mean()
         finite = self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True)
         if not finite:  # every rank stops together, so none waits in an all-reduce
@@ -151,6 +150,12 @@ class GenerationModule(L.LightningModule):
             if name != "loss":
                 self.log(f"train/{name}", value.mean())
         return loss
+
+    def training_losses(self, batch) -> dict[str, torch.Tensor]:
+        """Per-sample loss terms (N,) of a batch; "loss" is minimised, the others are logged.
+        The diffusion loss here; a subclass may train another objective (gspn_gen.distill)."""
+        x, y = batch  # (B, C, H, W), (B,)
+        return self.diffusion.training_losses(self.model, x, y)
 
     def on_before_optimizer_step(self, optimizer) -> None:
         norms = grad_norm(self.model, norm_type=2)

@@ -59,10 +59,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-samples", type=int, default=None,
                    help=".npz: number of samples, classes balanced (sample i has class i mod num_classes)")
     p.add_argument("--cfg-scale", type=float, default=4.0,
-                   help=f"classifier-free guidance scale on all channels, 0 to {MAX_CFG_SCALE:g}; 1 disables guidance, "
+                   help=f"classifier-free guidance scale, 0 to {MAX_CFG_SCALE:g}; 1 disables guidance, "
                         "0 samples unconditionally (default 4.0)")
     p.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
                    help="guide only where t / T lies in [LO, HI], 0 <= LO <= HI <= 1 (default: everywhere)")
+    p.add_argument("--guide-channels", type=int, default=None, metavar="K",
+                   help="guide only the first K latent channels (default: all); official DiT/SiT sampling "
+                        "guides 3 of the SD VAE's 4, so --guide-channels 3 reproduces their published numbers")
     p.add_argument("--sampler", default=None,
                    help="gaussian: ddim (default) or ddpm; flow: heun (default), euler or sde")
     p.add_argument("--steps", type=int, default=None,
@@ -137,6 +140,7 @@ def sample_range(module, labels: torch.Tensor, start: int, stop: int, args, bar=
     """Samples start..stop-1 (global ids, so seeds do not depend on batching) in --batch-size chunks."""
     kw = {"seed": args.seed, "cfg_scale": args.cfg_scale, "steps": args.steps, "sampler": args.sampler,
           "guidance_interval": tuple(args.guidance_interval) if args.guidance_interval else None,
+          "guide_channels": args.guide_channels,
           "use_ema": not args.no_ema}
     chunks = []
     for s in range(start, stop, args.batch_size):
@@ -209,8 +213,8 @@ def write_npz(args) -> None:
     if rank0:  # what a killed run left half-written
         remove_stale_temps(Path(args.out).absolute().parent, Path(args.out).name)
         remove_stale_temps(parts)
-    settings = {k: getattr(args, k) for k in ("seed", "cfg_scale", "guidance_interval", "sampler", "steps",
-                                              "no_ema", "num_samples", "shard_size")}
+    settings = {k: getattr(args, k) for k in ("seed", "cfg_scale", "guidance_interval", "guide_channels", "sampler",
+                                              "steps", "no_ema", "num_samples", "shard_size")}
     # what the checkpoint file holds, not where it is: a file replaced at the same path is another model
     settings["ckpt"] = fabric.broadcast(fingerprint(args.ckpt) if rank0 else None, src=0)
     settings = json.loads(json.dumps(settings))
@@ -329,7 +333,8 @@ def run(args: argparse.Namespace) -> None:
         fail(f"--out {args.out!r}: expected a .png/.jpg/.jpeg (grid) or .npz (sample batch) path")
     if is_npz and not args.num_samples:
         fail("--out *.npz needs --num-samples N")
-    for name in ("num_samples", "per_class", "batch_size", "shard_size", "devices", "num_nodes", "steps"):
+    for name in ("num_samples", "per_class", "batch_size", "shard_size", "devices", "num_nodes", "steps",
+                 "guide_channels"):
         value = getattr(args, name)
         if value is not None and value < 1:
             fail(f"--{name.replace('_', '-')} must be >= 1, got {value}")

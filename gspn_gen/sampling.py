@@ -39,6 +39,7 @@ def generate(
     steps: int | None = None,
     sampler: str | None = None,
     guidance_interval: tuple[float, float] | None = None,
+    guide_channels: int | None = None,        # guide only the first k latent channels (DiT/SiT: 3)
     use_ema: bool = True,
     progress: bool = False,
 ) -> np.ndarray:
@@ -54,7 +55,7 @@ def generate(
     rng = PerSampleRNG(seed, indices, device)
     noise = rng.randn((hp.in_channels, hp.input_size, hp.input_size))
     model_fn = cfg_model_fn(net, cfg_scale, module.null_class, interval=guidance_interval,
-                            time_scale=module.diffusion.time_scale)
+                            time_scale=module.diffusion.time_scale, channels=guide_channels)
     z = module.diffusion.sample(model_fn, noise, labels, rng, sampler=sampler, steps=steps, progress=progress)
     images = decoder(module, device).decode(z)
     net.train(was_training)

@@ -272,11 +272,12 @@ def _one_line(message: str) -> str:
     return f"--{key}: {text}" + (f", got {got!r}" if got is not None else "")
 
 
-def main(args: list[str] | None = None) -> None:
+def main(args: list[str] | None = None, model_class: type[GenerationModule] = GenerationModule) -> None:
+    """Run the CLI; `model_class` is GenerationModule or a subclass (gspn_gen.distill's)."""
     torch.set_float32_matmul_precision("high")
     try:
         GenerationCLI(
-            GenerationModule,
+            model_class,
             L.LightningDataModule,
             subclass_mode_data=True,
             # errors raise instead of printing the whole usage, so main() can say them in one line

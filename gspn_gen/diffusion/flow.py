@@ -5,7 +5,8 @@ Convention (ours; documented because SiT uses the mirror image):
 The model predicts the velocity v = dx_t/dt = n - x_0, and sampling integrates from t = 1 down to
 t = 0. Time runs the same way as in the Gaussian process (noise at large t), so a guidance interval
 (lo, hi) on t / time_scale means the same region for both. SiT's "Linear" path uses t_SiT = 1 - t and
-v_SiT = x_0 - n = -v; a SiT checkpoint would need both flipped.
+v_SiT = x_0 - n = -v; `python -m gspn_gen.checkpoints import-sit` folds both flips into a SiT
+checkpoint's weights (gspn_gen.convert).
 
 Samplers over a uniform grid t_k = 1 - k / steps:
   "euler"  x <- x + (t_next - t) v(x, t)                      (steps model calls)

@@ -6,6 +6,8 @@ and LightningDiT guide only the first 3 channels (a leftover from pixel-space co
 from the conditional half. With interval=(lo, hi), guidance applies only where lo <= t / time_scale
 <= hi (Kynkaanniemi et al. 2024, "guidance in a limited interval"); elsewhere the conditional output
 is used and, when no sample of the batch is inside the interval, the null half is not computed.
+With channels=k only the first k channels are guided and the others come from the conditional half,
+which is exactly what official DiT/SiT sampling does with k = 3 (to reproduce their published numbers).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ def cfg_model_fn(
     null_class: int,                             # label of the unconditional ("null") class
     interval: tuple[float, float] | None = None, # guide only for lo <= t / time_scale <= hi
     time_scale: float = 1000.0,                  # the diffusion's time_scale (1000 DDPM, 1 flow)
+    channels: int | None = None,                 # guide only the first `channels`; None: all of x's
 ) -> ModelFn:
     """A model_fn(x, t, y) that returns the guided output; `model` itself when scale == 1."""
     scale = float(scale)
@@ -35,11 +38,16 @@ def cfg_model_fn(
         lo, hi = (float(v) for v in interval)
         if not 0.0 <= lo <= hi <= 1.0:
             raise ValueError(f"guidance interval must be (lo, hi) with 0 <= lo <= hi <= 1, got {interval}")
+    if channels is not None and (isinstance(channels, bool) or int(channels) != channels or channels < 1):
+        raise ValueError(f"guided channels must be an integer >= 1, got {channels!r}")
     if scale == 1.0:
         return model
 
     def guided(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         c = x.shape[1]
+        k = c if channels is None else channels
+        if k > c:
+            raise ValueError(f"cannot guide {k} channels: the samples have {c}")
         if interval is None:
             active = None
         else:
@@ -50,9 +58,9 @@ def cfg_model_fn(
         y_null = torch.full_like(y, null_class)
         out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, y_null]))  # (2N, C', H, W)
         cond, uncond = out.chunk(2, dim=0)                                    # (N, C', H, W) each
-        eps = uncond[:, :c] + scale * (cond[:, :c] - uncond[:, :c])           # (N, C, H, W)
+        eps = uncond[:, :k] + scale * (cond[:, :k] - uncond[:, :k])           # (N, k, H, W)
         if active is not None:
-            eps = torch.where(active.view(-1, *([1] * (x.dim() - 1))), eps, cond[:, :c])
-        return torch.cat([eps, cond[:, c:]], dim=1)
+            eps = torch.where(active.view(-1, *([1] * (x.dim() - 1))), eps, cond[:, :k])
+        return torch.cat([eps, cond[:, k:]], dim=1)
 
     return guided

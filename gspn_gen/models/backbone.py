@@ -217,6 +217,7 @@ class DiffusionBackbone(nn.Module):
         scan_dim: int | None = None,                # GSPN propagation width (GSPN-2 compact); None: hidden_size
         recompute: bool = False,                    # GSPN: recompute the mixer's maps in backward (less memory)
         gspn_backend: Literal["auto", "cuda", "torch", "reference"] = "auto",  # gspn_mix backend
+        fixed_pos_embed: bool | None = None,        # DiT's sin-cos position embedding; None: attention only
     ):
         super().__init__()
         if mixer not in ("gspn", "attention"):
@@ -240,11 +241,14 @@ class DiffusionBackbone(nn.Module):
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
-        # Attention only: DiT's fixed sin-cos embedding, a frozen parameter as in DiT (so the parameter
-        # count and state-dict key match); other grids get theirs computed on the fly.
+        # DiT's fixed sin-cos embedding (by default for attention only; a GSPN model converted from a
+        # DiT keeps it), a frozen parameter as in DiT (so the parameter count and state-dict key match);
+        # other grids get theirs computed on the fly.
+        if fixed_pos_embed is None:
+            fixed_pos_embed = mixer == "attention"
         self.pos_embed = nn.Parameter(
             torch.zeros(1, grid[0] * grid[1], hidden_size), requires_grad=False
-        ) if mixer == "attention" else None
+        ) if fixed_pos_embed else None
         self.grid = grid
 
         def make_mixer(i: int) -> nn.Module:
@@ -277,7 +281,7 @@ class DiffusionBackbone(nn.Module):
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
 
-        # Fixed sin-cos position embedding (attention only).
+        # Fixed sin-cos position embedding (attention, or GSPN with fixed_pos_embed).
         if self.pos_embed is not None:
             self.pos_embed.data.copy_(sincos_pos_embed_2d(self.pos_embed.shape[-1], self.grid).unsqueeze(0))
 

@@ -88,3 +88,33 @@ def test_bad_arguments():
         cfg_model_fn(Recorder(), 2.0, NULL, interval=(0.7, 0.2))
     with pytest.raises(ValueError, match="finite"):
         cfg_model_fn(Recorder(), float("nan"), NULL)
+
+
+def official_dit_forward_with_cfg(model, x, t, y, cfg_scale):
+    """facebookresearch/DiT's DiT.forward_with_cfg on a batch [x; x] with labels [y; null], written out:
+    guidance on channels 0..2 only, every other channel (and the learned sigma) from each half itself."""
+    half = x[: len(x) // 2]
+    out = model(torch.cat([half, half]), t, y)
+    eps, rest = out[:, :3], out[:, 3:]
+    cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)
+    half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
+    return torch.cat([torch.cat([half_eps, half_eps]), rest], dim=1)
+
+
+@pytest.mark.parametrize("extra_channels", [True, False])
+def test_guide_channels_3_reproduces_official_dit_guidance(extra_channels):
+    model = Recorder(extra_channels)
+    x, t, y = inputs(c=4)
+    official = official_dit_forward_with_cfg(
+        model, torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, NULL)]), 1.5)[:5]
+    ours = cfg_model_fn(model, 1.5, NULL, channels=3)(x, t, y)
+    assert torch.equal(ours, official)
+    assert not torch.equal(cfg_model_fn(model, 1.5, NULL)(x, t, y), official)  # the default guides all 4
+
+
+def test_guide_channels_must_fit_the_samples():
+    with pytest.raises(ValueError, match="integer >= 1"):
+        cfg_model_fn(Recorder(), 2.0, NULL, channels=0)
+    x, t, y = inputs(c=4)
+    with pytest.raises(ValueError, match="cannot guide 5 channels"):
+        cfg_model_fn(Recorder(), 2.0, NULL, channels=5)(x, t, y)

@@ -1,0 +1,294 @@
+"""Pretrained models in: official DiT/SiT checkpoints to ours, and a DiT to a GSPN model (DESIGN.md §10).
+
+Import. The official checkpoints (facebookresearch/DiT `DiT-XL-2-256x256.pt`, willisma/SiT
+`SiT-XL-2-256x256.pt`) are plain state dicts of EMA weights (a train.py checkpoint holds them under
+"ema"). Our DiT presets have the same keys and shapes except `blocks.N.attn.*` -> `blocks.N.mixer.*`,
+so import renames those keys, reads the preset from the shapes and writes a checkpoint that
+`load_module`, `sample.py` and `fid_eval` take like a trained one: the weights as both `model.*` and
+`ema.*` (one stored copy), 1000 classes, the SD VAE codec with scale 0.18215, and the sampling
+protocol of the paper as the default (DiT: 250 DDPM steps; SiT: 250 SDE steps).
+
+SiT's conventions are the mirror image of our flow process (gspn_gen/diffusion/flow.py):
+    SiT:   x_s = s * data + (1 - s) * noise,  s = 0 noise .. 1 data,  v_SiT = data - noise
+    ours:  x_t = (1 - t) * data + t * noise,  t = 0 data .. 1 noise,  v = noise - data
+so t = 1 - s and v = -v_SiT: our model must compute -SiT(x, 1 - t, y). Both maps are folded into
+the weights, so the imported model is an ordinary flow model of ours (training, distillation and
+guidance intervals need nothing special):
+  - the velocity sign: the velocity rows of `final_layer.linear` are negated (exact);
+  - the time flip: the sinusoidal features obey phi(1 - t) = R phi(t) with R a fixed block rotation
+    ([cos f, sin f; sin f, -cos f] per frequency f), so the first time-MLP weight W becomes W R
+    (exact in real arithmetic; float32 rounding of about 1e-7 relative);
+  - SiT's learned-sigma half of the output, which its forward drops, is removed from the final layer.
+
+Conversion. `convert_to_gspn` starts a GSPN backbone of the same width and depth from a DiT: the
+patch, time and class embedders, every adaLN modulation, every MLP, the final layer and the fixed
+position embedding are copied bit for bit; each attention becomes a fresh GSPN mixer whose output
+projection is zero, so the converted model at step 0 is the DiT with its attention branches removed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+
+import torch
+
+from gspn_gen.checkpoints import CheckpointError
+from gspn_gen.codecs import sd_vae_spec
+from gspn_gen.lit import GenerationModule
+from gspn_gen.models.backbone import DiffusionBackbone
+from gspn_gen.models.mixer import GSPNMixer
+from gspn_gen.models.zoo import MODELS
+
+DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
+
+# Every key of an official DiT/SiT state dict (timm's Attention and Mlp hold no other tensors).
+_TOP_KEYS = {
+    "pos_embed", "x_embedder.proj.weight", "x_embedder.proj.bias",
+    "t_embedder.mlp.0.weight", "t_embedder.mlp.0.bias", "t_embedder.mlp.2.weight", "t_embedder.mlp.2.bias",
+    "y_embedder.embedding_table.weight",
+    "final_layer.linear.weight", "final_layer.linear.bias",
+    "final_layer.adaLN_modulation.1.weight", "final_layer.adaLN_modulation.1.bias",
+}
+_BLOCK_KEY = re.compile(r"blocks\.(\d+)\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2|adaLN_modulation\.1)\.(weight|bias)")
+
+# The official sampling protocol of each family, the imported checkpoint's default.
+_FAMILIES = {
+    "dit": {"diffusion": "gaussian", "diffusion_args": {"sampler": "ddpm", "sampling_steps": 250}},
+    "sit": {"diffusion": "flow", "diffusion_args": {"sampler": "sde", "sampling_steps": 250}},
+}
+
+
+def read_official(path: str) -> dict[str, torch.Tensor]:
+    """The state dict of an official DiT/SiT checkpoint file (its "ema" entry for a train.py file)."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {path!r} does not exist")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file for the user
+        raise CheckpointError(
+            f"cannot read {path!r} with weights_only=True ({type(e).__name__}); a DiT/SiT train.py checkpoint "
+            "also pickles its argparse arguments: save its weights alone with "
+            "torch.save(torch.load(path)['ema'], 'ema.pt') on a machine you trust"
+        ) from None
+    if isinstance(obj, dict) and isinstance(obj.get("ema"), dict):
+        obj = obj["ema"]
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path!r} is not a DiT/SiT state dict (expected a dict of tensors)")
+    return obj
+
+
+def check_layout(state: dict[str, torch.Tensor]) -> int:
+    """The block count of an official DiT/SiT state dict; any other layout raises CheckpointError."""
+    blocks: set[int] = set()
+    for key in state:
+        match = _BLOCK_KEY.fullmatch(key)
+        if match:
+            blocks.add(int(match.group(1)))
+        elif key not in _TOP_KEYS:
+            raise CheckpointError(f"not an official DiT/SiT layout: unexpected key {key!r}")
+    depth = max(blocks) + 1 if blocks else 0
+    expected = sorted(_TOP_KEYS) + [
+        f"blocks.{i}.{name}.{kind}" for i in range(depth)
+        for name in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2", "adaLN_modulation.1") for kind in ("weight", "bias")
+    ]
+    missing = [k for k in expected if k not in state]
+    if missing or not depth:
+        raise CheckpointError(f"not an official DiT/SiT layout: missing key {(missing or ['blocks.0.*'])[0]!r}")
+    return depth
+
+
+def infer_config(state: dict[str, torch.Tensor], family: str) -> dict:
+    """GenerationModule arguments (preset, overrides, process, data shape) read from the tensor shapes."""
+    depth = check_layout(state)
+    width, in_channels, patch, _ = state["x_embedder.proj.weight"].shape
+    out_channels = state["final_layer.linear.weight"].shape[0] // (patch * patch)
+    if out_channels not in (in_channels, 2 * in_channels):
+        raise CheckpointError(f"final layer gives {out_channels} channels for {in_channels} input channels")
+    tokens = state["pos_embed"].shape[1]
+    side = round(tokens ** 0.5)
+    if side * side != tokens:
+        raise CheckpointError(f"pos_embed has {tokens} tokens, not a square grid")
+    candidates = [name for name, args in MODELS.items()
+                  if args["mixer"] == "attention" and args["hidden_size"] == width and args["patch_size"] == patch]
+    if not candidates:
+        raise CheckpointError(f"no DiT preset of width {width} and patch size {patch} (see python -m gspn_gen.models.zoo)")
+    name = next((n for n in candidates if MODELS[n]["depth"] == depth), candidates[0])
+    shape = {"depth": depth, "mlp_ratio": state["blocks.0.mlp.fc1.weight"].shape[0] / width}
+    learn_sigma = out_channels == 2 * in_channels
+    if family == "sit":
+        learn_sigma = False  # SiT's forward drops the sigma half; import removes it from the weights
+    diffusion_args = {**_FAMILIES[family]["diffusion_args"]}
+    if family == "dit":
+        diffusion_args["learn_sigma"] = learn_sigma
+    return {
+        "model": name,
+        "model_args": {k: v for k, v in shape.items() if MODELS[name][k] != v},
+        "diffusion": _FAMILIES[family]["diffusion"],
+        "diffusion_args": diffusion_args,
+        "num_classes": state["y_embedder.embedding_table.weight"].shape[0] - 1,  # the last row is the null class
+        "in_channels": in_channels,
+        "input_size": side * patch,
+    }
+
+
+def sit_to_ours(state: dict[str, torch.Tensor], frequencies: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Fold SiT's time and velocity conventions into its weights (module docstring).
+
+    `frequencies` are the time features at t = 1, [cos f, sin f] (the embedder's own `frequencies`).
+    """
+    state = dict(state)
+    in_channels, patch = state["x_embedder.proj.weight"].shape[1], state["x_embedder.proj.weight"].shape[2]
+    rows = state["final_layer.linear.weight"].shape[0]
+    out_channels = rows // (patch * patch)
+    keep = torch.arange(rows) % out_channels < in_channels   # unpatchify order: (p, p, C_out), C_out fastest
+    for kind in ("weight", "bias"):
+        state[f"final_layer.linear.{kind}"] = -state[f"final_layer.linear.{kind}"][keep]
+    half = frequencies.shape[-1] // 2
+    cos, sin = frequencies[:half].double(), frequencies[half:2 * half].double()
+    w = state["t_embedder.mlp.0.weight"].double()              # (D, F): columns [cos features, sin features]
+    w_cos, w_sin = w[:, :half], w[:, half:2 * half]
+    folded = w.clone()
+    folded[:, :half] = w_cos * cos + w_sin * sin                # phi_cos(1 - t) = cos f cos ft + sin f sin ft
+    folded[:, half:2 * half] = w_cos * sin - w_sin * cos        # phi_sin(1 - t) = sin f cos ft - cos f sin ft
+    state["t_embedder.mlp.0.weight"] = folded.to(state["t_embedder.mlp.0.weight"].dtype)
+    return state
+
+
+def official_to_ours(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename `blocks.N.attn.*` to our `blocks.N.mixer.*`; every other key already matches."""
+    return {re.sub(r"^(blocks\.\d+)\.attn\.", r"\1.mixer.", k): v for k, v in state.items()}
+
+
+def import_official(src: str, out: str, family: str, vae: str = DEFAULT_VAE) -> dict:
+    """Write `out`, a checkpoint of ours, from the official DiT (family "dit") or SiT ("sit") file `src`.
+
+    Returns the checkpoint's hyper-parameters. The layout is checked against a meta-device model of
+    the inferred preset, so a wrong shape is refused before anything is written.
+    """
+    if family not in _FAMILIES:
+        raise ValueError(f"family must be one of {sorted(_FAMILIES)}, got {family!r}")
+    state = read_official(src)
+    hparams = {**infer_config(state, family), "codec": sd_vae_spec(vae), "class_names": None}
+    with torch.device("meta"):  # shapes only: nothing is allocated
+        net = GenerationModule(**hparams).model
+    if family == "sit":
+        state = sit_to_ours(state, net.t_embedder.frequencies(torch.ones(1)).squeeze(0))
+    state = official_to_ours(state)
+    expected = {k: v.shape for k, v in net.state_dict().items()}
+    for key, shape in expected.items():
+        if key not in state or state[key].shape != shape:
+            got = tuple(state[key].shape) if key in state else "nothing"
+            raise CheckpointError(f"{src!r}: {key} should have shape {tuple(shape)} for {hparams['model']}, got {got}")
+    state = {k: v.float().contiguous() for k, v in state.items()}
+    both = {**{f"model.{k}": v for k, v in state.items()}, **{f"ema.{k}": v for k, v in state.items()}}
+    ckpt = {"state_dict": both, "hyper_parameters": hparams,
+            "imported_from": {"file": os.path.basename(src), "family": family}}
+    save_atomic(ckpt, out)
+    return hparams
+
+
+def save_atomic(obj: dict, path: str) -> None:
+    """torch.save to a temp name beside `path`, then rename: a crash never leaves half a file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+# ------------------------------------------------------------------------------------ DiT -> GSPN
+
+def gspn_preset_for(dit_preset: str) -> str:
+    """The GSPN preset of a DiT preset's width and depth: DiT-XL/2 -> GSPN-XL/2."""
+    name = dit_preset.replace("DiT-", "GSPN-", 1)
+    if not dit_preset.startswith("DiT-") or name not in MODELS:
+        raise ValueError(f"no GSPN preset with the width and depth of {dit_preset!r}")
+    return name
+
+
+def shared_keys(teacher: DiffusionBackbone, student: DiffusionBackbone) -> list[str]:
+    """State-dict keys the two backbones share: everything but the mixers."""
+    theirs = teacher.state_dict()
+    return [k for k in student.state_dict() if k in theirs and ".mixer." not in k]
+
+
+@torch.no_grad()
+def convert_to_gspn(teacher: DiffusionBackbone, student: DiffusionBackbone) -> list[str]:
+    """Copy every shared tensor of the DiT `teacher` into the GSPN `student` and zero each mixer's output
+    projection (module docstring). Returns the copied keys; any shape or layout mismatch raises ValueError."""
+    if len(teacher.blocks) != len(student.blocks):
+        raise ValueError(f"the teacher has {len(teacher.blocks)} blocks, the student {len(student.blocks)}")
+    if not all(isinstance(b.mixer, GSPNMixer) for b in student.blocks):
+        raise ValueError("the student must be a GSPN model (mixer 'gspn')")
+    if (teacher.pos_embed is None) != (student.pos_embed is None):
+        raise ValueError("teacher and student must both have the fixed position embedding or both lack it "
+                         "(build the student with fixed_pos_embed=True)")
+    src, dst = teacher.state_dict(), student.state_dict()
+    keys = shared_keys(teacher, student)
+    for key in keys:
+        if src[key].shape != dst[key].shape:
+            raise ValueError(f"{key}: teacher shape {tuple(src[key].shape)}, student {tuple(dst[key].shape)}")
+        dst[key].copy_(src[key])
+    missing = [k for k in src if ".mixer." not in k and k not in dst]
+    if missing:
+        raise ValueError(f"the student has no {missing[0]!r} to take the teacher's weights")
+    for block in student.blocks:
+        torch.nn.init.zeros_(block.mixer.out_proj.weight)
+        torch.nn.init.zeros_(block.mixer.out_proj.bias)
+    return keys
+
+
+def student_config(teacher_hparams: dict, student_preset: str | None = None) -> dict:
+    """Hyper-parameters of the GSPN student of a teacher checkpoint: the teacher's data, process and
+    codec, the GSPN preset of its width and depth, and the teacher's position embedding."""
+    hp = {k: v for k, v in teacher_hparams.items() if not k.startswith("_")}
+    model_args = {**(hp.get("model_args") or {}), "fixed_pos_embed": True}
+    model_args.pop("num_heads", None)
+    return {**hp, "model": student_preset or gspn_preset_for(hp["model"]), "model_args": model_args}
+
+
+# ------------------------------------------------------------------------------------ command line
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m gspn_gen.checkpoints import-dit|import-sit SRC --out DST [--vae ID_OR_DIR]`."""
+    parser = argparse.ArgumentParser(
+        prog="python -m gspn_gen.checkpoints",
+        description="Import an official DiT or SiT checkpoint as a gspn-gen checkpoint (for sample.py, fid_eval, "
+                    "and as a distillation teacher).",
+        epilog="examples:\n"
+               "  python -m gspn_gen.checkpoints import-dit DiT-XL-2-256x256.pt --out dit-xl2-256.ckpt\n"
+               "  python -m gspn_gen.checkpoints import-sit SiT-XL-2-256x256.pt --out sit-xl2-256.ckpt "
+               "--vae /models/sd-vae-ft-ema\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    for family in ("dit", "sit"):
+        p = sub.add_parser(f"import-{family}", help=f"official {family.upper()} state dict -> our checkpoint")
+        p.add_argument("src", help=f"the official file, e.g. {family.upper()}-XL-2-256x256.pt")
+        p.add_argument("--out", required=True, help="the checkpoint to write (refused if it exists)")
+        p.add_argument("--vae", default=DEFAULT_VAE, metavar="ID_OR_DIR",
+                       help=f"the SD VAE that decodes samples: hub id or local directory (default {DEFAULT_VAE}; "
+                            "an offline machine needs a local copy); sample.py --vae can change it later")
+    args = parser.parse_args(argv)
+    family = args.command.split("-")[1]
+    if os.path.exists(args.out):
+        _fail(f"--out {args.out!r} exists; delete it or choose another path")
+    try:
+        hp = import_official(args.src, args.out, family, args.vae)
+    except CheckpointError as e:
+        _fail(str(e))
+    print(f"wrote {args.out}: {hp['model']}{' ' + str(hp['model_args']) if hp['model_args'] else ''}, {hp['diffusion']}, "
+          f"{hp['num_classes']} classes, {hp['in_channels']}x{hp['input_size']}x{hp['input_size']} latents, "
+          f"VAE {hp['codec']['path']}")
+
+
+def _fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+

@@ -1,0 +1,131 @@
+"""Distillation of a DiT teacher into a GSPN student: the loss goes down, resume is exact, checkpoints
+stay plain (no teacher inside, load_module takes them), and a different teacher is refused on resume."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from gspn_gen import distill
+from gspn_gen.checkpoints import load_module, read_checkpoint
+from gspn_gen.distill import DistillationModule
+from gspn_gen.lit import GenerationModule
+
+TINY = {"hidden_size": 32, "depth": 2, "num_heads": 2}
+
+
+def make_teacher(path: Path, seed: int = 0, diffusion: str = "gaussian") -> Path:
+    """A DiT-T/2 checkpoint of ours (8x8 digits, 10 classes) with every weight random."""
+    torch.manual_seed(seed)
+    module = GenerationModule(model="DiT-T/2", model_args=TINY, diffusion=diffusion, input_size=8,
+                              diffusion_args={"learn_sigma": True} if diffusion == "gaussian" else None)
+    with torch.no_grad():
+        for p in module.model.parameters():
+            if p.requires_grad:
+                p.normal_(std=0.1)
+        module.ema.load_state_dict(module.model.state_dict())
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory) -> Path:
+    return make_teacher(tmp_path_factory.mktemp("teacher") / "dit.ckpt")
+
+
+@pytest.mark.parametrize("diffusion, layer_weight", [("gaussian", 0.0), ("gaussian", 1.0), ("flow", 0.0)])
+def test_a_distillation_step_lowers_the_loss_on_a_fixed_batch(tmp_path, diffusion, layer_weight):
+    path = make_teacher(tmp_path / "t.ckpt", diffusion=diffusion)
+    args = {"diffusion_args": {"learn_sigma": True}} if diffusion == "gaussian" else {"diffusion": "flow"}
+    student = DistillationModule(teacher=str(path), model="GSPN-T/2", model_args=TINY, input_size=8,
+                                 layer_weight=layer_weight, **args)
+    batch = (torch.rand(8, 1, 8, 8) * 2 - 1, torch.arange(8) % 10)
+    optimizer = torch.optim.SGD(student.model.parameters(), lr=0.05)
+
+    def losses():
+        torch.manual_seed(1)  # the same times, noise and dropped labels each time
+        return student.training_losses(batch)
+
+    before = losses()
+    assert before["distill"].mean() > 0
+    before["loss"].mean().backward()
+    optimizer.step()
+    with torch.no_grad():
+        after = losses()
+    assert after["loss"].mean() < before["loss"].mean()
+    if layer_weight:
+        assert after["layer"].mean() < before["layer"].mean()
+
+
+def write_config(root: Path, teacher: Path, max_steps: int) -> Path:
+    cfg = {
+        "seed_everything": 0,
+        "trainer": {
+            "accelerator": "cpu", "devices": 1, "max_steps": max_steps, "default_root_dir": str(root),
+            "limit_train_batches": 2, "limit_val_batches": 0, "log_every_n_steps": 1,
+            "enable_progress_bar": False, "enable_model_summary": False, "gradient_clip_val": 1.0,
+            "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                           "init_args": {"dirpath": str(root), "save_top_k": 0, "save_last": True,
+                                         "every_n_train_steps": 1}}],
+        },
+        "model": {"teacher": str(teacher), "model": "GSPN-T/2", "model_args": TINY, "layer_weight": 0.5,
+                  "distill_steps": 3, "diffusion_args": {"learn_sigma": True}, "lr": 1e-3, "warmup_steps": 2,
+                  "lr_schedule": "cosine", "ema_decay": 0.9},
+        "data": {"class_path": "gspn_gen.data.datamodule.DigitsDataModule",
+                 "init_args": {"image_size": 8, "batch_size": 8}},
+    }
+    root.mkdir(exist_ok=True)
+    (root / "config.yaml").write_text(yaml.safe_dump(cfg))
+    return root / "config.yaml"
+
+
+def test_resume_is_exact_checkpoints_stay_plain_and_another_teacher_is_refused(teacher, tmp_path, capsys):
+    straight, resumed = tmp_path / "a", tmp_path / "b"
+    distill.main(["fit", "--config", str(write_config(straight, teacher, 4))])
+    distill.main(["fit", "--config", str(write_config(resumed, teacher, 2))])
+    distill.main(["fit", "--config", str(write_config(resumed, teacher, 4)), "--ckpt_path", str(resumed / "last.ckpt")])
+    a, b = (read_checkpoint(str(d / "last.ckpt")) for d in (straight, resumed))
+    assert a["global_step"] == b["global_step"] == 4  # steps 3 and 4 fine-tune with the diffusion loss
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for key, value in a["state_dict"].items():
+        assert torch.equal(b["state_dict"][key], value), f"{key} differs after resume"
+    sa, sb = a["optimizer_states"][0]["state"], b["optimizer_states"][0]["state"]
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[i]["exp_avg"], sb[i]["exp_avg"]) for i in sa)
+    # No teacher inside; plain hyper-parameters, so load_module and sample.py take it.
+    assert not [k for k in a["state_dict"] if not k.startswith(("model.", "ema."))]
+    assert "teacher" not in a["hyper_parameters"] and a["distillation"]["teacher"] == str(teacher)
+    assert a["hyper_parameters"]["model_args"]["fixed_pos_embed"] is True
+    logged = (straight / "metrics.csv").read_text().splitlines()[0]
+    assert "train/distill" in logged and "train/layer" in logged and "train/mse" in logged
+    assert type(load_module(str(straight / "last.ckpt")).ema.blocks[0].mixer).__name__ == "GSPNMixer"
+
+    # A resume with another teacher is refused in one line.
+    other = make_teacher(tmp_path / "other.ckpt", seed=1)
+    with pytest.raises(SystemExit) as exc:
+        distill.main(["fit", "--config", str(write_config(resumed, other, 5)), "--ckpt_path", str(resumed / "last.ckpt")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error:") and "not the one this run was distilled from" in err[-1]
+
+
+def test_a_teacher_of_other_data_is_refused_in_one_line(tmp_path, capsys):
+    path = make_teacher(tmp_path / "flow.ckpt", diffusion="flow")
+    with pytest.raises(SystemExit) as exc:
+        distill.main(["fit", "--config", str(write_config(tmp_path / "run", path, 1))])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error:") and "diffusion='flow'" in err[-1]
+
+
+def test_resume_with_other_settings_is_refused(teacher):
+    student = DistillationModule(teacher=str(teacher), model="GSPN-T/2", model_args=TINY, input_size=8,
+                                 diffusion_args={"learn_sigma": True}, layer_weight=0.5)
+    checkpoint = {}
+    student.on_save_checkpoint(checkpoint)
+    assert checkpoint["distillation"]["layer_weight"] == 0.5
+    checkpoint["distillation"]["layer_weight"] = 0.0
+    with pytest.raises(distill.DistillationError, match="layer_weight"):
+        student.on_load_checkpoint(checkpoint)
