@@ -1,0 +1,157 @@
+"""FID and class agreement against the training step, from the `eval/*` rows that FIDCallback logs.
+
+    python benchmarks/training_curves.py runs/demo --out benchmarks/results/demo-curve.png
+    python benchmarks/training_curves.py distilled=runs/d/distill scratch=runs/d/scratch --out curves.png \
+        --json curves.json
+    /usr/bin/time -v -o demo.time make demo
+    python benchmarks/training_curves.py runs/demo --out demo.png --json demo.json --time demo.time \
+        --final runs/demo/metrics.json --fit-cpu-seconds 1234
+
+Each RUN is a training folder holding `metrics.csv` (default_root_dir), optionally named LABEL=DIR. Prints
+a table step -> FID, class agreement per run and the evaluations' cost: the sum of `eval/seconds` and
+`eval/cpu_seconds` against the run's wall time (first to last write of its folder: config.yaml to
+checkpoints/last.ckpt) and, given --fit-cpu-seconds (the training process's CPU time), its CPU time.
+Writes the PNG (FID and class agreement vs step, one line per run) and, with --json, the same numbers as
+JSON, with the machine, its load, and optionally a `/usr/bin/time -v` report (--time) and the final
+fid_eval report (--final) of the command that made the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+
+from gspn_gen.fileio import write_json
+
+KEYS = {"eval/fid": "fid", "eval/class_agreement": "class_agreement", "eval/seconds": "seconds",
+        "eval/cpu_seconds": "cpu_seconds"}
+
+
+def read_evals(run: Path) -> list[dict]:
+    """The run's evaluations, by step: [{"step", "fid", "class_agreement", "seconds", "cpu_seconds"}, ...]."""
+    rows: dict[int, dict] = {}
+    with open(run / "metrics.csv", newline="") as f:
+        for line in csv.DictReader(f):
+            if line.get("eval/fid"):
+                row = rows.setdefault(int(line["step"]), {"step": int(line["step"])})
+                row.update({short: float(line[key]) for key, short in KEYS.items() if line.get(key)})
+    return [rows[s] for s in sorted(rows)]
+
+
+def run_wall_seconds(run: Path) -> float | None:
+    """Seconds from the start of fit (config.yaml written) to its last checkpoint; None when either is missing."""
+    start, end = run / "config.yaml", run / "checkpoints" / "last.ckpt"
+    if not (start.exists() and end.exists()):
+        return None
+    return end.stat().st_mtime - start.stat().st_mtime
+
+
+def summarize(run: Path) -> dict:
+    evals = read_evals(run)
+    wall = run_wall_seconds(run)
+    eval_s = sum(r.get("seconds", 0.0) for r in evals)
+    out = {"run": str(run), "evals": evals, "eval_seconds": round(eval_s, 1),
+           "eval_cpu_seconds": round(sum(r.get("cpu_seconds", 0.0) for r in evals), 1)}
+    if wall is not None:
+        out.update(fit_wall_seconds=round(wall, 1), train_wall_seconds=round(wall - eval_s, 1),
+                   eval_fraction_of_training=round(eval_s / (wall - eval_s), 4))
+    return out
+
+
+def time_report(path: Path) -> dict:
+    """Wall and CPU seconds and peak memory from a `/usr/bin/time -v` report."""
+    fields = dict(line.strip().rsplit(": ", 1) for line in path.read_text().splitlines() if ": " in line)
+    h_m_s = [float(x) for x in fields["Elapsed (wall clock) time (h:mm:ss or m:ss)"].split(":")]
+    wall = sum(v * 60 ** i for i, v in enumerate(reversed(h_m_s)))
+    return {"command": fields.get("Command being timed", "").strip('"'), "wall_s": round(wall, 1),
+            "cpu_s": round(float(fields["User time (seconds)"]) + float(fields["System time (seconds)"]), 1),
+            "max_rss_mb": round(int(fields["Maximum resident set size (kbytes)"]) / 1024),
+            "exit_status": int(fields["Exit status"])}
+
+
+def machine() -> dict:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    return {"cpu": cpu, "cores": os.cpu_count(), "load_avg_at_end": [round(x, 2) for x in os.getloadavg()]}
+
+
+def plot(series: dict[str, list[dict]], path: Path, title: str) -> None:
+    """Two panels, FID and class agreement against the step, one line per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(k, y) for k, y in (("fid", "FID (lower is better)"), ("class_agreement", "class agreement"))
+              if any(k in r for rows in series.values() for r in rows)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.0 * len(panels), 4.0), squeeze=False)
+    for ax, (key, label) in zip(axes[0], panels):
+        for name, rows in series.items():
+            rows = [r for r in rows if key in r]
+            ax.plot([r["step"] for r in rows], [r[key] for r in rows], "o-", label=name)
+        ax.set(xlabel="training step", ylabel=label, title=f"{label.split(' (')[0]} vs step")
+        ax.grid(alpha=0.3)
+        if len(series) > 1:
+            ax.legend()
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", nargs="+", metavar="[LABEL=]DIR", help="training folders holding metrics.csv")
+    p.add_argument("--out", type=Path, required=True, help="PNG to write")
+    p.add_argument("--json", type=Path, default=None, help="also write the numbers here")
+    p.add_argument("--title", default="FID during training (FIDCallback)")
+    p.add_argument("--time", type=Path, default=None, help="`/usr/bin/time -v` report of the command (for --json)")
+    p.add_argument("--final", type=Path, default=None, help="fid_eval --out report of the final samples (for --json)")
+    p.add_argument("--note", default=None, help="how the runs were made (environment, load), kept in --json")
+    p.add_argument("--fit-cpu-seconds", type=float, default=None,
+                   help="CPU seconds of the (single) training process, for the evaluations' CPU share")
+    args = p.parse_args(argv)
+    if args.fit_cpu_seconds is not None and len(args.runs) != 1:
+        sys.exit("error: --fit-cpu-seconds needs exactly one run")
+    runs = {}
+    for spec in args.runs:
+        label, _, folder = spec.rpartition("=")
+        folder = Path(folder)
+        if not (folder / "metrics.csv").exists():
+            sys.exit(f"error: {folder}: no metrics.csv (expected a training folder, default_root_dir)")
+        runs[label or folder.name] = summarize(folder)
+        if args.fit_cpu_seconds is not None:
+            s = runs[label or folder.name]
+            s.update(fit_cpu_seconds=args.fit_cpu_seconds, eval_cpu_fraction_of_training=round(
+                s["eval_cpu_seconds"] / (args.fit_cpu_seconds - s["eval_cpu_seconds"]), 4))
+    for label, s in runs.items():
+        print(f"{label}: {len(s['evals'])} evaluations, {s['eval_seconds']} s wall / {s['eval_cpu_seconds']} s CPU"
+              + (f"; fit {s['fit_wall_seconds']} s wall, evaluations = {s['eval_fraction_of_training']:.1%} of "
+                 f"the training wall time" if "fit_wall_seconds" in s else "")
+              + (f", {s['eval_cpu_fraction_of_training']:.1%} of its CPU time" if "fit_cpu_seconds" in s else ""))
+        for r in s["evals"]:
+            print(f"  step {r['step']:>6}  FID {r['fid']:8.3f}" +
+                  (f"  class agreement {r['class_agreement']:.3f}" if "class_agreement" in r else ""))
+    plot({label: s["evals"] for label, s in runs.items()}, args.out, args.title)
+    print(f"wrote {args.out}")
+    if args.json is not None:
+        result = {"machine": machine(), **({"note": args.note} if args.note else {}), "runs": runs}
+        if args.time is not None:
+            result["time"] = time_report(args.time)
+        if args.final is not None:
+            final = json.loads(args.final.read_text())
+            result["final"] = {k: final[k] for k in ("metrics", "samples", "ref", "settings") if k in final}
+        write_json(args.json, result)
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
