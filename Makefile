@@ -8,7 +8,7 @@ EXTRAS ?= dev,vae,cuda13
 DEMO_DIR ?= runs/demo
 # samples.npz is drawn at the guidance scale that `python -m fid_eval sweep` found best for FID on the demo
 # checkpoint (README: "What the demo gives"); the grid at 4, where digits look sharpest.
-DEMO_CFG ?= 2
+DEMO_CFG ?= 1.5
 
 .PHONY: install demo test lint clean-demo
 
