@@ -58,6 +58,7 @@ from gspn_gen.checkpoints import (
 )
 from gspn_gen.data.datamodule import DataError
 from gspn_gen.diffusion import KINDS
+from gspn_gen.distill import Distillation, DistillationError
 from gspn_gen.fileio import atomic_write, remove_stale_temps, write_bytes
 from gspn_gen.lit import GenerationModule, NonFiniteLossError
 
@@ -118,7 +119,8 @@ def _fields(cls: type) -> str:
     """`name: type = default` of each constructor argument of `cls`, for help text."""
     hints = typing.get_type_hints(cls.__init__)
     params = [p for p in inspect.signature(cls).parameters.values() if p.name in hints]
-    text = (f"{p.name}: {_type_name(hints[p.name])} = {p.default!r}" for p in params)
+    text = (f"{p.name}: {_type_name(hints[p.name])}" + ("" if p.default is p.empty else f" = {p.default!r}")
+            for p in params)
     return f"{cls.__name__} ({', '.join(text)})"
 
 
@@ -188,9 +190,10 @@ class GenerationCLI(LightningCLI):
             parser.link_arguments(f"data.{src}", f"model.{dst}", apply_on="instantiate")
         parser.set_defaults({"data": {"class_path": DEFAULT_DATA}, "model.diffusion": {"class_path": DEFAULT_DIFFUSION},
                              "trainer.default_root_dir": "runs/default"})
-        for action in parser._actions:  # list every process's fields in --help, not only behind .help CLASS
-            if action.dest == "model.diffusion":
-                action.help += " Fields: " + "; ".join(_fields(cls) for cls in KINDS.values()) + "."
+        listed = {"model.diffusion": KINDS.values(), "model.distill": [Distillation]}
+        for action in parser._actions:  # every field in --help, not only behind --model.X.help CLASS
+            if action.dest in listed:
+                action.help += " Fields: " + "; ".join(_fields(cls) for cls in listed[action.dest]) + "."
 
     def parse_arguments(self, parser, args) -> None:
         # Lightning's, with `extends:` expanded and without its warning about args given from Python.
@@ -311,6 +314,10 @@ def _flatten(d, prefix: str = "") -> dict:
 
 
 _SKIP = ("Does not validate", "Subtypes:", "Errors:", "Given value type", "Problem with given class_path")
+# Reports of a subclass-typed option (model.diffusion) that do not help: the other Union member's, and
+# the file-path reading of the value; "not a dot import path" is said in words that name the choices.
+_NOISE = re.compile(r"Import path \S+ does not correspond to a subclass of \S+|Expected a path but .* not accessible or invalid")
+_NOT_A_CLASS = re.compile(r"Expected a dot import path string: .*")
 
 
 def _readable_type(match: re.Match) -> str:
@@ -338,8 +345,10 @@ def _one_line(message: str) -> str:
                 got = nested.group(2) if nested else line.split(":", 1)[1].strip()
             continue
         line = line.lstrip("- ").strip()
-        if not line or line.startswith(_SKIP) or line == "Expected a <class 'NoneType'>":
+        if not line or line.startswith(_SKIP) or line == "Expected a <class 'NoneType'>" or _NOISE.fullmatch(line):
             continue
+        if _NOT_A_CLASS.fullmatch(line):
+            line = "expected a class name or import path (" + ", ".join(c.__name__ for c in KINDS.values()) + ")"
         v = re.search(r"\.?\s*Got value: (.*)$", line)
         if v:
             got, line = got if got is not None else v.group(1), line[: v.start()]
@@ -375,7 +384,7 @@ def main(args: list[str] | None = None) -> None:
     except ArgumentError as e:
         print(f"error: {_one_line(str(e))}  (see: python train_gen.py fit --help)", file=sys.stderr)
         sys.exit(2)
-    except (CheckpointError, DataError, ConfigError) as e:
+    except (CheckpointError, DataError, ConfigError, DistillationError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except (NonFiniteLossError, CheckpointWriteError) as e:

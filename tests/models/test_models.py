@@ -7,11 +7,12 @@ from gspn_gen.models import DiffusionBackbone, GSPNMixer, build_model, list_mode
 from gspn_gen.models.zoo import MODELS, count_flops, count_params
 
 # Presets small enough (or cut down enough) to run forward and backward on CPU in seconds.
+DIGITS = {"input_size": 16, "in_channels": 1, "num_classes": 10}  # the data shape comes from the data, not a preset
 SMALL = {
-    "GSPN-T/1": {},
-    "GSPN-T/2": {},
-    "DiT-T/1": {},
-    "DiT-T/2": {},
+    "GSPN-T/1": DIGITS,
+    "GSPN-T/2": DIGITS,
+    "DiT-T/1": DIGITS,
+    "DiT-T/2": DIGITS,
     "GSPN-XL/2": {"depth": 2, "input_size": 16},
     "DiT-XL/4": {"depth": 1, "input_size": 16},
     "GSPN-paper-B/2": {"depth": 5, "input_size": 16, "hidden_size": 96},
