@@ -128,11 +128,11 @@ def main() -> None:
     out = (REPO / args.out).resolve()
     py = sys.executable
     teacher_ckpt = out / "teacher" / "checkpoints" / "last.ckpt"
-    distill = [py, "-m", "gspn_gen.distill", "fit", "--config", DISTILL, "--model.teacher", str(teacher_ckpt)]
+    distill = [py, "train_gen.py", "fit", "--config", DISTILL, "--model.distill.teacher", str(teacher_ckpt)]
     phases = {
         "teacher": [py, "train_gen.py", "fit", "--config", DEMO, "--model.model", "DiT-T/4"],
-        "distill": [*distill, "--model.distill_steps", "null"],
-        "distill+ft": [*distill, "--model.distill_steps", "250"],
+        "distill": [*distill, "--model.distill.distill_steps", "null"],
+        "distill+ft": [*distill, "--model.distill.distill_steps", "250"],
         "scratch-half": [py, "train_gen.py", "fit", "--config", DEMO, "--trainer.max_steps", "1000"],
         "scratch": [py, "train_gen.py", "fit", "--config", DEMO],
     }
