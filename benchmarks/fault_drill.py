@@ -679,7 +679,7 @@ def bad_input_cases(d: Drill) -> list[tuple[str, str, list[str], str]]:
          "model_args"),
         ("resume: other image size", "train", [*fit, "--ckpt_path", last, "--data.init_args.image_size", "16"],
          "input_size"),
-        ("resume: other diffusion", "train", [*fit, "--ckpt_path", last, "--model.diffusion", "flow"],
+        ("resume: other diffusion", "train", [*fit, "--ckpt_path", last, "--model.diffusion", "FlowMatching"],
          "diffusion"),
     ]
     for kind in ("missing", "empty", "text", "truncated", "preset", "classes"):

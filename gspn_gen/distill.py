@@ -101,14 +101,14 @@ class Distiller:
             return student.diffusion.training_losses(model, x, y)
         x0, y = batch                                                         # (N, C, H, W), (N,)
         teacher = self.teacher.to(x0.device)
-        y = model.y_embedder.drop(y)            # teacher and student see the same (possibly null) labels,
-        model.y_embedder.eval()                 # so the student must not drop labels again
+        y = model.y_embedder.drop(y)       # teacher and student see the same (possibly null) labels,
+        model.y_embedder.eval()            # so the student must not drop labels again
         x_t, t = noisy_input(student.diffusion, x0)
         records: list[tuple[torch.Tensor, tuple[int, int], torch.Tensor]] = []
         hooks = [block.mixer.register_forward_hook(lambda m, args, out: records.append((*args, out)))
                  for block in model.blocks] if hp.layer_weight else []
         try:
-            out = model(x_t, t, y)                                       # (N, C_out, H, W)
+            out = model(x_t, t, y)                                            # (N, C_out, H, W)
         finally:
             for hook in hooks:
                 hook.remove()
