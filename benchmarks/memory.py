@@ -24,9 +24,9 @@ import time
 from pathlib import Path
 
 import torch
-from gspn_gen.kernels.report import cpu_name, slug
 
-from gspn_gen.fileio import write_json
+from gspn_gen.fileio import atomic_write, write_json
+from gspn_gen.machine import cpu_name, slug
 from gspn_gen.models.memory import PARTS, block_inputs, measure_block
 from gspn_gen.models.zoo import MODELS, build_model
 
@@ -142,10 +142,9 @@ def plot(rows: list[dict], path: Path) -> bool:
         ax.set_title(f"{precision}, CPU memory model")
         ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
+    with atomic_write(path) as f:
+        fig.savefig(f, format="png", dpi=120)
     plt.close(fig)
-    tmp.replace(path)
     return True
 
 

@@ -1,19 +1,18 @@
-"""What a benchmark result needs beside its numbers: the machine it ran on and a crash-safe JSON file.
+"""The machine a measurement ran on, for benchmark results and their file names.
 
-Standard library only, so the op package depends on nothing of the generator and any benchmark
-script can use it.
+Standard library only: the GPU benchmarks import it on machines that have nothing but torch (and CuPy).
+Results are written with `gspn_gen.fileio.write_json`.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import os
 import platform
 import re
 from pathlib import Path
 
-__all__ = ["cpu_name", "machine", "slug", "write_json"]
+__all__ = ["cpu_name", "machine", "slug"]
 
 
 def cpu_name() -> str:
@@ -38,15 +37,3 @@ def machine(**extra) -> dict:
     return {"cpu": cpu_name(), "cpu_cores": os.cpu_count(), "platform": platform.platform(),
             "python": platform.python_version(), "date": _dt.datetime.now().isoformat(timespec="seconds"), **extra}
 
-
-def write_json(path: str | os.PathLike, obj) -> None:
-    """Write obj as indented JSON: a temp file beside path, flushed to disk, then renamed into place,
-    so a reader never sees half a file and a crash leaves the previous version."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        f.write(json.dumps(obj, indent=2) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
