@@ -9,7 +9,8 @@ from lightning.pytorch.utilities.data import _update_dataloader
 from safetensors.torch import load_file
 from torch.utils.data import DistributedSampler, RandomSampler
 
-from gspn_gen.data.latents import LatentDataModule, LatentShards
+from gspn_gen.data.datamodule import LatentDataModule
+from gspn_gen.data.latents import LatentShards
 
 
 def stored(root):
