@@ -9,7 +9,7 @@ shards from them (session fixtures of the same names: tests/conftest.py, tests/d
 
 The CUDA backend with fixed launch settings (`backend`), for the emulation and the GPU tests; and
 `run_as_on_gpu_image`, which runs a script as on the GPU machines, where omegaconf, jsonargparse,
-torch-fidelity and diffusers are not installed.
+torch-fidelity and diffusers are not installed. Standard library only at import (the GPU tests use it).
 """
 
 from __future__ import annotations
@@ -20,9 +20,6 @@ import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
-
-import numpy as np
-from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -62,6 +59,9 @@ def make_image_folder(directory: str | os.PathLike, size: int = 32, seed: int = 
 
     Also holds a non-image file and a hidden folder, which the scanner must ignore.
     """
+    import numpy as np
+    from PIL import Image
+
     root = Path(directory)
     rng = np.random.default_rng(seed)
     for c, (name, n) in enumerate(zip(CLASSES, PER_CLASS)):
