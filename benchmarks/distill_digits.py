@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from gspn_gen.fileio import write_json
-from gspn_gen.machine import cpu_name, slug
+from gspn_gen.report import cpu_name, slug
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"

@@ -52,10 +52,10 @@ import torch
 from gspn_gen.kernels import available_backends
 
 from gspn_gen.diffusion import cfg_model_fn
-from gspn_gen.fileio import atomic_write, write_json, write_text
+from gspn_gen.fileio import write_json, write_text
 from gspn_gen.lit import GenerationModule
-from gspn_gen.machine import cpu_name, slug
 from gspn_gen.models.zoo import MODELS, count_params
+from gspn_gen.report import cpu_name, log_log_plot, slug
 
 RESULTS = Path(__file__).resolve().parent / "results"
 OP_CLASSES = ("scan", "projections", "attention", "mlp", "norms", "other")
@@ -571,29 +571,10 @@ def print_tables(result: dict) -> None:
 
 def plot_forward(result: dict, path: Path) -> bool:
     """Forward ms per image vs resolution, one line per preset (log-log); False without matplotlib."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    for row in result["rows"]:
-        points = [(c["px"], c["ms_per_image"]) for c in row["forward"] if isinstance(c["ms_per_image"], float)]
-        if points:
-            ax.plot(*zip(*points), marker="o", label=row["preset"])
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("image side (px)")
-    ax.set_ylabel("forward ms per image")
-    ax.set_title(f"{result['device']}, {result['settings']['precision']}", fontsize=9)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    with atomic_write(path) as f:
-        fig.savefig(f, format="png", dpi=120)
-    plt.close(fig)
-    return True
+    series = {row["preset"]: [(c["px"], c["ms_per_image"]) for c in row["forward"]
+                              if isinstance(c["ms_per_image"], float)] for row in result["rows"]}
+    return log_log_plot(path, series, "image side (px)", "forward ms per image",
+                        f"{result['device']}, {result['settings']['precision']}")
 
 
 def _positive_int(text: str) -> int:

@@ -801,7 +801,7 @@ DRILLS = {
 
 def main(argv: list[str] | None = None) -> dict:
     from gspn_gen.fileio import write_json
-    from gspn_gen.machine import cpu_name, slug
+    from gspn_gen.report import cpu_name, slug
 
     p = argparse.ArgumentParser(prog="python benchmarks/fault_drill.py", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="one run of each drill")

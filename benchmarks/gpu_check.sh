@@ -61,7 +61,7 @@ fi
 step tests 120 env GSPN_REQUIRE_CUDA=1 python3 -m pytest -x -q -p no:cacheprovider \
     --junitxml="$out/pytest-gpu.xml" tests/gpu
 
-name="kernels-$(python3 -c 'import torch; from gspn_gen.machine import slug; print(slug(torch.cuda.get_device_name()))')"
+name="kernels-$(python3 -c 'import torch; from gspn_gen.report import slug; print(slug(torch.cuda.get_device_name()))')"
 step bench 90 python3 benchmarks/kernel_bench.py --max-seconds 60 --json "$out/$name.json"
 cp -f "$out/$name.json" "$out/$name.png" benchmarks/results/ 2>/dev/null
 

@@ -37,8 +37,8 @@ import torch.nn.functional as F
 from gspn_gen.kernels import cupy_backend
 from gspn_gen.kernels.cupy_backend import Launch
 
-from gspn_gen.fileio import atomic_write, write_json
-from gspn_gen.machine import machine, slug
+from gspn_gen.fileio import write_json
+from gspn_gen.report import log_log_plot, machine, slug
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -271,34 +271,17 @@ def tune_rows(shapes, bandwidth, deadline: float) -> list[dict]:
     return rows
 
 
-def plot(rows: list[dict], path: Path, device: str) -> None:
-    """ms (fwd + bwd) against tokens, bf16 rows: ours, per-column, SDPA, floor (log-log)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(rows: list[dict], path: Path, device: str) -> bool:
+    """ms (fwd + bwd) against tokens, bf16 rows: ours, per-column, SDPA, floor (log-log); False without matplotlib."""
     rows = sorted((r for r in rows if r["dtype"] == "bf16"), key=lambda r: r["tokens"])
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
     series = {"ours": lambda r: _sum(r.get("ours_fwd_ms"), r.get("ours_bwd_ms")),
               "per-column launches": lambda r: r.get("per_column_fwd_bwd_ms"),
               "SDPA flash attention": lambda r: r.get("sdpa_fwd_bwd_ms"),
               "HBM floor": lambda r: r["floor_fwd_ms"] + r["floor_bwd_ms"]}
-    for label, value in series.items():
-        pts = [(r["tokens"], value(r)) for r in rows if isinstance(value(r), float)]
-        if pts:
-            ax.plot(*zip(*pts), marker="o", linestyle="--" if label == "HBM floor" else "-", label=label)
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("tokens (H x W)")
-    ax.set_ylabel("forward + backward, ms")
-    ax.set_title(f"gspn_mix, C = {CHANNELS}, bf16, batch as in the table\n{device}", fontsize=10)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_write(path) as f:
-        fig.savefig(f, format="png", dpi=120)
-    plt.close(fig)
+    points = {label: [(r["tokens"], value(r)) for r in rows if isinstance(value(r), float)]
+              for label, value in series.items()}
+    return log_log_plot(path, points, "tokens (H x W)", "forward + backward, ms",
+                        f"gspn_mix, C = {CHANNELS}, bf16, batch as in the table\n{device}", dashed=("HBM floor",))
 
 
 def print_gpu_row(row: dict, header: bool) -> None:
@@ -347,10 +330,9 @@ def run_gpu(args, path: Path) -> dict:
     if args.tune:
         result["tuning"] = tune_rows(args.shapes, bandwidth, deadline + args.tune_seconds)
         write_json(path, result)
-    try:
-        plot(result["rows"], path.with_suffix(".png"), device)
+    if plot(result["rows"], path.with_suffix(".png"), device):
         print(f"wrote {path.with_suffix('.png')}")
-    except ImportError:
+    else:
         print("matplotlib is not installed: no plot")
     return result
 

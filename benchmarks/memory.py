@@ -26,9 +26,9 @@ from pathlib import Path
 import torch
 
 from gspn_gen.fileio import atomic_write, write_json
-from gspn_gen.machine import cpu_name, slug
 from gspn_gen.models.memory import PARTS, block_inputs, measure_block
 from gspn_gen.models.zoo import MODELS, build_model
+from gspn_gen.report import cpu_name, slug
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_PRESETS = ["GSPN-XL/2", "GSPN-paper-XL/2", "DiT-XL/2"]
