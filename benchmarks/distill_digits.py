@@ -24,7 +24,6 @@ import argparse
 import datetime as _dt
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -34,6 +33,7 @@ from pathlib import Path
 import torch
 
 from gspn_gen.fileio import write_json
+from gspn_gen.report import cpu_name, slug
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -50,13 +50,6 @@ EVERY_250 = """trainer:
         save_last: true
         every_n_train_steps: 250
 """
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
 
 
 def timed(cmd: list[str], log: Path) -> dict:
@@ -142,8 +135,7 @@ def main() -> None:
     for phase in args.skip:
         del phases[phase]
     date = _dt.date.today().isoformat()
-    cpu_slug = "".join(c if c.isalnum() else "-" for c in cpu_name().lower()).strip("-")[:24]
-    path = Path(args.json) if args.json else RESULTS / f"distill-digits-{cpu_slug}-{date}.json"
+    path = Path(args.json) if args.json else RESULTS / f"distill-digits-{slug(cpu_name())}-{date}.json"
     runs = {}
     for phase, cmd in phases.items():
         runs[phase] = train(phase, out, cmd)

@@ -800,9 +800,8 @@ DRILLS = {
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from gspn_gen.kernels.bench import _cpu_name, _slug
-
     from gspn_gen.fileio import write_json
+    from gspn_gen.report import cpu_name, slug
 
     p = argparse.ArgumentParser(prog="python benchmarks/fault_drill.py", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="one run of each drill")
@@ -819,7 +818,7 @@ def main(argv: list[str] | None = None) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     d = Drill(work, seed=args.seed)
     start, rows = time.perf_counter(), []
-    print(f"{_cpu_name()}, {os.cpu_count()} CPUs; work dir {work}; TMPDIR on another filesystem: {d.other_fs}",
+    print(f"{cpu_name()}, {os.cpu_count()} CPUs; work dir {work}; TMPDIR on another filesystem: {d.other_fs}",
           flush=True)
     print(f"{'drill':22} {'runs':>5} {'failures':>9}  {'seconds':>8}", flush=True)
     for name in names:
@@ -838,7 +837,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"    - {line}", flush=True)
     usage = resource.getrusage(resource.RUSAGE_CHILDREN), resource.getrusage(resource.RUSAGE_SELF)
     result = {
-        "benchmark": "benchmarks/fault_drill.py", "machine": _cpu_name(), "cpus": os.cpu_count(),
+        "benchmark": "benchmarks/fault_drill.py", "machine": cpu_name(), "cpus": os.cpu_count(),
         "platform": platform.platform(), "torch": torch.__version__,
         "date": dt.datetime.now().isoformat(timespec="seconds"),
         "tmpdir_other_fs": str(d.other_fs), "quick": args.quick, "seed": args.seed,
@@ -850,7 +849,7 @@ def main(argv: list[str] | None = None) -> dict:
         "kills": sum(r["runs"] for r in rows if r["drill"] in ("kill_random", "kill_in_write")),
         "drills": rows,
     }
-    path = args.json or REPO / "benchmarks" / "results" / f"fault-drill-{_slug(_cpu_name())}-{dt.date.today()}.json"
+    path = args.json or REPO / "benchmarks" / "results" / f"fault-drill-{slug(cpu_name())}-{dt.date.today()}.json"
     write_json(path, result)
     print(f"wrote {path} ({result['wall_s']} s wall, {result['cpu_s']} s CPU)")
     return result

@@ -35,7 +35,7 @@ import sys
 
 import torch
 
-from gspn_gen.checkpoints import CheckpointError, init_args, module_kwargs
+from gspn_gen.checkpoints import CheckpointError, SafeCheckpointIO, init_args, module_kwargs
 from gspn_gen.codecs import sd_vae_spec
 from gspn_gen.diffusion import FlowMatching, GaussianDiffusion, describe
 from gspn_gen.lit import GenerationModule
@@ -187,20 +187,8 @@ def import_official(src: str, out: str, family: str, vae: str = DEFAULT_VAE) -> 
     both = {**{f"model.{k}": v for k, v in state.items()}, **{f"ema.{k}": v for k, v in state.items()}}
     ckpt = {"state_dict": both, "hyper_parameters": hparams,
             "imported_from": {"file": os.path.basename(src), "family": family}}
-    save_atomic(ckpt, out)
+    SafeCheckpointIO().save_checkpoint(ckpt, out)  # crash-safe, like every checkpoint we write
     return hparams
-
-
-def save_atomic(obj: dict, path: str) -> None:
-    """torch.save to a temp name beside `path`, then rename: a crash never leaves half a file."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 # ------------------------------------------------------------------------------------ DiT -> GSPN

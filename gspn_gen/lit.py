@@ -232,7 +232,9 @@ class GenerationModule(L.LightningModule):
         params = [p.detach() for p in (*self.model.parameters(), *self.ema.parameters()) if p.numel()]
         biggest = float(torch.stack([p.abs().amax().float() for p in params]).max()) if params else 0.0
         sane = math.isfinite(biggest) and biggest <= WEIGHT_LIMIT
-        if not self.trainer.strategy.reduce_boolean_decision(sane, all=True):
+        if self._trainer is not None:  # agree across ranks, so that no rank writes while another stops
+            sane = self.trainer.strategy.reduce_boolean_decision(sane, all=True)
+        if not sane:
             raise NonFiniteWeightsError(
                 f"weights reached {biggest:g} (not finite or beyond {WEIGHT_LIMIT:g}) at global step "
                 f"{self.global_step} (on this or another rank): training stopped without writing a checkpoint; "

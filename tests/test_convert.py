@@ -7,8 +7,6 @@ to the last bit, with the same keys except attn -> mixer), with every weight ran
 from __future__ import annotations
 
 import copy
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,15 +18,6 @@ from gspn_gen.checkpoints import load_module, read_checkpoint
 from gspn_gen.convert import convert_to_gspn, shared_keys
 from gspn_gen.diffusion import FlowMatching
 from gspn_gen.models.zoo import build_model
-
-
-def _data_fixtures():
-    name = "gspn_data_fixtures"  # the same module tests/data/conftest.py loads
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).parent / "data" / "fixtures.py")
-        sys.modules[name] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules[name])
-    return sys.modules[name]
 
 
 def randomised(name: str, seed: int = 0, **overrides) -> nn.Module:
@@ -49,11 +38,6 @@ def official_layout(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def run_import(command: str, src: Path, out: Path, vae: str = "/nonexistent/vae") -> None:
     checkpoints.main([command, str(src), "--out", str(out), "--vae", vae])
-
-
-@pytest.fixture(scope="module")
-def tiny_vae(tmp_path_factory) -> str:
-    return _data_fixtures().make_tiny_vae(tmp_path_factory.mktemp("vae"))
 
 
 @pytest.fixture(scope="module")

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from test_train_sample import fit, write_config
 
 from gspn_gen import checkpoints, sample_cli
 from gspn_gen.checkpoints import read_checkpoint
 from gspn_gen.lit import GenerationModule
+from tests.test_train_sample import fit, write_config
 
 
 def error_lines(capsys) -> list[str]:
@@ -314,13 +314,12 @@ def test_sampling_resume_refuses_a_replaced_checkpoint_and_redraws_bad_shards(ru
 
 
 def test_no_file_input_is_ever_unpickled(run_dir, tmp_path, monkeypatch):
-    from test_fault_drill import load_drill
-
+    from benchmarks import fault_drill
     from fid_eval.__main__ import main as fid_main
     from gspn_gen import train_cli
 
     marker = tmp_path / "PICKLE_RAN"
-    evil = load_drill().write_malicious_files(tmp_path / "evil", marker)
+    evil = fault_drill.write_malicious_files(tmp_path / "evil", marker)
     (tmp_path / "run").mkdir()
     config = write_config(tmp_path / "run", max_steps=4)
     shutil.copy(evil["checkpoint"], tmp_path / "run" / "last.ckpt")  # what `--ckpt_path last` finds
