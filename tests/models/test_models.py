@@ -153,6 +153,13 @@ def test_dit_xl2_matches_dit_parameter_count_and_flops():
     assert count_flops(model, 32) / 2e9 == pytest.approx(118.6, rel=0.01)  # DiT paper, fvcore units
 
 
+def test_gspn_flops_count_on_meta_and_stay_below_dit_at_the_same_width():
+    # `python -m gspn_gen.models.zoo` counts on the meta device: the GSPN mixer's norm must run there too
+    with torch.device("meta"):
+        gspn, dit = build_model("GSPN-XL/2"), build_model("DiT-XL/2")
+    assert 0 < count_flops(gspn, 32) < count_flops(dit, 32)
+
+
 @pytest.mark.parametrize("name, official", [
     ("GSPN-paper-B/2", 144.0e6), ("GSPN-paper-L/2", 465.2e6), ("GSPN-paper-XL/2", 723.5e6),
 ])
