@@ -29,7 +29,6 @@ import argparse
 import datetime as _dt
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -40,6 +39,7 @@ import torch
 from training_curves import plot, read_evals  # benchmarks/training_curves.py, beside this script
 
 from gspn_gen.fileio import write_json
+from gspn_gen.report import cpu_name, slug
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -59,13 +59,6 @@ EVERY_250 = """trainer:
       init_args: {every_n_steps: 250, num_samples: 200, ref: "digits:val", extractor: digits, cfg_scale: 2.0,
                   steps: 10, batch_size: 200}
 """
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
 
 
 def timed(cmd: list[str], log: Path) -> dict:
@@ -152,11 +145,11 @@ def main() -> None:
     out = (REPO / args.out).resolve()
     py = sys.executable
     teacher_ckpt = out / "teacher" / "checkpoints" / "last.ckpt"
-    distill = [py, "-m", "gspn_gen.distill", "fit", "--config", DISTILL, "--model.teacher", str(teacher_ckpt)]
+    distill = [py, "train_gen.py", "fit", "--config", DISTILL, "--model.distill.teacher", str(teacher_ckpt)]
     phases = {
         "teacher": [py, "train_gen.py", "fit", "--config", DEMO, "--model.model", "DiT-T/4"],
-        "distill": [*distill, "--model.distill_steps", "null"],
-        "distill+ft": [*distill, "--model.distill_steps", "250"],
+        "distill": [*distill, "--model.distill.distill_steps", "null"],
+        "distill+ft": [*distill, "--model.distill.distill_steps", "250"],
         "scratch-half": [py, "train_gen.py", "fit", "--config", DEMO, "--trainer.max_steps", "1000"],
         "scratch": [py, "train_gen.py", "fit", "--config", DEMO],
     }
@@ -166,8 +159,7 @@ def main() -> None:
     for phase in args.skip:
         del phases[phase]
     date = _dt.date.today().isoformat()
-    cpu_slug = "".join(c if c.isalnum() else "-" for c in cpu_name().lower()).strip("-")[:24]
-    path = Path(args.json) if args.json else RESULTS / f"distill-digits-{cpu_slug}-{date}.json"
+    path = Path(args.json) if args.json else RESULTS / f"distill-digits-{slug(cpu_name())}-{date}.json"
     runs = {}
     load_at_start = [round(x, 2) for x in os.getloadavg()]
     for phase, cmd in phases.items():

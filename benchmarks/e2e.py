@@ -29,7 +29,7 @@ CPU. Out of memory is reported as "OOM", a cell past --max-seconds as "skipped",
 profile, and GSPN-XL/2 / DiT-XL/2 ratios) after every pass, plus a plot of forward ms vs resolution
 and the profiler's top-ops tables: to --json (a file, or a folder for the default name
 e2e-<device>-<date>.json), and a copy in benchmarks/results/ on a GPU.
---tiny runs on the CPU in under a minute (tests/test_e2e_bench.py): GSPN-T/2 and DiT-T/2 built for
+--tiny runs on the CPU in under a minute (tests/benchmarks/test_e2e.py): GSPN-T/2 and DiT-T/2 built for
 1x16x16 pixels and 10 classes, pixel space, fp32; the compiled pass (aot_eager backend) and the
 profile on the first training cell only.
 """
@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import gc
-import os
 import sys
 import tempfile
 import time
@@ -51,12 +50,12 @@ from pathlib import Path
 
 import torch
 from gspn_gen.kernels import available_backends
-from gspn_gen.kernels.report import cpu_name, slug
 
 from gspn_gen.diffusion import cfg_model_fn
-from gspn_gen.fileio import write_json
+from gspn_gen.fileio import write_json, write_text
 from gspn_gen.lit import GenerationModule
 from gspn_gen.models.zoo import MODELS, count_params
+from gspn_gen.report import cpu_name, log_log_plot, slug
 
 RESULTS = Path(__file__).resolve().parent / "results"
 OP_CLASSES = ("scan", "projections", "attention", "mlp", "norms", "other")
@@ -572,30 +571,10 @@ def print_tables(result: dict) -> None:
 
 def plot_forward(result: dict, path: Path) -> bool:
     """Forward ms per image vs resolution, one line per preset (log-log); False without matplotlib."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    for row in result["rows"]:
-        points = [(c["px"], c["ms_per_image"]) for c in row["forward"] if isinstance(c["ms_per_image"], float)]
-        if points:
-            ax.plot(*zip(*points), marker="o", label=row["preset"])
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("image side (px)")
-    ax.set_ylabel("forward ms per image")
-    ax.set_title(f"{result['device']}, {result['settings']['precision']}", fontsize=9)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return True
+    series = {row["preset"]: [(c["px"], c["ms_per_image"]) for c in row["forward"]
+                              if isinstance(c["ms_per_image"], float)] for row in result["rows"]}
+    return log_log_plot(path, series, "image side (px)", "forward ms per image",
+                        f"{result['device']}, {result['settings']['precision']}")
 
 
 def _positive_int(text: str) -> int:
@@ -613,12 +592,6 @@ def _px_batch(text: str) -> tuple[int, int]:
     if px < 1 or batch < 1:
         raise argparse.ArgumentTypeError(f"expected positive PXxBATCH, got {text!r}")
     return px, batch
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def main(argv=None) -> dict:
@@ -723,7 +696,7 @@ def main(argv=None) -> dict:
             free_memory()
             save()
             for target in [path, *copies]:
-                _write_text(target.with_suffix(".profile.txt"), profile_text)
+                write_text(target.with_suffix(".profile.txt"), profile_text)
     if not args.no_compile:
         # the two presets of the targets first: the deadline may leave no time for a third
         order = sorted(result["rows"], key=lambda row: row["preset"] not in ("GSPN-XL/2", "DiT-XL/2"))

@@ -679,7 +679,7 @@ def bad_input_cases(d: Drill) -> list[tuple[str, str, list[str], str]]:
          "model_args"),
         ("resume: other image size", "train", [*fit, "--ckpt_path", last, "--data.init_args.image_size", "16"],
          "input_size"),
-        ("resume: other diffusion", "train", [*fit, "--ckpt_path", last, "--model.diffusion", "flow"],
+        ("resume: other diffusion", "train", [*fit, "--ckpt_path", last, "--model.diffusion", "FlowMatching"],
          "diffusion"),
     ]
     for kind in ("missing", "empty", "text", "truncated", "preset", "classes"):
@@ -800,9 +800,8 @@ DRILLS = {
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from gspn_gen.kernels.report import cpu_name, slug
-
     from gspn_gen.fileio import write_json
+    from gspn_gen.report import cpu_name, slug
 
     p = argparse.ArgumentParser(prog="python benchmarks/fault_drill.py", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="one run of each drill")

@@ -8,7 +8,7 @@
 #   2. preflight (benchmarks/gpu_preflight.py): GPU visible, sm_90, CuPy, NVRTC compiles a kernel; then
 #      every kernel compiled (registers and local memory printed) -- a failure here stops the check;
 #   3. the CUDA tests (tests/gpu) with GSPN_REQUIRE_CUDA=1, so a skipped GPU test fails the check, and -x;
-#   4. the kernel benchmark at the four bf16 target shapes and 4x64x64 in fp32 (JSON + PNG plot);
+#   4. the kernel benchmark (benchmarks/kernel_bench.py) at the four bf16 target shapes and 4x64x64 in fp32 (JSON + PNG plot);
 #   5. the end-to-end benchmark (benchmarks/e2e.py) with whatever time is left, at most 170 s;
 #   6. compute-sanitizer memcheck and racecheck over small runs of every kernel path (last: slow, and
 #      the step most likely to hit its limit);
@@ -61,8 +61,8 @@ fi
 step tests 120 env GSPN_REQUIRE_CUDA=1 python3 -m pytest -x -q -p no:cacheprovider \
     --junitxml="$out/pytest-gpu.xml" tests/gpu
 
-name="kernels-$(python3 -c 'import torch; from gspn_gen.kernels.report import slug; print(slug(torch.cuda.get_device_name()))')"
-step bench 90 python3 -m gspn_gen.kernels.bench --max-seconds 60 --json "$out/$name.json"
+name="kernels-$(python3 -c 'import torch; from gspn_gen.report import slug; print(slug(torch.cuda.get_device_name()))')"
+step bench 90 python3 benchmarks/kernel_bench.py --max-seconds 60 --json "$out/$name.json"
 cp -f "$out/$name.json" "$out/$name.png" benchmarks/results/ 2>/dev/null
 
 # End-to-end benchmark: owned by benchmarks/e2e.py; keep this line in step with its command line.
@@ -84,7 +84,7 @@ else
 fi
 
 if [ "${GSPN_TUNE:-0}" = 1 ] && [ "$(left)" -gt 60 ]; then
-    step tune $(($(left) - 10)) python3 -m gspn_gen.kernels.bench --no-baselines --tune --max-seconds 10 \
+    step tune $(($(left) - 10)) python3 benchmarks/kernel_bench.py --no-baselines --tune --max-seconds 10 \
         --tune-seconds $(($(left) - 40)) --shapes 4x64x64 1x128x128 --json "$out/$name-tune.json"
 fi
 

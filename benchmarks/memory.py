@@ -24,11 +24,11 @@ import time
 from pathlib import Path
 
 import torch
-from gspn_gen.kernels.report import cpu_name, slug
 
-from gspn_gen.fileio import write_json
+from gspn_gen.fileio import atomic_write, write_json
 from gspn_gen.models.memory import PARTS, block_inputs, measure_block
 from gspn_gen.models.zoo import MODELS, build_model
+from gspn_gen.report import cpu_name, slug
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_PRESETS = ["GSPN-XL/2", "GSPN-paper-XL/2", "DiT-XL/2"]
@@ -142,10 +142,9 @@ def plot(rows: list[dict], path: Path) -> bool:
         ax.set_title(f"{precision}, CPU memory model")
         ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
+    with atomic_write(path) as f:
+        fig.savefig(f, format="png", dpi=120)
     plt.close(fig)
-    tmp.replace(path)
     return True
 
 

@@ -25,6 +25,7 @@ from fid_eval.errors import FidEvalError
 from fid_eval.extractors import Extractor
 from fid_eval.inputs import ImageSource
 from fid_eval.metrics import MomentAccumulator, check_finite, feature_stats
+from gspn_gen.fileio import atomic_write
 
 CACHE_ENV = "GSPN_FID_CACHE"
 CACHE_VERSION = 2  # bump when featurisation changes, so old cache entries are not reused (2: sFID statistics)
@@ -63,17 +64,13 @@ def save_stats(stats: Stats, path: str | Path) -> None:
     arrays = {k: getattr(stats, k) for k in ARRAYS if getattr(stats, k) is not None}
     arrays["num_images"] = np.array(stats.num_images)
     meta = json.dumps(stats.meta)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
+    if path.suffix not in (".pt", ".npz"):
+        raise FidEvalError(f"{path}: statistics files end in .npz or .pt")
+    with atomic_write(path) as f:
         if path.suffix == ".pt":
             torch.save({**{k: torch.from_numpy(np.asarray(v)) for k, v in arrays.items()}, "meta": meta}, f)
-        elif path.suffix == ".npz":
-            np.savez(f, meta=np.array(meta), **arrays)
         else:
-            tmp.unlink()
-            raise FidEvalError(f"{path}: statistics files end in .npz or .pt")
-    os.replace(tmp, path)
+            np.savez(f, meta=np.array(meta), **arrays)
 
 
 def load_stats(path: str | Path) -> Stats:

@@ -25,7 +25,7 @@ from pathlib import Path
 from fid_eval.errors import FidEvalError
 from fid_eval.evaluation import METRICS, PROTOCOLS, evaluate, parse_metrics, print_warnings, resolve_protocol
 from fid_eval.extractors import EXTRACTORS, build_extractor
-from gspn_gen.fileio import write_json
+from gspn_gen.fileio import atomic_write, write_json
 
 MANIFEST = "sweep_settings.json"
 
@@ -137,10 +137,9 @@ def plot(rows: list[dict], best: dict | None, path: Path, title: str) -> None:
         ax.grid(alpha=0.3)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    with atomic_write(path) as f:
+        fig.savefig(f, format="png", dpi=110)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def format_rows(rows: list[dict], best: dict | None) -> str:

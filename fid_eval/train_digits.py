@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import time
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from fid_eval.digits import DEFAULT_WEIGHTS, DigitsCNN, preprocess
+from gspn_gen.fileio import atomic_write
 
 
 def _digits_tensors(split: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,11 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     net = train(args.epochs, seed=args.seed)
     train_acc, _ = accuracy(net, *_digits_tensors("train"))
     val_acc, per_class = accuracy(net, *_digits_tensors("val"))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(args.out.name + ".tmp")
-    with open(tmp, "wb") as f:  # a file object: the archive's inner name no longer depends on the path
+    with atomic_write(args.out) as f:  # a file object: the archive's inner name does not depend on the path
         torch.save({k: v.contiguous() for k, v in net.state_dict().items()}, f)
-    os.replace(tmp, args.out)
     print(f"train accuracy {train_acc:.4f}  val accuracy {val_acc:.4f}  "
           f"(per class: {' '.join(f'{a:.2f}' for a in per_class)})")
     print(f"wrote {args.out} ({args.out.stat().st_size / 1024:.0f} KiB) in {time.time() - start:.0f} s")

@@ -10,7 +10,12 @@ Writing: `SafeCheckpointIO` writes each checkpoint beside its target and renames
 filesystem and whatever $TMPDIR is; a failed write (full disk) is one line naming the path.
 
 Resuming: the model, diffusion process and data shape of a run are fixed by its first checkpoint
-(`RUN_KEYS`); `compare_hparams` tells which keys a resume would change.
+(`RUN_KEYS`); `compare_hparams` tells which keys a resume would change. Execution settings that change
+neither the model's function nor its weights (`EXECUTION_ARGS`, `compile`) may change.
+
+Older checkpoints (process as `diffusion: gaussian|flow` plus a `diffusion_args` dict, a `model_args`
+dict that may repeat the data shape, distillation settings beside the hyper-parameters) are read
+through `upgrade_hparams`, the one place that knows those forms.
 """
 
 from __future__ import annotations
@@ -24,12 +29,16 @@ from typing import Any
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
+from gspn_gen.diffusion import KINDS, describe, from_description
+from gspn_gen.distill import Distillation
 from gspn_gen.fileio import atomic_write, remove_stale_temps
 from gspn_gen.lit import GenerationModule
+from gspn_gen.models.zoo import DATA_FIELDS
 
 # Hyper-parameters that define what a run trains; a resume may not change them.
-RUN_KEYS = ("model", "model_args", "diffusion", "diffusion_args", "num_classes", "in_channels", "input_size",
-            "codec")
+RUN_KEYS = ("model", "model_args", "diffusion", "num_classes", "in_channels", "input_size", "codec", "distill")
+# model_args that change how a step runs (memory, kernels), not the model's function or weights.
+EXECUTION_ARGS = ("recompute", "gspn_backend")
 
 
 class CheckpointError(ValueError):
@@ -104,10 +113,54 @@ def init_args(hparams: dict) -> dict:
     return {k: v for k, v in hparams.items() if not k.startswith("_")}
 
 
+def upgrade_hparams(hparams: dict, distillation: dict | None = None) -> dict:
+    """A checkpoint's hyper-parameters in today's form, whatever version of gspn-gen wrote them.
+
+    Older forms: `diffusion: "gaussian" | "flow"` with a `diffusion_args` dict (now the process's
+    {class_path, init_args}); `model_args` repeating the data shape or learn_sigma (now only from the
+    data and the process: equal values are dropped, different ones refused); a distillation run's
+    settings in the checkpoint's `distillation` entry (now `distill`). Raises ValueError.
+    """
+    hp = init_args(hparams)
+    if isinstance(hp.get("diffusion"), str) or "diffusion_args" in hp:
+        kind = hp.get("diffusion") or "gaussian"
+        if kind not in KINDS:
+            raise ValueError(f"unknown diffusion {kind!r}: expected one of {sorted(KINDS)}")
+        args = dict(hp.pop("diffusion_args", None) or {})
+        respacing = args.pop("timestep_respacing", None)
+        if respacing not in (None, ""):
+            raise ValueError(f"diffusion_args.timestep_respacing {respacing!r}: a respaced training process is "
+                             "not supported; sampling steps are chosen with sampling_steps or --steps")
+        hp["diffusion"] = describe(from_description({"class_path": KINDS[kind].__name__, "init_args": args}))
+    model_args = {k: v for k, v in (hp.get("model_args") or {}).items() if v is not None}
+    for key in DATA_FIELDS:
+        if key in model_args:
+            given = model_args.pop(key)
+            source = "diffusion" if key == "learn_sigma" else key
+            actual = from_description(hp["diffusion"]).learn_sigma if key == "learn_sigma" else hp.get(key)
+            if given != actual:
+                raise ValueError(f"model_args.{key}={given!r} contradicts {source} ({actual!r})")
+    hp["model_args"] = model_args
+    if "distill" not in hp:
+        old = distillation or {}
+        settings = {k: old[k] for k in Distillation.__dataclass_fields__ if k in old}
+        hp["distill"] = settings if "teacher" in settings else None
+    return hp
+
+
+def module_kwargs(hparams: dict) -> dict:
+    """GenerationModule arguments that rebuild a checkpoint's model for sampling or evaluation (any
+    version's hyper-parameters; the distillation teacher is not needed for that and is left out)."""
+    kwargs = upgrade_hparams(hparams)
+    kwargs.pop("distill", None)
+    kwargs["diffusion"] = from_description(kwargs["diffusion"]) if kwargs.get("diffusion") else None
+    return kwargs
+
+
 def build_module(path: str, hparams: dict) -> GenerationModule:
     """GenerationModule from a checkpoint's hyper-parameters; a config it cannot build is a CheckpointError."""
     try:
-        return GenerationModule(**init_args(hparams))
+        return GenerationModule(**module_kwargs(hparams))
     except Exception as e:  # noqa: BLE001 - a crafted or foreign file can hold any value
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise CheckpointError(f"checkpoint {path!r} holds a config that cannot be built: {reason}") from None
@@ -151,8 +204,10 @@ def fingerprint(path: str) -> str:
 
 
 def _normalised(key: str, value: Any) -> Any:
-    if key in ("model_args", "diffusion_args"):
-        return dict(value or {})
+    if key == "model_args":  # unset fields keep the preset; execution settings may change
+        return {k: v for k, v in (value or {}).items() if v is not None and k not in EXECUTION_ARGS}
+    if key == "distill":  # the teacher file may move; its weights are checked on load (gspn_gen.distill)
+        return None if value is None else {k: v for k, v in value.items() if k != "teacher"}
     if key == "codec":  # where the VAE is stored may change between machines; what it is may not
         return {k: v for k, v in (value or {"name": "identity"}).items() if k != "path"}
     if isinstance(value, (list, tuple)):
@@ -161,13 +216,23 @@ def _normalised(key: str, value: Any) -> Any:
 
 
 def compare_hparams(saved: dict, current: dict) -> tuple[list[str], list[str]]:
-    """(refused, changed): RUN_KEYS whose values differ, then the other differing keys, one line each."""
+    """(refused, changed): RUN_KEYS whose values differ, then the other differing keys, one line each.
+
+    `saved` may be of any version (`upgrade_hparams`); `current` is a module's hparams.
+    """
+    try:
+        saved, current = upgrade_hparams(saved), upgrade_hparams(current)
+    except ValueError as e:
+        raise CheckpointError(f"the checkpoint's settings cannot be read: {e}") from None
     refused, changed = [], []
-    for key in sorted(set(init_args(saved)) | set(init_args(current))):
+    for key in sorted(set(saved) | set(current)):
         old, new = saved.get(key), current.get(key)
         if key in RUN_KEYS:
             if _normalised(key, old) != _normalised(key, new):
                 refused.append(f"{key}: checkpoint {old!r}, now {new!r}")
+            elif key == "model_args":
+                changed += [f"model_args.{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in EXECUTION_ARGS
+                            if old.get(k) != new.get(k)]
             elif old != new:
                 changed.append(f"{key}: {old!r} -> {new!r}")
         elif _normalised(key, old) != _normalised(key, new):

@@ -35,8 +35,9 @@ import sys
 
 import torch
 
-from gspn_gen.checkpoints import CheckpointError
+from gspn_gen.checkpoints import CheckpointError, SafeCheckpointIO, init_args, module_kwargs
 from gspn_gen.codecs import sd_vae_spec
+from gspn_gen.diffusion import FlowMatching, GaussianDiffusion, describe
 from gspn_gen.lit import GenerationModule
 from gspn_gen.models.backbone import DiffusionBackbone
 from gspn_gen.models.mixer import GSPNMixer
@@ -56,8 +57,8 @@ _BLOCK_KEY = re.compile(r"blocks\.(\d+)\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2
 
 # The official sampling protocol of each family, the imported checkpoint's default.
 _FAMILIES = {
-    "dit": {"diffusion": "gaussian", "diffusion_args": {"sampler": "ddpm", "sampling_steps": 250}},
-    "sit": {"diffusion": "flow", "diffusion_args": {"sampler": "sde", "sampling_steps": 250}},
+    "dit": (GaussianDiffusion, {"sampler": "ddpm", "sampling_steps": 250}),
+    "sit": (FlowMatching, {"sampler": "sde", "sampling_steps": 250}),
 }
 
 
@@ -120,14 +121,13 @@ def infer_config(state: dict[str, torch.Tensor], family: str) -> dict:
     learn_sigma = out_channels == 2 * in_channels
     if family == "sit":
         learn_sigma = False  # SiT's forward drops the sigma half; import removes it from the weights
-    diffusion_args = {**_FAMILIES[family]["diffusion_args"]}
+    process, process_args = _FAMILIES[family]
     if family == "dit":
-        diffusion_args["learn_sigma"] = learn_sigma
+        process_args = {**process_args, "learn_sigma": learn_sigma}
     return {
         "model": name,
         "model_args": {k: v for k, v in shape.items() if MODELS[name][k] != v},
-        "diffusion": _FAMILIES[family]["diffusion"],
-        "diffusion_args": diffusion_args,
+        "diffusion": describe(process(**process_args)),
         "num_classes": state["y_embedder.embedding_table.weight"].shape[0] - 1,  # the last row is the null class
         "in_channels": in_channels,
         "input_size": side * patch,
@@ -173,7 +173,8 @@ def import_official(src: str, out: str, family: str, vae: str = DEFAULT_VAE) -> 
     state = read_official(src)
     hparams = {**infer_config(state, family), "codec": sd_vae_spec(vae), "class_names": None}
     with torch.device("meta"):  # shapes only: nothing is allocated
-        net = GenerationModule(**hparams).model
+        module = GenerationModule(**module_kwargs(hparams))
+    hparams, net = init_args(dict(module.hparams)), module.model
     if family == "sit":
         state = sit_to_ours(state, net.t_embedder.frequencies(torch.ones(1)).squeeze(0))
     state = official_to_ours(state)
@@ -186,20 +187,8 @@ def import_official(src: str, out: str, family: str, vae: str = DEFAULT_VAE) -> 
     both = {**{f"model.{k}": v for k, v in state.items()}, **{f"ema.{k}": v for k, v in state.items()}}
     ckpt = {"state_dict": both, "hyper_parameters": hparams,
             "imported_from": {"file": os.path.basename(src), "family": family}}
-    save_atomic(ckpt, out)
+    SafeCheckpointIO().save_checkpoint(ckpt, out)  # crash-safe, like every checkpoint we write
     return hparams
-
-
-def save_atomic(obj: dict, path: str) -> None:
-    """torch.save to a temp name beside `path`, then rename: a crash never leaves half a file."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 # ------------------------------------------------------------------------------------ DiT -> GSPN
@@ -283,7 +272,9 @@ def main(argv: list[str] | None = None) -> None:
         hp = import_official(args.src, args.out, family, args.vae)
     except CheckpointError as e:
         _fail(str(e))
-    print(f"wrote {args.out}: {hp['model']}{' ' + str(hp['model_args']) if hp['model_args'] else ''}, {hp['diffusion']}, "
+    overrides = {k: v for k, v in hp["model_args"].items() if v is not None}
+    print(f"wrote {args.out}: {hp['model']}{' ' + str(overrides) if overrides else ''}, "
+          f"{hp['diffusion']['class_path'].rsplit('.', 1)[-1]}, "
           f"{hp['num_classes']} classes, {hp['in_channels']}x{hp['input_size']}x{hp['input_size']} latents, "
           f"VAE {hp['codec']['path']}")
 

@@ -1,7 +1,9 @@
 """Distil a DiT (attention) teacher into a GSPN student of the same width and depth (DESIGN.md §10).
 
-    python -m gspn_gen.distill fit --config configs/experiments/distill_dit-xl2_to_gspn-xl2_in256.yaml
-    python -m gspn_gen.distill fit --config ... --ckpt_path runs/x/checkpoints/last.ckpt        # resume
+An ordinary training run whose config has a `model.distill` section (`Distillation`):
+
+    python train_gen.py fit --config configs/experiments/distill_dit-xl2_to_gspn-xl2_in256.yaml
+    python train_gen.py fit --config ... --ckpt_path runs/x/checkpoints/last.ckpt        # resume
 
 The student starts as the teacher with each attention replaced by a fresh GSPN mixer whose output
 projection is zero (gspn_gen.convert.convert_to_gspn). Each step draws x_t from a data batch at a random
@@ -12,98 +14,101 @@ block's mixer output is also matched to the teacher's attention on the same inpu
 mixer input), and after `distill_steps` steps training continues with the ordinary diffusion loss.
 
 Everything else is ordinary training: EMA, optimiser, schedule, logging, sample grids, resume. The
-teacher is loaded from its checkpoint path (a required field) and is not saved in the student's
-checkpoints; each checkpoint records the teacher's path and the SHA-256 of its weights, and a resume
-with a different teacher is refused. A checkpoint holds a plain GenerationModule's hyper-parameters,
-so `sample.py`, `fid_eval` and `load_module` take it like any other.
+teacher is loaded from its checkpoint path and is not saved in the student's checkpoints; each
+checkpoint records the teacher's path and the SHA-256 of its weights, and a resume with a different
+teacher is refused. `sample.py`, `fid_eval` and `load_module` read a distilled checkpoint without its
+teacher (gspn_gen.checkpoints drops the `distill` settings when it only rebuilds the model).
 """
 
 from __future__ import annotations
 
 import hashlib
-import inspect
-import sys
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from gspn_gen import train_cli
-from gspn_gen.checkpoints import load_module
-from gspn_gen.convert import convert_to_gspn
-from gspn_gen.diffusion import KINDS, FlowMatching
-from gspn_gen.diffusion.gaussian import mean_flat
-from gspn_gen.lit import GenerationModule
+from gspn_gen.diffusion import KINDS, FlowMatching, mean_flat
 
-SETTINGS = ("teacher_ema", "output_weight", "layer_weight", "distill_steps")  # fixed for the whole run
+if TYPE_CHECKING:
+    from gspn_gen.lit import GenerationModule
 
 
 class DistillationError(ValueError):
-    """The teacher does not fit the student, or a resume would change the teacher or the settings."""
+    """The teacher does not fit the student, or a resume would change the teacher."""
 
 
-class DistillationModule(GenerationModule):
-    """GenerationModule whose GSPN student starts from a DiT teacher and is trained to match it."""
+@dataclass(frozen=True)
+class Distillation:
+    """Distillation from a frozen attention teacher (gspn_gen.distill); null: ordinary training.
 
-    def __init__(
-        self,
-        teacher: str,
-        teacher_ema: bool = True,
-        output_weight: float = 1.0,
-        layer_weight: float = 0.0,
-        distill_steps: int | None = None,
-        **kwargs,
-    ):
-        """Build the student, load the frozen teacher, and start the student from the teacher's weights.
+    Args:
+        teacher: checkpoint of the teacher (a trained DiT, or an official one imported with
+            `python -m gspn_gen.checkpoints import-dit`); needed again to resume. The student (the
+            model section's preset) must have the teacher's width and depth; it keeps the teacher's
+            fixed position embedding (model_args.fixed_pos_embed true unless set).
+        teacher_ema: use the teacher's EMA weights (else its raw training weights).
+        output_weight: weight of the output-matching loss (MSE over all output channels).
+        layer_weight: weight of the layer-wise loss: each mixer's output against the teacher's
+            attention on the same input, averaged over blocks (0: off).
+        distill_steps: distil for this many steps, then fine-tune with the ordinary diffusion loss;
+            null: distil throughout; 0: fine-tune the converted model without distillation.
+    """
 
-        Args:
-            teacher: checkpoint of the teacher (a trained DiT, or an official one imported with
-                `python -m gspn_gen.checkpoints import-dit`); needed again to resume.
-            teacher_ema: use the teacher's EMA weights (else its raw training weights).
-            output_weight: weight of the output-matching loss (MSE over all output channels).
-            layer_weight: weight of the layer-wise loss: each mixer's output against the teacher's
-                attention on the same input, averaged over blocks (0: off).
-            distill_steps: distil for this many steps, then fine-tune with the ordinary diffusion loss;
-                None: distil throughout; 0: fine-tune the converted model without distillation.
-            **kwargs: the student's GenerationModule arguments (model: a GSPN preset of the teacher's
-                width and depth). model_args gets fixed_pos_embed: true unless set, so the student keeps
-                the teacher's position embedding and starts as the teacher without attention.
-        """
-        if output_weight < 0 or layer_weight < 0 or output_weight + layer_weight == 0:
-            raise ValueError(f"output_weight ({output_weight}) and layer_weight ({layer_weight}) must be >= 0, "
-                             "not both 0")
-        if distill_steps is not None and distill_steps < 0:
-            raise ValueError(f"distill_steps must be >= 0 or null, got {distill_steps}")
-        kwargs["model_args"] = {"fixed_pos_embed": True, **(kwargs.get("model_args") or {})}
-        super().__init__(**kwargs)
-        self.hparams.model_args = kwargs["model_args"]  # LightningCLI records the arguments as given
-        source = load_module(teacher)
-        check_compatible(source, self)
-        net = source.ema if teacher_ema else source.model
-        # A plain attribute, not a submodule: the teacher stays out of state_dict, checkpoints and the optimiser.
-        self.__dict__["teacher"] = net.requires_grad_(False).eval()
+    teacher: str
+    teacher_ema: bool = True
+    output_weight: float = 1.0
+    layer_weight: float = 0.0
+    distill_steps: int | None = None
+
+    def __post_init__(self):
+        if self.output_weight < 0 or self.layer_weight < 0 or self.output_weight + self.layer_weight == 0:
+            raise ValueError(f"distill.output_weight ({self.output_weight}) and distill.layer_weight "
+                             f"({self.layer_weight}) must be >= 0, not both 0")
+        if self.distill_steps is not None and self.distill_steps < 0:
+            raise ValueError(f"distill.distill_steps must be >= 0 or null, got {self.distill_steps}")
+
+
+class Distiller:
+    """The frozen teacher of a GenerationModule and its distillation loss; built after the student."""
+
+    def __init__(self, settings: Distillation, student: GenerationModule):
+        """Load the teacher, check it fits, and start the student (model and EMA) from its weights."""
+        from gspn_gen.checkpoints import load_module
+        from gspn_gen.convert import convert_to_gspn
+
+        self.settings = settings
+        source = load_module(settings.teacher)
+        check_compatible(source, student)
+        net = source.ema if settings.teacher_ema else source.model
+        # Not a submodule of the student: the teacher stays out of state_dict, checkpoints and the optimiser.
+        self.teacher = net.requires_grad_(False).eval()
         self.teacher_sha256 = weights_sha256(net)
         try:
-            convert_to_gspn(net, self.model)
+            convert_to_gspn(net, student.model)
         except ValueError as e:
-            raise DistillationError(f"teacher {teacher!r} cannot initialise {self.hparams.model}: {e}") from None
-        self.ema.load_state_dict(self.model.state_dict())
+            raise DistillationError(f"teacher {settings.teacher!r} cannot initialise {student.hparams.model}: "
+                                    f"{e}") from None
+        student.ema.load_state_dict(student.model.state_dict())
 
-    def training_losses(self, batch) -> dict[str, torch.Tensor]:
+    def training_losses(self, student: GenerationModule, batch) -> dict[str, torch.Tensor]:
         """{"loss", "distill"[, "layer"]}, each (N,); the diffusion loss after `distill_steps`."""
-        hp = self.hparams
-        if hp.distill_steps is not None and self.global_step >= hp.distill_steps:
-            self.model.y_embedder.train()
-            return super().training_losses(batch)
+        hp, model = self.settings, student.model
+        if hp.distill_steps is not None and student.global_step >= hp.distill_steps:
+            model.y_embedder.train(student.training)
+            x, y = batch
+            return student.diffusion.training_losses(model, x, y)
         x0, y = batch                                                         # (N, C, H, W), (N,)
         teacher = self.teacher.to(x0.device)
-        y = self.model.y_embedder.drop(y)            # teacher and student see the same (possibly null) labels,
-        self.model.y_embedder.eval()                 # so the student must not drop labels again
-        x_t, t = noisy_input(self.diffusion, x0)
+        y = model.y_embedder.drop(y)       # teacher and student see the same (possibly null) labels,
+        model.y_embedder.eval()            # so the student must not drop labels again
+        x_t, t = noisy_input(student.diffusion, x0)
         records: list[tuple[torch.Tensor, tuple[int, int], torch.Tensor]] = []
         hooks = [block.mixer.register_forward_hook(lambda m, args, out: records.append((*args, out)))
-                 for block in self.model.blocks] if hp.layer_weight else []
+                 for block in model.blocks] if hp.layer_weight else []
         try:
-            out = self.model(x_t, t, y)                                       # (N, C_out, H, W)
+            out = model(x_t, t, y)                                            # (N, C_out, H, W)
         finally:
             for hook in hooks:
                 hook.remove()
@@ -122,30 +127,20 @@ class DistillationModule(GenerationModule):
             terms["loss"] = terms["loss"] + hp.layer_weight * terms["layer"]
         return terms
 
-    # Checkpoints: a plain GenerationModule's hyper-parameters (for load_module), the distillation
-    # settings and the teacher's identity beside them.
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        super().on_save_checkpoint(checkpoint)
-        plain = inspect.signature(GenerationModule.__init__).parameters
-        hparams = dict(checkpoint.get("hyper_parameters", self.hparams))
-        checkpoint["hyper_parameters"] = {k: v for k, v in hparams.items() if k in plain}
-        checkpoint["distillation"] = {"teacher": hparams.get("teacher"), "teacher_sha256": self.teacher_sha256,
-                                      **{k: hparams.get(k) for k in SETTINGS}}
+    def save(self, checkpoint: dict) -> None:
+        """Record the teacher's identity beside the student's weights."""
+        checkpoint["distillation"] = {"teacher": self.settings.teacher, "teacher_sha256": self.teacher_sha256}
 
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
+    def check(self, checkpoint: dict) -> None:
+        """A resume must continue a distillation from this very teacher (same weights)."""
         recorded = checkpoint.get("distillation")
         if recorded is None:
-            raise DistillationError("this checkpoint was not written by a distillation run; resume it with "
-                                       "train_gen.py")
+            raise DistillationError("this checkpoint was not written by a distillation run; resume it without "
+                                    "model.distill")
         if recorded["teacher_sha256"] != self.teacher_sha256:
             raise DistillationError(
-                f"teacher {self.hparams.teacher!r} is not the one this run was distilled from (weights SHA-256 "
+                f"teacher {self.settings.teacher!r} is not the one this run was distilled from (weights SHA-256 "
                 f"{self.teacher_sha256[:12]}..., the checkpoint records {recorded['teacher_sha256'][:12]}...)")
-        changed = {k: (recorded.get(k), self.hparams[k]) for k in SETTINGS if recorded.get(k) != self.hparams[k]}
-        if changed:
-            raise DistillationError(f"the run was distilled with other settings (checkpoint, now): {changed}; "
-                                       "resume with the same ones")
-        super().on_load_checkpoint(checkpoint)
 
 
 def check_compatible(teacher: GenerationModule, student: GenerationModule) -> None:
@@ -186,15 +181,3 @@ def weights_sha256(net: nn.Module) -> str:
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy())
     return digest.hexdigest()
-
-
-def main(args: list[str] | None = None) -> None:
-    try:
-        train_cli.main(args, model_class=DistillationModule)
-    except DistillationError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-
-
-if __name__ == "__main__":
-    main()

@@ -1,14 +1,18 @@
 """The LightningModule: backbone + diffusion process + EMA + optimiser/schedule + logging.
 
 The constructor's typed arguments are the `model:` section of a LightningCLI config, and
-`save_hyperparameters()` stores them in every checkpoint, so `sample.py` rebuilds the exact model,
-diffusion and codec from the checkpoint alone. The data-dependent arguments (`num_classes`,
-`in_channels`, `input_size`, `codec`, `class_names`) are linked from the datamodule by the CLI.
+`save_hyperparameters()` stores them in every checkpoint as plain containers (the process as
+{class_path, init_args}, every model_args field), so `sample.py` rebuilds the exact model, diffusion
+and codec from the checkpoint alone (gspn_gen.checkpoints.module_kwargs). The data-dependent arguments
+(`num_classes`, `in_channels`, `input_size`, `codec`, `class_names`) are linked from the datamodule
+by the CLI; they, and the process's learn_sigma, are the only source of the backbone's input shape,
+classes and output channels.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import time
 import warnings
@@ -19,8 +23,9 @@ import torch
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import grad_norm, rank_zero_only, rank_zero_warn
 
-from gspn_gen.diffusion import create_diffusion
-from gspn_gen.models.zoo import build_model
+from gspn_gen.diffusion import FlowMatching, GaussianDiffusion, describe
+from gspn_gen.distill import Distillation, Distiller
+from gspn_gen.models.zoo import NO_OVERRIDES, ModelArgs, build_model, model_overrides
 
 # The EMA copy is deliberately kept in eval mode; Lightning would warn about it at every fit start.
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
@@ -44,9 +49,8 @@ class GenerationModule(L.LightningModule):
     def __init__(
         self,
         model: str = "GSPN-T/4",
-        model_args: dict | None = None,
-        diffusion: Literal["gaussian", "flow"] = "gaussian",
-        diffusion_args: dict | None = None,
+        model_args: ModelArgs = NO_OVERRIDES,
+        diffusion: GaussianDiffusion | FlowMatching | None = None,
         num_classes: int = 10,
         in_channels: int = 1,
         input_size: int = 16,
@@ -67,14 +71,17 @@ class GenerationModule(L.LightningModule):
         sample_max_classes: int = 10,
         fused_adamw: bool | None = None,
         compile: bool = False,
+        distill: Distillation | None = None,
     ):
         """Build backbone, diffusion process and EMA copy.
 
         Args:
             model: preset name from the registry (`python -m gspn_gen.models.zoo` lists them), e.g. GSPN-XL/2.
-            model_args: overrides of the preset's constructor arguments (hidden_size, depth, chunk, ...).
-            diffusion: training objective and sampler family: gaussian (ADM/DiT DDPM) or flow (SiT).
-            diffusion_args: arguments of the process, e.g. {learn_sigma: false, clip_denoised: true}.
+            model_args: overrides of the preset's backbone arguments (hidden_size, depth, chunk, ...);
+                null fields keep the preset's value.
+            diffusion: the process, training objective and samplers: GaussianDiffusion (ADM/DiT DDPM,
+                the default) or FlowMatching (SiT), e.g. {class_path: FlowMatching, init_args:
+                {sampler: sde}}; its learn_sigma decides the backbone's output channels.
             num_classes: number of classes (linked from the datamodule); id num_classes is the null class.
             in_channels: channels of the model-space input (linked from the datamodule).
             input_size: spatial size of the model-space input, latent or pixels (linked from the datamodule).
@@ -96,6 +103,8 @@ class GenerationModule(L.LightningModule):
             fused_adamw: use the fused AdamW kernel (default: on CUDA only).
             compile: torch.compile the training model's blocks (in place: parameter names, checkpoints
                 and the EMA model used for sampling stay as they are); the first steps take longer.
+            distill: distil the model from a frozen attention teacher (gspn_gen.distill); null: ordinary
+                training.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -111,19 +120,19 @@ class GenerationModule(L.LightningModule):
             raise ValueError(f"betas must be two numbers in [0, 1), got {list(betas)}")
         if not 0.0 <= ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
-        try:
-            self.diffusion = create_diffusion(diffusion, **(diffusion_args or {}))
-        except TypeError as e:  # an argument the process does not take
-            raise ValueError(f"diffusion_args {diffusion_args} do not fit diffusion {diffusion!r}: {e}") from None
-        self.model = build_model(
-            model,
-            input_size=input_size,
-            in_channels=in_channels,
-            num_classes=num_classes,
-            learn_sigma=self.diffusion.learn_sigma,
-            **(model_args or {}),
-        )
+        self.diffusion = GaussianDiffusion() if diffusion is None else diffusion
+        overrides = model_overrides(model_args)
+        if distill is not None and overrides.get("fixed_pos_embed") is None:
+            overrides["fixed_pos_embed"] = True  # the student keeps the teacher's position embedding
+        self.model = build_model(model, input_size=input_size, in_channels=in_channels, num_classes=num_classes,
+                                 learn_sigma=self.diffusion.learn_sigma, **overrides)
+        # Checkpoints hold plain containers only (they are read with weights_only=True).
+        self.hparams["model_args"] = {f.name: overrides.get(f.name) for f in dataclasses.fields(ModelArgs)}
+        self.hparams["diffusion"] = describe(self.diffusion)
+        self.hparams["distill"] = None if distill is None else dataclasses.asdict(distill)
+        self._hparams_initial = copy.deepcopy(self._hparams)
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
+        self.distiller = None if distill is None else Distiller(distill, self)
         if compile:
             self.model.compile_blocks()
         self._last_step_time: float | None = None
@@ -153,7 +162,9 @@ class GenerationModule(L.LightningModule):
 
     def training_losses(self, batch) -> dict[str, torch.Tensor]:
         """Per-sample loss terms (N,) of a batch; "loss" is minimised, the others are logged.
-        The diffusion loss here; a subclass may train another objective (gspn_gen.distill)."""
+        The diffusion loss, or the distillation loss (gspn_gen.distill) when distilling."""
+        if self.distiller is not None:
+            return self.distiller.training_losses(self, batch)
         x, y = batch  # (B, C, H, W), (B,)
         return self.diffusion.training_losses(self.model, x, y)
 
@@ -196,11 +207,15 @@ class GenerationModule(L.LightningModule):
     # Resume must continue the same random stream (noise, timesteps, shuffling), not restart the seed.
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         self._check_weights()
+        if self.distiller is not None:
+            self.distiller.save(checkpoint)
         checkpoint["rng_torch"] = torch.get_rng_state()
         if torch.cuda.is_available():
             checkpoint["rng_cuda"] = torch.cuda.get_rng_state()  # this rank's device only
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if self.distiller is not None:
+            self.distiller.check(checkpoint)
         if self._trainer is None:  # plain load_from_checkpoint: leave the caller's RNG alone
             return
         self._resumed = True
@@ -217,7 +232,9 @@ class GenerationModule(L.LightningModule):
         params = [p.detach() for p in (*self.model.parameters(), *self.ema.parameters()) if p.numel()]
         biggest = float(torch.stack([p.abs().amax().float() for p in params]).max()) if params else 0.0
         sane = math.isfinite(biggest) and biggest <= WEIGHT_LIMIT
-        if not self.trainer.strategy.reduce_boolean_decision(sane, all=True):
+        if self._trainer is not None:  # agree across ranks, so that no rank writes while another stops
+            sane = self.trainer.strategy.reduce_boolean_decision(sane, all=True)
+        if not sane:
             raise NonFiniteWeightsError(
                 f"weights reached {biggest:g} (not finite or beyond {WEIGHT_LIMIT:g}) at global step "
                 f"{self.global_step} (on this or another rank): training stopped without writing a checkpoint; "

@@ -20,7 +20,6 @@ from tqdm import tqdm
 
 from gspn_gen.checkpoints import CheckpointError, fingerprint, load_module, nonfinite_tensors
 from gspn_gen.codecs import CodecLoadError
-from gspn_gen.diffusion import flow, gaussian
 from gspn_gen.fileio import remove_stale_temps, write_json
 from gspn_gen.lit import GenerationModule
 from gspn_gen.sampling import (
@@ -33,7 +32,6 @@ from gspn_gen.sampling import (
 )
 
 MAX_CFG_SCALE = 100.0
-SAMPLERS = {"gaussian": gaussian.SAMPLERS, "flow": flow.SAMPLERS}
 
 EPILOG = """examples:
   python sample.py --ckpt runs/demo/checkpoints/last.ckpt --classes 0 1 2 3 --per-class 8 --out grid.png
@@ -125,9 +123,9 @@ def load(args, device, announce: bool = True) -> GenerationModule:
         if codec.get("name") != "sd-vae":
             fail(f"--vae given, but this checkpoint's codec is {codec.get('name', 'identity')!r}, not a VAE")
         module.hparams.codec = {**codec, "path": args.vae}
-    known = SAMPLERS.get(module.hparams.diffusion, ())
+    known = module.diffusion.samplers
     if args.sampler is not None and args.sampler not in known:
-        fail(f"--sampler {args.sampler!r}: this checkpoint's {module.hparams.diffusion} process has {', '.join(known)}")
+        fail(f"--sampler {args.sampler!r}: this checkpoint's {module.diffusion.name} process has {', '.join(known)}")
     prefix = "model." if args.no_ema else "ema."
     bad = nonfinite_tensors(module.state_dict(), prefix)
     if bad and announce:

@@ -9,20 +9,29 @@ the config or on the command line; SLURM and torchrun launch it as usual. Exampl
     python train_gen.py fit --config ... --ckpt_path last      # resume from the run's last.ckpt if there is one
     python train_gen.py fit --config ... --print_config                     # show the merged config
 
+A config file may start from others: a top-level `extends: [a.yaml, b.yaml]` (paths relative to the
+file) reads those first, in order, then the file itself, as if given as `--config a.yaml --config
+b.yaml --config FILE`; bases may extend others (a cycle or a missing base is an error). So the trainer
+and data overlays of configs/trainer/ and configs/data/ are written once and experiments only state
+what differs.
+
 A resume is checked before anything in the run directory is touched: the checkpoint must be readable,
 finite, and trained with the same model, diffusion and data shape (`checkpoints.RUN_KEYS`); changed
-optimiser, schedule, trainer or data-loading settings are allowed and listed one `info:` line each.
+optimiser, schedule, trainer or data-loading settings, and execution settings of the model
+(model_args.recompute, model_args.gspn_backend, compile), are allowed and listed one `info:` line each.
 Checkpoints are written crash-safe (`checkpoints.SafeCheckpointIO`) and logs are continued, not replaced.
 """
 
 from __future__ import annotations
 
 import csv
+import inspect
 import io
 import os
 import re
 import sys
 import tempfile
+import typing
 from pathlib import Path
 
 import lightning as L
@@ -45,12 +54,78 @@ from gspn_gen.checkpoints import (
     compare_hparams,
     nonfinite_tensors,
     read_checkpoint,
+    upgrade_hparams,
 )
 from gspn_gen.data.datamodule import DataError
+from gspn_gen.diffusion import KINDS
+from gspn_gen.distill import Distillation, DistillationError
 from gspn_gen.fileio import atomic_write, remove_stale_temps, write_bytes
 from gspn_gen.lit import GenerationModule, NonFiniteLossError
 
 DEFAULT_DATA = "gspn_gen.data.datamodule.DigitsDataModule"
+DEFAULT_DIFFUSION = "gspn_gen.diffusion.GaussianDiffusion"
+BASE_KEY = "extends"
+
+
+class ConfigError(ValueError):
+    """A config file's `extends` names a missing file or forms a cycle."""
+
+
+def expand_configs(args: list[str]) -> list[str]:
+    """Command-line arguments with each `--config FILE` whose YAML has `extends:` replaced by its bases'
+    `--config` arguments (recursively) and then the file's own settings."""
+    out, i = [], 0
+    while i < len(args):
+        if args[i] == "--config" and i + 1 < len(args):
+            out += _config_chain(args[i + 1], ())
+            i += 2
+        elif args[i].startswith("--config="):
+            out += _config_chain(args[i].split("=", 1)[1], ())
+            i += 1
+        else:
+            out.append(args[i])
+            i += 1
+    return out
+
+
+def _config_chain(path: str, outer: tuple[Path, ...]) -> list[str]:
+    file = Path(path)
+    if not file.is_file():
+        return ["--config", path]  # not a file: jsonargparse reads it (a YAML string) or says why not
+    try:
+        data = yaml.safe_load(file.read_text())
+    except (OSError, yaml.YAMLError):
+        return ["--config", path]  # jsonargparse names the problem
+    if not isinstance(data, dict) or BASE_KEY not in data:
+        return ["--config", path]
+    real = file.resolve()
+    if real in outer:
+        chain = " -> ".join(str(p) for p in (*outer, real))
+        raise ConfigError(f"config {path!r}: {BASE_KEY} forms a cycle ({chain})")
+    bases = data.pop(BASE_KEY)
+    bases = [bases] if isinstance(bases, str) else bases
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        raise ConfigError(f"config {path!r}: {BASE_KEY} must be a file name or a list of them, got {bases!r}")
+    out = []
+    for base in bases:
+        base_file = file.parent / base
+        if not base_file.is_file():
+            raise ConfigError(f"config {path!r}: {BASE_KEY} {base!r}: no such file ({base_file})")
+        out += _config_chain(str(base_file), (*outer, real))
+    return out + (["--config", yaml.safe_dump(data, sort_keys=False)] if data else [])
+
+
+def _fields(cls: type) -> str:
+    """`name: type = default` of each constructor argument of `cls`, for help text."""
+    hints = typing.get_type_hints(cls.__init__)
+    params = [p for p in inspect.signature(cls).parameters.values() if p.name in hints]
+    text = (f"{p.name}: {_type_name(hints[p.name])}" + ("" if p.default is p.empty else f" = {p.default!r}")
+            for p in params)
+    return f"{cls.__name__} ({', '.join(text)})"
+
+
+def _type_name(t) -> str:
+    return t.__name__ if isinstance(t, type) else str(t).replace("typing.", "")
 
 
 def fail(message: str) -> None:
@@ -113,7 +188,20 @@ class GenerationCLI(LightningCLI):
         for src, dst in (("num_classes", "num_classes"), ("channels", "in_channels"), ("size", "input_size"),
                          ("codec", "codec"), ("class_names", "class_names")):
             parser.link_arguments(f"data.{src}", f"model.{dst}", apply_on="instantiate")
-        parser.set_defaults({"data": {"class_path": DEFAULT_DATA}, "trainer.default_root_dir": "runs/default"})
+        parser.set_defaults({"data": {"class_path": DEFAULT_DATA}, "model.diffusion": {"class_path": DEFAULT_DIFFUSION},
+                             "trainer.default_root_dir": "runs/default"})
+        listed = {"model.diffusion": KINDS.values(), "model.distill": [Distillation]}
+        for action in parser._actions:  # every field in --help, not only behind --model.X.help CLASS
+            if action.dest in listed:
+                action.help += " Fields: " + "; ".join(_fields(cls) for cls in listed[action.dest]) + "."
+
+    def parse_arguments(self, parser, args) -> None:
+        # Lightning's, with `extends:` expanded and without its warning about args given from Python.
+        args = sys.argv[1:] if args is None else args
+        if isinstance(args, dict):
+            self.config = parser.parse_object(args)
+        else:
+            self.config = parser.parse_args(expand_configs(list(args)))
 
     def _parse_ckpt_path(self) -> None:
         # Lightning would load the checkpoint here, unchecked, and merge its hyper-parameters over the
@@ -181,7 +269,8 @@ class GenerationCLI(LightningCLI):
             return path  # resolved by Lightning; still read through SafeCheckpointIO
         try:
             ckpt = read_checkpoint(path, mmap=True)
-            refused, changed = compare_hparams(ckpt["hyper_parameters"], dict(self.model.hparams))
+            saved = upgrade_hparams(ckpt["hyper_parameters"], ckpt.get("distillation"))
+            refused, changed = compare_hparams(saved, dict(self.model.hparams))
             if refused:
                 raise CheckpointError(
                     f"cannot resume {path!r} with different settings ({'; '.join(refused)}): a resumed run keeps "
@@ -225,6 +314,10 @@ def _flatten(d, prefix: str = "") -> dict:
 
 
 _SKIP = ("Does not validate", "Subtypes:", "Errors:", "Given value type", "Problem with given class_path")
+# Reports of a subclass-typed option (model.diffusion) that do not help: the other Union member's, and
+# the file-path reading of the value; "not a dot import path" is said in words that name the choices.
+_NOISE = re.compile(r"Import path \S+ does not correspond to a subclass of \S+|Expected a path but .* not accessible or invalid")
+_NOT_A_CLASS = re.compile(r"Expected a dot import path string: .*")
 
 
 def _readable_type(match: re.Match) -> str:
@@ -252,8 +345,10 @@ def _one_line(message: str) -> str:
                 got = nested.group(2) if nested else line.split(":", 1)[1].strip()
             continue
         line = line.lstrip("- ").strip()
-        if not line or line.startswith(_SKIP) or line == "Expected a <class 'NoneType'>":
+        if not line or line.startswith(_SKIP) or line == "Expected a <class 'NoneType'>" or _NOISE.fullmatch(line):
             continue
+        if _NOT_A_CLASS.fullmatch(line):
+            line = "expected a class name or import path (" + ", ".join(c.__name__ for c in KINDS.values()) + ")"
         v = re.search(r"\.?\s*Got value: (.*)$", line)
         if v:
             got, line = got if got is not None else v.group(1), line[: v.start()]
@@ -272,12 +367,12 @@ def _one_line(message: str) -> str:
     return f"--{key}: {text}" + (f", got {got!r}" if got is not None else "")
 
 
-def main(args: list[str] | None = None, model_class: type[GenerationModule] = GenerationModule) -> None:
-    """Run the CLI; `model_class` is GenerationModule or a subclass (gspn_gen.distill's)."""
+def main(args: list[str] | None = None) -> None:
+    """Run the CLI (`args` as on the command line; default sys.argv[1:])."""
     torch.set_float32_matmul_precision("high")
     try:
         GenerationCLI(
-            model_class,
+            GenerationModule,
             L.LightningDataModule,
             subclass_mode_data=True,
             # errors raise instead of printing the whole usage, so main() can say them in one line
@@ -289,7 +384,7 @@ def main(args: list[str] | None = None, model_class: type[GenerationModule] = Ge
     except ArgumentError as e:
         print(f"error: {_one_line(str(e))}  (see: python train_gen.py fit --help)", file=sys.stderr)
         sys.exit(2)
-    except (CheckpointError, DataError) as e:
+    except (CheckpointError, DataError, ConfigError, DistillationError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except (NonFiniteLossError, CheckpointWriteError) as e:

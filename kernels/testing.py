@@ -66,24 +66,23 @@ def assert_matches(names, ours, exact, lowp, dtype, context: str) -> None:
         assert err <= bound, f"{name}: max error {err:.3g} > {bound:.3g} (oracle in {dtype}: {ref_err:.3g}; {context})"
 
 
+def _check(fn, reference, make_inputs, names, shape, dtype, chunk, device, seed, inputs) -> list[torch.Tensor]:
+    ins, dy = make_inputs(*shape, dtype, device, seed) if inputs is None else inputs
+    ours = run(fn, ins, dy, chunk)
+    exact = run(reference, [t.cpu() for t in ins], dy.cpu().double(), chunk, torch.float64)
+    lowp = run(reference, [t.cpu() for t in ins], dy.cpu(), chunk)
+    assert_matches(names, ours, exact, lowp, dtype, f"shape {shape}, {dtype}, chunk {chunk}")
+    return ours
+
+
 def check_mix(fn, shape, dtype, chunk, device="cpu", seed: int = 0, inputs=None) -> list[torch.Tensor]:
     """fn (gspn_mix's signature, chunk last) against the oracle: y and all four gradients."""
-    ins, dy = mix_inputs(*shape, dtype, device, seed) if inputs is None else inputs
-    ours = run(fn, ins, dy, chunk)
-    exact = run(gspn_mix_reference, [t.cpu() for t in ins], dy.cpu().double(), chunk, torch.float64)
-    lowp = run(gspn_mix_reference, [t.cpu() for t in ins], dy.cpu(), chunk)
-    assert_matches(MIX_NAMES, ours, exact, lowp, dtype, f"shape {shape}, {dtype}, chunk {chunk}")
-    return ours
+    return _check(fn, gspn_mix_reference, mix_inputs, MIX_NAMES, shape, dtype, chunk, device, seed, inputs)
 
 
 def check_scan(fn, shape, dtype, chunk, device="cpu", seed: int = 0, inputs=None) -> list[torch.Tensor]:
     """fn (gspn_scan's signature, chunk last) against the oracle: h and all five gradients."""
-    ins, dy = scan_inputs(*shape, dtype, device, seed) if inputs is None else inputs
-    ours = run(fn, ins, dy, chunk)
-    exact = run(gspn_scan_reference, [t.cpu() for t in ins], dy.cpu().double(), chunk, torch.float64)
-    lowp = run(gspn_scan_reference, [t.cpu() for t in ins], dy.cpu(), chunk)
-    assert_matches(SCAN_NAMES, ours, exact, lowp, dtype, f"shape {shape}, {dtype}, chunk {chunk}")
-    return ours
+    return _check(fn, gspn_scan_reference, scan_inputs, SCAN_NAMES, shape, dtype, chunk, device, seed, inputs)
 
 
 class _BackendMix(torch.autograd.Function):

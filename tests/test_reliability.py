@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from test_train_sample import fit, write_config
 
 from gspn_gen import checkpoints, sample_cli
 from gspn_gen.checkpoints import read_checkpoint
 from gspn_gen.lit import GenerationModule
+from tests.test_train_sample import fit, write_config
 
 
 def error_lines(capsys) -> list[str]:
@@ -102,7 +102,8 @@ def test_resume_appends_logs_and_applies_reported_changes(tmp_path, capsys):
     (["--model.model", "DiT-T/2"], "model:"),
     (["--model.model_args", "{hidden_size: 32, depth: 3, num_heads: 2}"], "model_args"),
     (["--data.init_args.image_size", "16"], "input_size"),
-    (["--model.diffusion", "flow", "--model.diffusion_args", "{}"], "diffusion:"),
+    (["--model.diffusion", "FlowMatching"], "diffusion:"),
+    (["--model.diffusion.init_args.noise_schedule", "cosine"], "diffusion:"),
 ])
 def test_resume_refuses_a_changed_run_without_touching_it(run_dir, capsys, override, key):
     config = write_config(run_dir, max_steps=4)
@@ -113,6 +114,54 @@ def test_resume_refuses_a_changed_run_without_touching_it(run_dir, capsys, overr
     errors = error_lines(capsys)
     assert len(errors) == 1 and key in errors[0]
     assert digest(run_dir) == before, "the run directory was touched before the resume was refused"
+
+
+def test_resume_may_change_execution_settings_and_reports_them(tmp_path, capsys):
+    """recompute, gspn_backend and compile change how a step runs, not what the model computes."""
+    fit(write_config(tmp_path, max_steps=2))
+    capsys.readouterr()
+    fit(write_config(tmp_path, max_steps=3), "--ckpt_path", str(tmp_path / "last.ckpt"),
+        "--model.model_args.recompute", "true", "--model.model_args.gspn_backend", "torch")
+    err = capsys.readouterr().err
+    assert "info: resume with changed model_args.recompute: None -> True" in err
+    assert "info: resume with changed model_args.gspn_backend: None -> 'torch'" in err
+    assert read_checkpoint(str(tmp_path / "last.ckpt"))["global_step"] == 3
+    saved = read_checkpoint(str(tmp_path / "last.ckpt"))["hyper_parameters"]
+    assert checkpoints.compare_hparams(saved, {**saved, "compile": True}) == ([], ["compile: False -> True"])
+
+
+# Hyper-parameters as gspn-gen wrote them before the process and the model overrides were typed: the
+# process by name with an untyped dict, model_args repeating the data shape (import-dit did that).
+LEGACY_HPARAMS = {
+    "model": "GSPN-T/2", "model_args": {"hidden_size": 32, "depth": 2, "num_heads": 2, "input_size": 8},
+    "diffusion": "gaussian", "diffusion_args": {"learn_sigma": True, "timestep_respacing": None},
+    "num_classes": 10, "in_channels": 1, "input_size": 8, "codec": {"name": "identity"},
+    "class_names": [str(i) for i in range(10)], "lr": 0.001, "weight_decay": 0.0, "betas": [0.9, 0.999],
+    "warmup_steps": 2, "lr_schedule": "cosine", "min_lr_ratio": 0.0, "ema_decay": 0.9, "ema_warmup": True,
+    "sample_every": 0, "sample_cfg_scale": 4.0, "sample_steps": 50, "sample_per_class": 4,
+    "sample_max_classes": 10, "fused_adamw": None, "compile": False,
+    "_instantiator": "lightning.pytorch.cli.instantiate_module",
+}
+
+
+def test_a_checkpoint_in_the_old_format_samples_loads_and_resumes(run_dir, tmp_path, capsys):
+    ckpt = read_checkpoint(str(run_dir / "last.ckpt"))
+    ckpt["hyper_parameters"] = dict(LEGACY_HPARAMS)
+    torch.save(ckpt, tmp_path / "last.ckpt")
+    module = checkpoints.load_module(str(tmp_path / "last.ckpt"))
+    assert type(module.diffusion).__name__ == "GaussianDiffusion" and module.diffusion.learn_sigma
+    assert all(torch.equal(v, ckpt["state_dict"][k]) for k, v in module.state_dict().items())
+    sample("--ckpt", str(tmp_path / "last.ckpt"), "--classes", "1", "--per-class", "2", "--steps", "2",
+           "--out", str(tmp_path / "g.png"))
+    assert (tmp_path / "g.png").is_file()
+    capsys.readouterr()
+    fit(write_config(tmp_path, max_steps=3), "--ckpt_path", str(tmp_path / "last.ckpt"))
+    newest = max(tmp_path.glob("last*.ckpt"), key=lambda p: p.stat().st_mtime)  # last-v1: another dirpath
+    assert not error_lines(capsys) and read_checkpoint(str(newest))["global_step"] == 3
+    for bad, reason in (({"model_args": {"input_size": 16}}, "contradicts input_size"),
+                        ({"diffusion_args": {"timestep_respacing": "25"}}, "timestep_respacing")):
+        with pytest.raises(ValueError, match=reason):
+            checkpoints.upgrade_hparams({**LEGACY_HPARAMS, **bad})
 
 
 @pytest.mark.parametrize("content, expected", [
@@ -138,7 +187,14 @@ def test_unreadable_resume_names_the_newest_readable_checkpoint(run_dir, tmp_pat
 
 @pytest.mark.parametrize("override, expected", [
     (["--model.lr", "abc"], "--model.lr: expected a float, got 'abc'"),
-    (["--model.diffusion", "foo"], "--model.diffusion: expected one of 'gaussian', 'flow', got 'foo'"),
+    (["--model.diffusion", "foo"],
+     "--model.diffusion: expected a class name or import path (GaussianDiffusion, FlowMatching), got 'foo'"),
+    (["--model.diffusion.learn_sigm", "true"], "--model.diffusion.init_args.learn_sigm: Option 'learn_sigm' is not"),
+    (["--model.diffusion.init_args.sampler", "ddpx"],
+     "--model.diffusion.init_args.sampler: expected one of 'ddim', 'ddpm', got 'ddpx'"),
+    (["--model.model_args.deptx", "3"], "unrecognized arguments: --model.model_args.deptx"),
+    (["--model.model_args.depth", "x"], "--model.model_args.depth: expected an int, got 'x'"),
+    (["--model.model_args.input_size", "4"], "unrecognized arguments: --model.model_args.input_size"),  # data's
     (["--data.init_args.batch_size", "2.5"], "--data.init_args.batch_size: expected an int, got '2.5'"),
     (["--model.warmup_steps", "-5"], "warmup_steps must be >= 0"),
     (["--model.min_lr_ratio", "5"], "min_lr_ratio must be in [0, 1]"),
@@ -258,13 +314,12 @@ def test_sampling_resume_refuses_a_replaced_checkpoint_and_redraws_bad_shards(ru
 
 
 def test_no_file_input_is_ever_unpickled(run_dir, tmp_path, monkeypatch):
-    from test_fault_drill import load_drill
-
+    from benchmarks import fault_drill
     from fid_eval.__main__ import main as fid_main
     from gspn_gen import train_cli
 
     marker = tmp_path / "PICKLE_RAN"
-    evil = load_drill().write_malicious_files(tmp_path / "evil", marker)
+    evil = fault_drill.write_malicious_files(tmp_path / "evil", marker)
     (tmp_path / "run").mkdir()
     config = write_config(tmp_path / "run", max_steps=4)
     shutil.copy(evil["checkpoint"], tmp_path / "run" / "last.ckpt")  # what `--ckpt_path last` finds

@@ -30,7 +30,7 @@ def write_config(tmp_path: Path, max_steps: int, every: int = 1, **model) -> Pat
                                          "every_n_train_steps": every}}],
         },
         "model": {"model": "GSPN-T/2", "model_args": {"hidden_size": 32, "depth": 2, "num_heads": 2},
-                  "diffusion_args": {"learn_sigma": True}, "lr": 1e-3, "warmup_steps": 2,
+                  "lr": 1e-3, "warmup_steps": 2,
                   "lr_schedule": "cosine", "ema_decay": 0.9, "sample_every": 0, **model},
         "data": {"class_path": "gspn_gen.data.datamodule.DigitsDataModule",
                  "init_args": {"image_size": 8, "batch_size": 8}},

@@ -1,8 +1,10 @@
-"""Pixel-space LightningDataModules: the embedded digits, Fashion-MNIST, any torchvision data set.
+"""Every LightningDataModule the trainer takes (`--data`): the embedded digits, Fashion-MNIST, any
+torchvision data set (pixel space), and extracted latent shards. The data sets and file formats they
+serve live beside this file (digits.py, latents.py, images.py).
 
-Every datamodule yields batches `(x, y)` with x in [-1, 1] of shape (B, C, H, W) and int64 labels,
-and exposes `num_classes`, `channels`, `size`, `class_names` and `codec` before `setup()` so that
-LightningCLI can link them into the model's arguments (the checkpoint then knows them).
+Every datamodule yields batches `(x, y)` of shape (B, C, H, W) with int64 labels -- pixels in [-1, 1],
+or scaled latents -- and exposes `num_classes`, `channels`, `size`, `class_names` and `codec` before
+`setup()` so that LightningCLI can link them into the model's arguments (the checkpoint then knows them).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from gspn_gen.data import digits as digits_data
+from gspn_gen.data.latents import LatentShards, read_meta
 
 IDENTITY_CODEC = {"name": "identity"}
 
@@ -210,3 +213,53 @@ class TorchvisionDataModule(_PixelDataModule):
         names = getattr(self.train_set, "classes", None)
         if names and len(names) == self.num_classes:
             self.class_names = list(names)
+
+
+class LatentDataModule(L.LightningDataModule):
+    """Batches (x float32 (B, C, h, w) scaled latents, y int64 (B,)) from an extracted shard directory.
+
+    The attributes of the data contract (num_classes, channels, size, class_names, codec) come from
+    meta.json in __init__, so LightningCLI can link them into the model before setup().
+    """
+
+    def __init__(
+        self,
+        root: str,                 # directory written by gspn_gen.data.extract
+        batch_size: int = 32,      # per device
+        num_workers: int = 4,      # DataLoader workers per device
+        random_flip: bool = True,  # serve the mirrored image's latent half of the time
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        if batch_size < 1 or num_workers < 0:
+            raise ValueError(f"need batch_size >= 1 and num_workers >= 0, got {batch_size} and {num_workers}")
+        self.root, self.batch_size, self.num_workers, self.random_flip = root, batch_size, num_workers, random_flip
+        self.meta = read_meta(root)
+        channels, height, width = self.meta["latent_shape"]
+        if height != width:
+            raise ValueError(f"latents in {root!r} are not square: {self.meta['latent_shape']}")
+        self.num_classes: int = self.meta["num_classes"]
+        self.channels: int = channels
+        self.size: int = height
+        self.class_names: list[str] = list(self.meta["class_names"])
+        self.codec: dict = dict(self.meta["codec"])
+        self.dataset: LatentShards | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.dataset is None:
+            self.dataset = LatentShards(self.root, self.meta["shards"], self.random_flip)
+
+    def train_dataloader(self) -> DataLoader:
+        self.setup()
+        if len(self.dataset) < self.batch_size:
+            raise ValueError(f"{self.root!r} holds {len(self.dataset)} latents, fewer than batch_size={self.batch_size}")
+        # A plain shuffled loader: under DDP Lightning swaps in a DistributedSampler (use_distributed_sampler).
+        return DataLoader(
+            self.dataset,
+            batch_size=self.batch_size,
+            shuffle=True,
+            drop_last=True,
+            num_workers=self.num_workers,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=self.num_workers > 0,
+        )

@@ -1,7 +1,7 @@
-"""Training data from extracted latent shards (see gspn_gen.data.extract for the layout).
+"""Extracted latent shards (see gspn_gen.data.extract for the layout): meta.json and the dataset over them.
 
-    python train_gen.py fit --config ... --data.root /data/in256
-
+The trainer reads them through `gspn_gen.data.datamodule.LatentDataModule`
+(`python train_gen.py fit --config ... --data.root /data/in256`).
 Shards are memory-mapped (safetensors `safe_open`, opened lazily in each worker), so a worker reads
 only the rows it serves and nothing is loaded up front except the labels.
 """
@@ -12,10 +12,9 @@ import bisect
 import json
 import os
 
-import lightning as L
 import torch
 from safetensors import safe_open
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 FORMAT = "gspn-gen-latents"
 VERSION = 1
@@ -73,53 +72,3 @@ class LatentShards(Dataset):
         flip = int(torch.randint(2, ())) if self.random_flip else 0
         latent = self.handles[shard].get_slice("latents")[index - self.starts[shard], flip]  # (C, h, w) fp16
         return latent.float(), int(self.labels[index])
-
-
-class LatentDataModule(L.LightningDataModule):
-    """Batches (x float32 (B, C, h, w) scaled latents, y int64 (B,)) from an extracted shard directory.
-
-    The attributes of the data contract (num_classes, channels, size, class_names, codec) come from
-    meta.json in __init__, so LightningCLI can link them into the model before setup().
-    """
-
-    def __init__(
-        self,
-        root: str,                 # directory written by gspn_gen.data.extract
-        batch_size: int = 32,      # per device
-        num_workers: int = 4,      # DataLoader workers per device
-        random_flip: bool = True,  # serve the mirrored image's latent half of the time
-    ):
-        super().__init__()
-        self.save_hyperparameters()
-        if batch_size < 1 or num_workers < 0:
-            raise ValueError(f"need batch_size >= 1 and num_workers >= 0, got {batch_size} and {num_workers}")
-        self.root, self.batch_size, self.num_workers, self.random_flip = root, batch_size, num_workers, random_flip
-        self.meta = read_meta(root)
-        channels, height, width = self.meta["latent_shape"]
-        if height != width:
-            raise ValueError(f"latents in {root!r} are not square: {self.meta['latent_shape']}")
-        self.num_classes: int = self.meta["num_classes"]
-        self.channels: int = channels
-        self.size: int = height
-        self.class_names: list[str] = list(self.meta["class_names"])
-        self.codec: dict = dict(self.meta["codec"])
-        self.dataset: LatentShards | None = None
-
-    def setup(self, stage: str | None = None) -> None:
-        if self.dataset is None:
-            self.dataset = LatentShards(self.root, self.meta["shards"], self.random_flip)
-
-    def train_dataloader(self) -> DataLoader:
-        self.setup()
-        if len(self.dataset) < self.batch_size:
-            raise ValueError(f"{self.root!r} holds {len(self.dataset)} latents, fewer than batch_size={self.batch_size}")
-        # A plain shuffled loader: under DDP Lightning swaps in a DistributedSampler (use_distributed_sampler).
-        return DataLoader(
-            self.dataset,
-            batch_size=self.batch_size,
-            shuffle=True,
-            drop_last=True,
-            num_workers=self.num_workers,
-            pin_memory=torch.cuda.is_available(),
-            persistent_workers=self.num_workers > 0,
-        )

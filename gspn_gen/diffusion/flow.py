@@ -21,13 +21,11 @@ Samplers over a uniform grid t_k = 1 - k / steps:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from typing import Literal
 
 import torch
 
-from .gaussian import mean_flat
-
-ModelFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+from .common import ModelFn, loss_inputs, mean_flat
 
 SAMPLERS = ("euler", "heun", "sde")
 
@@ -38,15 +36,22 @@ class FlowMatching:
     Constructor arguments are the config schema (they travel in the checkpoint).
     """
 
+    name = "flow"
+    samplers = SAMPLERS
     learn_sigma = False
     time_scale = 1.0
 
     def __init__(
         self,
-        sampler: str = "heun",               # default sampler of .sample
-        sampling_steps: int = 25,            # default number of steps of .sample
-        diffusion_norm: float = 1.0,         # SDE sampler: w(t) = diffusion_norm * t
+        sampler: Literal["euler", "heun", "sde"] = "heun",
+        sampling_steps: int = 25,
+        diffusion_norm: float = 1.0,
     ):
+        """Args:
+            sampler: default sampler of sample(): euler, heun (ODE) or sde (Euler-Maruyama).
+            sampling_steps: default integration steps of sample().
+            diffusion_norm: SDE sampler's diffusion coefficient w(t) = diffusion_norm * t.
+        """
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}: expected one of {SAMPLERS}")
         if sampling_steps < 1:
@@ -87,15 +92,7 @@ class FlowMatching:
         t: torch.Tensor | None = None,           # (N,) float in [0, 1]; default uniform
     ) -> dict[str, torch.Tensor]:
         """{"loss", "mse"}, each (N,): velocity MSE, mean over dimensions (SiT, no weighting)."""
-        n = x0.shape[0]
-        if t is None:
-            t = torch.rand(n, device=x0.device)
-        if noise is None:
-            noise = torch.randn_like(x0)
-        if noise.shape != x0.shape:
-            raise ValueError(f"noise has shape {tuple(noise.shape)}, expected {tuple(x0.shape)}")
-        if t.shape != (n,):
-            raise ValueError(f"t has shape {tuple(t.shape)}, expected ({n},)")
+        noise, t = loss_inputs(x0, noise, t, lambda n: torch.rand(n, device=x0.device))
         x_t = self.interpolate(x0, noise, t)                           # (N, C, H, W)
         out = self._check(model(x_t, t.to(torch.float32), y), x0)      # (N, C, H, W)
         dtype = torch.promote_types(x0.dtype, torch.float32)

@@ -16,15 +16,15 @@ float64; tensors are gathered per device and cast to the data's dtype at use.
 
 from __future__ import annotations
 
+import copy
 import math
-from collections.abc import Callable
+from typing import Literal
 
 import numpy as np
 import torch
 
+from .common import ModelFn, loss_inputs, mean_flat
 from .respace import space_timesteps
-
-ModelFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 SAMPLERS = ("ddim", "ddpm")
 
@@ -42,11 +42,6 @@ def beta_schedule(name: str, num_timesteps: int) -> np.ndarray:
         abar = np.cos((s + 0.008) / 1.008 * np.pi / 2) ** 2
         return np.minimum(1.0 - abar[1:] / abar[:-1], 0.999)
     raise ValueError(f"unknown noise_schedule {name!r}: expected 'linear' or 'cosine'")
-
-
-def mean_flat(x: torch.Tensor) -> torch.Tensor:
-    """Mean over all but the batch dimension: (N, ...) -> (N,)."""
-    return x.mean(dim=tuple(range(1, x.dim())))
 
 
 def normal_kl(mean1, logvar1, mean2, logvar2) -> torch.Tensor:
@@ -79,24 +74,37 @@ class GaussianDiffusion:
 
     time_scale: float
 
+    name = "gaussian"
+    samplers = SAMPLERS
+
     def __init__(
         self,
-        num_timesteps: int = 1000,                       # T of the original (training) process
-        noise_schedule: str = "linear",                  # "linear" (DiT) or "cosine"
-        learn_sigma: bool = True,                        # model outputs 2C channels: eps and v
-        clip_denoised: bool = False,                     # clamp x0 predictions to [-1, 1] when sampling
-        sampler: str = "ddim",                           # default sampler of .sample
-        sampling_steps: int | str = 50,                  # default steps (or respacing spec) of .sample
-        eta: float = 0.0,                                # DDIM noise scale (0 = deterministic)
-        timestep_respacing: int | str | None = None,     # keep only these steps (None = all T)
+        num_timesteps: int = 1000,
+        noise_schedule: Literal["linear", "cosine"] = "linear",
+        learn_sigma: bool = True,
+        clip_denoised: bool = False,
+        sampler: Literal["ddim", "ddpm"] = "ddim",
+        sampling_steps: int | str = 50,
+        eta: float = 0.0,
     ):
+        """The training process over all `num_timesteps` steps; sampling respaces it (`respaced`).
+
+        Args:
+            num_timesteps: T of the training process.
+            noise_schedule: linear (DiT) or cosine (IDDPM) betas.
+            learn_sigma: the model outputs 2C channels, eps and the sigma interpolant (hybrid loss).
+            clip_denoised: clamp x0 predictions to [-1, 1] when sampling (pixel space).
+            sampler: default sampler of sample(): ddim or ddpm (ancestral).
+            sampling_steps: default steps of sample(), or an ADM respacing spec ("25", "10,15,20", "ddim50").
+            eta: DDIM noise scale (0: deterministic).
+        """
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}: expected one of {SAMPLERS}")
         if eta < 0:
             raise ValueError(f"eta must be >= 0, got {eta}")
         self.config = {"num_timesteps": num_timesteps, "noise_schedule": noise_schedule,
                        "learn_sigma": learn_sigma, "clip_denoised": clip_denoised, "sampler": sampler,
-                       "sampling_steps": sampling_steps, "eta": eta, "timestep_respacing": timestep_respacing}
+                       "sampling_steps": sampling_steps, "eta": eta}
         self.learn_sigma = bool(learn_sigma)
         self.clip_denoised = bool(clip_denoised)
         self.sampler = sampler
@@ -104,15 +112,13 @@ class GaussianDiffusion:
         self.eta = float(eta)
         self.original_num_steps = int(num_timesteps)
         self.time_scale = float(num_timesteps)
+        self._base_abar = np.cumprod(1.0 - beta_schedule(noise_schedule, num_timesteps))
+        self._keep(list(range(num_timesteps)))
 
-        base_betas = beta_schedule(noise_schedule, num_timesteps)
-        base_abar = np.cumprod(1.0 - base_betas)
-        if timestep_respacing is None or timestep_respacing == "":
-            kept = list(range(num_timesteps))
-        else:
-            kept = space_timesteps(num_timesteps, timestep_respacing)
+    def _keep(self, kept: list[int]) -> None:
+        """Make this the process over the original steps `kept` (sorted)."""
         # Respaced betas: 1 - abar[s_k] / abar[s_{k-1}], so abar matches the original at kept steps.
-        abar_kept = base_abar[kept]
+        abar_kept = self._base_abar[kept]
         betas = 1.0 - abar_kept / np.append(1.0, abar_kept[:-1])
         self.timestep_map = torch.tensor(kept, dtype=torch.long)
         self.num_timesteps = len(kept)
@@ -246,15 +252,8 @@ class GaussianDiffusion:
         t: torch.Tensor | None = None,           # (N,) long indices into this process; default uniform
     ) -> dict[str, torch.Tensor]:
         """{"loss", "mse"[, "vb"]}, each (N,). loss = mse + vb (vb only with learn_sigma)."""
-        n = x0.shape[0]
-        if t is None:
-            t = torch.randint(0, self.num_timesteps, (n,), device=x0.device)
-        if noise is None:
-            noise = torch.randn_like(x0)
-        if noise.shape != x0.shape:
-            raise ValueError(f"noise has shape {tuple(noise.shape)}, expected {tuple(x0.shape)}")
-        if t.shape != (n,):
-            raise ValueError(f"t has shape {tuple(t.shape)}, expected ({n},)")
+        noise, t = loss_inputs(x0, noise, t,
+                               lambda n: torch.randint(0, self.num_timesteps, (n,), device=x0.device))
         x_t = self.q_sample(x0, t, noise)                              # (N, C, H, W)
         out = model(x_t, self.model_timesteps(t), y)                   # (N, 2C or C, H, W)
         dtype = torch.promote_types(x0.dtype, torch.float32)
@@ -277,7 +276,9 @@ class GaussianDiffusion:
         original timesteps."""
         key = str(spec)
         if key not in self._respaced:
-            self._respaced[key] = GaussianDiffusion(**{**self.config, "timestep_respacing": spec})
+            process = copy.copy(self)
+            process._keep(space_timesteps(self.original_num_steps, spec))
+            self._respaced[key] = process
         return self._respaced[key]
 
     def _process_for(self, steps: int | str) -> GaussianDiffusion:

@@ -13,11 +13,10 @@ which is exactly what official DiT/SiT sampling does with k = 3 (to reproduce th
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 
-ModelFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+from .common import ModelFn
 
 
 def cfg_model_fn(

@@ -28,7 +28,7 @@ def map_to_tokens(x: torch.Tensor) -> torch.Tensor:
 def layer_norm_in_dtype(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
     """`norm(x)` returned in x's dtype. Autocast runs layer_norm in fp32, which would turn a bf16 map
     into an fp32 copy and an fp32 output; the kernels accumulate in fp32 either way."""
-    if not torch.is_autocast_enabled(x.device.type) or x.dtype == torch.float32:
+    if x.dtype == torch.float32 or x.device.type == "meta" or not torch.is_autocast_enabled(x.device.type):
         return norm(x)
     with torch.autocast(x.device.type, enabled=False):
         return F.layer_norm(x, norm.normalized_shape, norm.weight.to(x.dtype), norm.bias.to(x.dtype), norm.eps)

@@ -1,13 +1,15 @@
 """Named size presets: the single registry `MODELS`, `build_model`, `list_models`.
 
 `python -m gspn_gen.models.zoo` prints one row per preset: name, parameters (M), GFLOPs of one
-forward of one image at its default input size (32x32 latents = 256 px for the ImageNet presets),
-counted on the meta device in seconds.
+forward of one image at DiffusionBackbone's default data shape (32x32x4 latents = 256 px, 1000
+classes; a training run takes the shape from its data), counted on the meta device in seconds.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
+import typing
 from unittest import mock
 
 import torch
@@ -17,10 +19,11 @@ from gspn_gen.models import mixer as mixer_module
 from gspn_gen.models.backbone import DiffusionBackbone
 from gspn_gen.models.mixer import GSPNMixer
 
-# ImageNet 256 px through the SD VAE (32x32x4 latents, 1000 classes); the tiny CPU presets default to
-# the embedded digits (16x16 grey, 10 classes).
-_IMAGENET = {"input_size": 32, "in_channels": 4, "num_classes": 1000, "learn_sigma": True, "class_dropout_prob": 0.1}
-_TINY = {"input_size": 16, "in_channels": 1, "num_classes": 10, "learn_sigma": True, "class_dropout_prob": 0.1}
+# What the data and the diffusion process decide, never a preset: the generator's input shape and
+# classes (from the datamodule) and whether it outputs sigma (from the process). Presets built alone
+# (the table below, tests) take DiffusionBackbone's defaults: ImageNet 256 px latents, 32x32x4, 1000 classes.
+DATA_FIELDS = ("input_size", "in_channels", "num_classes", "learn_sigma")
+_COMMON = {"class_dropout_prob": 0.1}
 
 # DiT's widths / depths / heads (Peebles & Xie 2023, Table 1).
 _DIT_SIZES = {"S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16), "XL": (1152, 28, 16)}
@@ -43,30 +46,64 @@ def _presets() -> dict[str, dict]:
 
     for size, shape in _DIT_SIZES.items():
         for p in (2, 4, 8):
-            models[f"DiT-{size}/{p}"] = {**sized(_IMAGENET, *shape), "patch_size": p, "mixer": "attention"}
+            models[f"DiT-{size}/{p}"] = {**sized(_COMMON, *shape), "patch_size": p, "mixer": "attention"}
     # The GPU presets recompute the mixer's maps in backward (GSPNMixer `recompute`): a GSPN-XL/2 block
     # then keeps less for backward than a DiT-XL/2 block (benchmarks/memory.py).
     for size, shape in _DIT_SIZES.items():
         for p in (2, 4):
-            models[f"GSPN-{size}/{p}"] = {**sized(_IMAGENET, *shape), "patch_size": p, "mixer": "gspn",
+            models[f"GSPN-{size}/{p}"] = {**sized(_COMMON, *shape), "patch_size": p, "mixer": "gspn",
                                           "recompute": True}
     for size, (width, depth) in _PAPER_SIZES.items():
         for p in (2, 4):
             models[f"GSPN-paper-{size}/{p}"] = {
-                **_IMAGENET, "hidden_size": width, "depth": depth, "patch_size": p, **_PAPER_LAYER,
+                **_COMMON, "hidden_size": width, "depth": depth, "patch_size": p, **_PAPER_LAYER,
             }
     # CPU demo presets; GSPN-T uses compact gates (one gate channel per 4 channels, GSPN-2) to
     # cut the scan's memory traffic, which dominates a CPU step at this width. No recomputation: at
     # this size memory is no constraint, and it would cost ~18% of a CPU training step.
     for p in (1, 2, 4):
-        models[f"DiT-T/{p}"] = {**sized(_TINY, 128, 6, 4), "patch_size": p, "mixer": "attention"}
-        models[f"GSPN-T/{p}"] = {**sized(_TINY, 128, 6, 4), "patch_size": p, "mixer": "gspn",
+        models[f"DiT-T/{p}"] = {**sized(_COMMON, 128, 6, 4), "patch_size": p, "mixer": "attention"}
+        models[f"GSPN-T/{p}"] = {**sized(_COMMON, 128, 6, 4), "patch_size": p, "mixer": "gspn",
                                  "channels_per_gate": 4}
     return models
 
 
 MODELS: dict[str, dict] = _presets()
 """Preset name -> DiffusionBackbone constructor arguments."""
+
+
+def _model_args_class() -> type:
+    """A dataclass with one optional field per DiffusionBackbone argument except DATA_FIELDS, typed as
+    the backbone types it, so the CLI lists, types and checks every override."""
+    hints = typing.get_type_hints(DiffusionBackbone.__init__)
+    names = [n for n in inspect.signature(DiffusionBackbone).parameters if n not in DATA_FIELDS]
+    cls = dataclasses.make_dataclass(
+        "ModelArgs", [(n, hints[n] | None, dataclasses.field(default=None)) for n in names],
+        frozen=True)
+    cls.__module__ = __name__
+    cls.__doc__ = ("Overrides of the preset's backbone arguments (gspn_gen.models.backbone.DiffusionBackbone); "
+                   "null keeps the preset's value. The input shape and classes come from the data, "
+                   "learn_sigma from the diffusion process.")
+    return cls
+
+
+ModelArgs = _model_args_class()
+NO_OVERRIDES = ModelArgs()
+"""Every preset value kept (the default of GenerationModule's model_args)."""
+
+
+def model_overrides(args) -> dict:
+    """The fields of a ModelArgs (or a dict of them) that are set: {name: value}, Nones dropped."""
+    if args is None:
+        return {}
+    if not isinstance(args, ModelArgs):
+        try:
+            args = ModelArgs(**dict(args))
+        except TypeError as e:
+            fields = ", ".join(f.name for f in dataclasses.fields(ModelArgs))
+            raise ValueError(f"model_args {dict(args)}: {e}; accepted: {fields} (the input shape and classes "
+                             "come from the data, learn_sigma from the diffusion)") from None
+    return {k: v for k, v in dataclasses.asdict(args).items() if v is not None}
 
 
 def list_models() -> list[str]:
@@ -118,9 +155,9 @@ def main() -> None:
     for name in MODELS:
         with torch.device("meta"):
             model = build_model(name)
-        size = MODELS[name]["input_size"]
+        size = model.grid[0] * model.patch_size
         print(f"{name:<18} {count_params(model) / 1e6:>11.1f} {count_flops(model, size) / 1e9:>9.2f}  "
-              f"{MODELS[name]['in_channels']}x{size}x{size}")
+              f"{model.in_channels}x{size}x{size}, {model.num_classes} classes")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import torch
 from PIL import Image
 
 from gspn_gen.data.images import ImageFolderDataset, center_crop, scan_image_folder, to_tensor
+from tests import helpers
 
 
 @pytest.mark.parametrize("width, height", [(32, 32), (40, 32), (32, 45), (67, 64), (300, 100)])
@@ -35,17 +36,17 @@ def test_to_tensor_range():
     torch.testing.assert_close(x.flatten(), torch.tensor([-1.0, 128 / 127.5 - 1, 1.0]))
 
 
-def test_image_folder_dataset(image_folder, data_fixtures):
+def test_image_folder_dataset(image_folder):
     ds = ImageFolderDataset(str(image_folder), 32)
-    assert ds.classes == list(data_fixtures.CLASSES)
-    assert len(ds) == sum(data_fixtures.PER_CLASS) + 1  # + the corrupt file; notes.txt and .cache ignored
+    assert ds.classes == list(helpers.CLASSES)
+    assert len(ds) == sum(helpers.PER_CLASS) + 1  # + the corrupt file; notes.txt and .cache ignored
     labels = [label for _, label in ds.samples]
     assert labels == sorted(labels)
     assert any("nested" in path for path, _ in ds.samples)
     for i in range(len(ds)):
         image, label, index, error = ds[i]
         assert image.shape == (3, 32, 32) and label == labels[i] and index == i
-        if ds.samples[i][0] == data_fixtures.CORRUPT:
+        if ds.samples[i][0] == helpers.CORRUPT:
             assert "UnidentifiedImageError" in error and (image == 0).all()
         else:
             assert error == "" and -1 <= image.min() and image.max() <= 1

@@ -9,7 +9,9 @@ from lightning.pytorch.utilities.data import _update_dataloader
 from safetensors.torch import load_file
 from torch.utils.data import DistributedSampler, RandomSampler
 
-from gspn_gen.data.latents import LatentDataModule, LatentShards
+from gspn_gen.data.datamodule import LatentDataModule
+from gspn_gen.data.latents import LatentShards
+from tests import helpers
 
 
 def stored(root):
@@ -18,10 +20,10 @@ def stored(root):
     return meta, torch.cat([p["latents"] for p in parts]).float(), torch.cat([p["labels"] for p in parts])
 
 
-def test_contract_attributes_come_before_setup(extracted, data_fixtures):
+def test_contract_attributes_come_before_setup(extracted):
     dm = LatentDataModule(str(extracted))
     assert (dm.num_classes, dm.channels, dm.size) == (3, 4, 16)
-    assert dm.class_names == list(data_fixtures.CLASSES)
+    assert dm.class_names == list(helpers.CLASSES)
     assert dm.codec == stored(extracted)[0]["codec"] and dm.codec["name"] == "sd-vae"
     assert dm.dataset is None
 

@@ -102,7 +102,7 @@ def test_schedule_is_dits_linear():
 def test_posterior_matches_bayes_rule():
     """q(x_{t-1} | x_t, x_0) from the tables equals Gaussian conditioning done directly."""
     g = torch.Generator().manual_seed(0)
-    for d in (GaussianDiffusion(), GaussianDiffusion(timestep_respacing="ddim25")):
+    for d in (GaussianDiffusion(), GaussianDiffusion().respaced("ddim25")):
         ab = ABAR[d.timestep_map.numpy()]
         for i in (1, 2, d.num_timesteps // 2, d.num_timesteps - 1):
             x0 = torch.randn(5, 3, 2, 2, generator=g, dtype=torch.float64)

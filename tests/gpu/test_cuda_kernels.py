@@ -10,17 +10,17 @@ the kernels' limits, no local memory or register shortfall in any compiled kerne
 capture of a dtype's first call.
 """
 
-import functools
 import os
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 from gspn_gen.kernels import cupy_backend, gspn_mix, gspn_scan, testing
 from gspn_gen.kernels.cupy_backend import Launch
+
+from tests.helpers import backend
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 DEV = "cuda"
@@ -32,11 +32,6 @@ def mix_cuda(x, gate_logits, lam, u, chunk=None):
 
 def scan_cuda(x, lam, g_up, g_mid, g_down, chunk=None):
     return gspn_scan(x, lam, g_up, g_mid, g_down, chunk, backend="cuda")
-
-
-def backend(launch: Launch) -> SimpleNamespace:
-    return SimpleNamespace(**{name: functools.partial(getattr(cupy_backend, name), launch=launch)
-                              for name in ("mix_forward", "mix_backward", "scan_forward", "scan_backward")})
 
 
 # (N, C, Cg, H, W), chunk

@@ -8,7 +8,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from emulation import BUILDS, NO_GXX, Emulation, build, emulation_from, point_backend_at
+
+from tests.kernels.emulation import BUILDS, NO_GXX, Emulation, build, emulation_from, point_backend_at
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,6 @@ import shutil
 import struct
 import subprocess
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 from gspn_gen.kernels import cupy_backend
@@ -119,12 +118,6 @@ def point_backend_at(monkeypatch, emulation: Emulation) -> None:
 class _Names(dict):
     def __missing__(self, name):
         return name
-
-
-def backend(launch: cupy_backend.Launch) -> SimpleNamespace:
-    """cupy_backend's four functions with fixed launch settings (the signature testing.backend_mix expects)."""
-    return SimpleNamespace(**{name: functools.partial(getattr(cupy_backend, name), launch=launch)
-                              for name in ("mix_forward", "mix_backward", "scan_forward", "scan_backward")})
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,9 +13,11 @@ import ctypes
 
 import pytest
 import torch
-from emulation import SMALL, backend, emulation_from
 from gspn_gen.kernels import cupy_backend, testing
 from gspn_gen.kernels.cupy_backend import Launch
+
+from tests.helpers import backend
+from tests.kernels.emulation import SMALL, emulation_from
 
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
 WIDE = Launch(loaders=32, scan_lanes=64, tile=8, smem=96 * 1024)   # tiles long enough for bf16 / fp16 vectors

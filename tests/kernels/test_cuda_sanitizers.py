@@ -11,9 +11,11 @@ element left unwritten.
 
 import pytest
 import torch
-from emulation import SMALL, backend, emulation_from, point_backend_at, record_case, run_driver
 from gspn_gen.kernels import cupy_backend, testing
 from gspn_gen.kernels.cupy_backend import Launch
+
+from tests.helpers import backend
+from tests.kernels.emulation import SMALL, emulation_from, point_backend_at, record_case, run_driver
 
 NARROW = Launch(loaders=32, scan_lanes=16, tile=4, smem=96 * 1024)
 

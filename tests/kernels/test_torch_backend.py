@@ -40,8 +40,8 @@ def test_scan_matches_oracle(shape, chunk, dtype):
 
 def test_partial_gradients_match_oracle():
     """Each gradient asked for alone equals the oracle's; the others are not computed."""
-    from gspn_gen.kernels.testing import mix_inputs
     from gspn_gen.kernels.reference import gspn_mix_reference
+    from gspn_gen.kernels.testing import mix_inputs
 
     (x, logits, lam, u), dy = mix_inputs(1, 4, 2, 5, 6, torch.float64, seed=9)
     expected = torch.autograd.grad(gspn_mix_reference(*(t.requires_grad_() for t in (x, logits, lam, u)), 2),

@@ -7,7 +7,7 @@ from gspn_gen.models import build_model
 
 def test_compiled_gspn_model_matches_eager_without_graph_breaks():
     torch.manual_seed(0)
-    model = build_model("GSPN-T/2", depth=2, input_size=8, class_dropout_prob=0.0).train()
+    model = build_model("GSPN-T/2", depth=2, input_size=8, in_channels=1, num_classes=10, class_dropout_prob=0.0).train()
     model.blocks[1].mixer.recompute = True                  # one plain mixer, one recomputing in backward
     with torch.no_grad():
         for p in model.parameters():                        # away from the zero init, so every path counts

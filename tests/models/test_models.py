@@ -7,11 +7,12 @@ from gspn_gen.models import DiffusionBackbone, GSPNMixer, build_model, list_mode
 from gspn_gen.models.zoo import MODELS, count_flops, count_params
 
 # Presets small enough (or cut down enough) to run forward and backward on CPU in seconds.
+DIGITS = {"input_size": 16, "in_channels": 1, "num_classes": 10}  # the data shape comes from the data, not a preset
 SMALL = {
-    "GSPN-T/1": {},
-    "GSPN-T/2": {},
-    "DiT-T/1": {},
-    "DiT-T/2": {},
+    "GSPN-T/1": DIGITS,
+    "GSPN-T/2": DIGITS,
+    "DiT-T/1": DIGITS,
+    "DiT-T/2": DIGITS,
     "GSPN-XL/2": {"depth": 2, "input_size": 16},
     "DiT-XL/4": {"depth": 1, "input_size": 16},
     "GSPN-paper-B/2": {"depth": 5, "input_size": 16, "hidden_size": 96},
@@ -150,6 +151,13 @@ def test_dit_xl2_matches_dit_parameter_count_and_flops():
         model = build_model("DiT-XL/2")
     assert count_params(model) == 675_129_632                           # DiT's models.py count
     assert count_flops(model, 32) / 2e9 == pytest.approx(118.6, rel=0.01)  # DiT paper, fvcore units
+
+
+def test_gspn_flops_count_on_meta_and_stay_below_dit_at_the_same_width():
+    # `python -m gspn_gen.models.zoo` counts on the meta device: the GSPN mixer's norm must run there too
+    with torch.device("meta"):
+        gspn, dit = build_model("GSPN-XL/2"), build_model("DiT-XL/2")
+    assert 0 < count_flops(gspn, 32) < count_flops(dit, 32)
 
 
 @pytest.mark.parametrize("name, official", [

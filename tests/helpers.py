@@ -1,21 +1,30 @@
-"""Test data made on the fly: a tiny random VAE, a small image folder, latent shards from them.
+"""Helpers shared by tests in several folders: `from tests.helpers import ...`.
 
-Nothing is downloaded. Reuse from other tests (e.g. a training smoke test):
+Test data made on the fly (nothing is downloaded): a tiny random VAE, a small image folder, latent
+shards from them (session fixtures of the same names: tests/conftest.py, tests/data/conftest.py):
 
     vae = make_tiny_vae(tmp / "vae")
     images = make_image_folder(tmp / "images")
     root = make_latent_dataset(tmp / "latents", vae, images)   # in-process, one CPU device
+
+The CUDA backend with fixed launch settings (`backend`), for the emulation and the GPU tests; and
+`run_as_on_gpu_image`, which runs a script as on the GPU machines, where omegaconf, jsonargparse,
+torch-fidelity and diffusers are not installed. Standard library only at import (the GPU tests use it).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
-import numpy as np
-from PIL import Image
+REPO = Path(__file__).resolve().parents[1]
+
+# ---------------------------------------------------------------------------------------------
+# Test data: a tiny VAE, an image folder, latent shards
 
 CLASSES = ("cat", "dog", "fox")
 PER_CLASS = (14, 13, 12)  # 39 good images
@@ -50,6 +59,9 @@ def make_image_folder(directory: str | os.PathLike, size: int = 32, seed: int = 
 
     Also holds a non-image file and a hidden folder, which the scanner must ignore.
     """
+    import numpy as np
+    from PIL import Image
+
     root = Path(directory)
     rng = np.random.default_rng(seed)
     for c, (name, n) in enumerate(zip(CLASSES, PER_CLASS)):
@@ -95,3 +107,52 @@ def make_latent_dataset(out, vae, images, image_size: int = 32, shard_size: int 
     extract(str(images), str(out), image_size, str(vae), shard_size=shard_size, batch_size=5,
             num_workers=0, accelerator="cpu", devices=1, progress=False)
     return Path(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# The CUDA backend with fixed launch settings
+
+
+def backend(launch) -> SimpleNamespace:
+    """cupy_backend's four functions with `launch` fixed (the object testing.backend_mix expects)."""
+    from gspn_gen.kernels import cupy_backend
+
+    return SimpleNamespace(**{name: functools.partial(getattr(cupy_backend, name), launch=launch)
+                              for name in ("mix_forward", "mix_backward", "scan_forward", "scan_backward")})
+
+
+# ---------------------------------------------------------------------------------------------
+# Scripts as on the GPU image
+
+ABSENT_ON_GPU_IMAGE = ("omegaconf", "jsonargparse", "torch_fidelity", "diffusers")
+
+# Runs the script with those packages unimportable and their metadata gone (optional-dependency checks
+# read it), so that an import of one of them, however deep or late, fails the run.
+_RUN_WITHOUT = f"""
+import importlib.metadata as metadata, runpy, sys
+ABSENT = {ABSENT_ON_GPU_IMAGE!r}
+def absent(name):
+    return name.split(".")[0].replace("-", "_").lower() in ABSENT
+class Absent:
+    def find_spec(self, name, path=None, target=None):
+        if absent(name):
+            raise ModuleNotFoundError(f"No module named {{name!r}} (not on the GPU image)")
+sys.meta_path.insert(0, Absent())
+def hide(lookup):
+    def hidden(name, *args, **kwargs):
+        if absent(name):
+            raise metadata.PackageNotFoundError(name)
+        return lookup(name, *args, **kwargs)
+    return hidden
+metadata.version, metadata.distribution = hide(metadata.version), hide(metadata.distribution)
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def run_as_on_gpu_image(script: str | os.PathLike, *args: str, cwd, timeout: float = 300,
+                        env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python SCRIPT ARGS` in `cwd` with ABSENT_ON_GPU_IMAGE unimportable; output captured as text."""
+    return subprocess.run([sys.executable, "-c", _RUN_WITHOUT, str(script), *map(str, args)], cwd=cwd,
+                          env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=timeout,
+                          check=False)

@@ -1,4 +1,4 @@
-"""The kernel benchmark's CPU parts: the bytes-by-design table, its JSON, the plot, and its errors."""
+"""benchmarks/kernel_bench.py's CPU parts: the bytes-by-design table, its JSON, the plot, and its errors."""
 
 import json
 import subprocess
@@ -6,7 +6,9 @@ import sys
 
 import pytest
 import torch
-from gspn_gen.kernels import bench
+
+from benchmarks import kernel_bench as bench
+from tests.helpers import REPO, run_as_on_gpu_image
 
 
 def test_bytes_table_and_json(tmp_path, capsys):
@@ -56,11 +58,19 @@ def test_gpu_mode_plumbing(tmp_path, monkeypatch, capsys):
     assert path.with_suffix(".png").exists() and "32x16x16" in out
 
 
+def test_bytes_mode_runs_as_on_the_gpu_image(tmp_path):
+    """The script as gpu_check.sh runs it: from anywhere, without the generator's training dependencies."""
+    done = run_as_on_gpu_image(REPO / "benchmarks" / "kernel_bench.py", "--bytes", "--json", "bytes.json",
+                               cwd=tmp_path, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads((tmp_path / "bytes.json").read_text())["mode"] == "bytes"
+
+
 def test_gpu_mode_without_a_gpu_is_one_clear_error():
     if torch.cuda.is_available():
         pytest.skip("a GPU is visible")
-    done = subprocess.run([sys.executable, "-m", "gspn_gen.kernels.bench"], capture_output=True, text=True,
-                          check=False)
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "kernel_bench.py")], capture_output=True,
+                          text=True, check=False)
     assert done.returncode == 2
     message = "error: no CUDA device is visible to PyTorch; --bytes gives the table that needs none"
     assert done.stderr.strip().splitlines() == [message]

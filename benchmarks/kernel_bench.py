@@ -1,4 +1,4 @@
-"""Benchmark of the GSPN propagation kernels: ``python -m gspn_gen.kernels.bench [--bytes] [--tune]``.
+"""Benchmark of the GSPN propagation kernels: ``python benchmarks/kernel_bench.py [--bytes] [--tune]``.
 
 Measures ``gspn_mix`` (four directions, global scan) on x (N, C, H, W) with C = 1152 channels -- the
 official GSPN benchmark's "C = 4 x 1152, four directions stacked" -- and gate logits with Cg = C
@@ -34,10 +34,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from gspn_gen.kernels import cupy_backend
+from gspn_gen.kernels.cupy_backend import Launch
 
-from . import cupy_backend
-from .cupy_backend import Launch
-from .report import machine, slug, write_json
+from gspn_gen.fileio import write_json
+from gspn_gen.report import log_log_plot, machine, slug
+
+RESULTS = Path(__file__).resolve().parent / "results"
 
 CHANNELS = 1152
 HEADS, HEAD_DIM = 16, 72
@@ -268,36 +271,17 @@ def tune_rows(shapes, bandwidth, deadline: float) -> list[dict]:
     return rows
 
 
-def plot(rows: list[dict], path: Path, device: str) -> None:
-    """ms (fwd + bwd) against tokens, bf16 rows: ours, per-column, SDPA, floor (log-log)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(rows: list[dict], path: Path, device: str) -> bool:
+    """ms (fwd + bwd) against tokens, bf16 rows: ours, per-column, SDPA, floor (log-log); False without matplotlib."""
     rows = sorted((r for r in rows if r["dtype"] == "bf16"), key=lambda r: r["tokens"])
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
     series = {"ours": lambda r: _sum(r.get("ours_fwd_ms"), r.get("ours_bwd_ms")),
               "per-column launches": lambda r: r.get("per_column_fwd_bwd_ms"),
               "SDPA flash attention": lambda r: r.get("sdpa_fwd_bwd_ms"),
               "HBM floor": lambda r: r["floor_fwd_ms"] + r["floor_bwd_ms"]}
-    for label, value in series.items():
-        pts = [(r["tokens"], value(r)) for r in rows if isinstance(value(r), float)]
-        if pts:
-            ax.plot(*zip(*pts), marker="o", linestyle="--" if label == "HBM floor" else "-", label=label)
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("tokens (H x W)")
-    ax.set_ylabel("forward + backward, ms")
-    ax.set_title(f"gspn_mix, C = {CHANNELS}, bf16, batch as in the table\n{device}", fontsize=10)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    tmp.replace(path)
-    plt.close(fig)
+    points = {label: [(r["tokens"], value(r)) for r in rows if isinstance(value(r), float)]
+              for label, value in series.items()}
+    return log_log_plot(path, points, "tokens (H x W)", "forward + backward, ms",
+                        f"gspn_mix, C = {CHANNELS}, bf16, batch as in the table\n{device}", dashed=("HBM floor",))
 
 
 def print_gpu_row(row: dict, header: bool) -> None:
@@ -322,7 +306,7 @@ def run_gpu(args, path: Path) -> dict:
     bandwidth = copy_bandwidth()
     device = torch.cuda.get_device_name()
     print(f"{device}: copy bandwidth {bandwidth / 1e9:.0f} GB/s (read + write)", flush=True)
-    result = {"benchmark": "gspn_gen.kernels.bench", "mode": "gpu",
+    result = {"benchmark": "benchmarks/kernel_bench.py", "mode": "gpu",
               "machine": machine(device=device, torch=torch.__version__, cuda=torch.version.cuda,
                                  cupy=cupy.__version__),
               "copy_bandwidth_GBps": bandwidth / 1e9,
@@ -346,10 +330,9 @@ def run_gpu(args, path: Path) -> dict:
     if args.tune:
         result["tuning"] = tune_rows(args.shapes, bandwidth, deadline + args.tune_seconds)
         write_json(path, result)
-    try:
-        plot(result["rows"], path.with_suffix(".png"), device)
+    if plot(result["rows"], path.with_suffix(".png"), device):
         print(f"wrote {path.with_suffix('.png')}")
-    except ImportError:
+    else:
         print("matplotlib is not installed: no plot")
     return result
 
@@ -393,7 +376,7 @@ def _shape(text: str):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m gspn_gen.kernels.bench", description=__doc__.split("\n")[0],
+    parser = argparse.ArgumentParser(prog="python benchmarks/kernel_bench.py", description=__doc__.split("\n")[0],
                                      epilog="Without --bytes it needs a CUDA GPU of compute capability 9.0.")
     parser.add_argument("--bytes", action="store_true", help="only the bytes-by-design table (no GPU needed)")
     parser.add_argument("--shapes", type=_shape, nargs="+",
@@ -419,15 +402,15 @@ def main(argv=None) -> dict:
         rows = bytes_rows(args.shapes, CHANNELS, args.cg or CHANNELS, args.smem)
         limits = limit_rows(args.smem)
         print_bytes(rows, limits)
-        path = args.json or Path("benchmarks/results/kernels-bytes.json")
-        result = {"benchmark": "gspn_gen.kernels.bench", "mode": "bytes", "machine": machine(), "rows": rows,
+        path = args.json or RESULTS / "kernels-bytes.json"
+        result = {"benchmark": "benchmarks/kernel_bench.py", "mode": "bytes", "machine": machine(), "rows": rows,
                   "limits": limits}
         write_json(path, result)
         print(f"wrote {path}")
         return result
     if not torch.cuda.is_available():
         _fail("no CUDA device is visible to PyTorch; --bytes gives the table that needs none")
-    path = args.json or Path("benchmarks/results") / f"kernels-{slug(torch.cuda.get_device_name())}.json"
+    path = args.json or RESULTS / f"kernels-{slug(torch.cuda.get_device_name())}.json"
     result = run_gpu(args, path)
     write_json(path, result)
     print(f"wrote {path}")

@@ -5,47 +5,16 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-ABSENT_ON_GPU_IMAGE = ("omegaconf", "jsonargparse", "torch_fidelity", "diffusers")
-
-# Runs the script with those packages unimportable and their metadata gone (optional-dependency checks
-# read it), so that an import of one of them, however deep or late, fails the run.
-RUN_WITHOUT = f"""
-import importlib.metadata as metadata, runpy, sys
-ABSENT = {ABSENT_ON_GPU_IMAGE!r}
-def absent(name):
-    return name.split(".")[0].replace("-", "_").lower() in ABSENT
-class Absent:
-    def find_spec(self, name, path=None, target=None):
-        if absent(name):
-            raise ModuleNotFoundError(f"No module named {{name!r}} (not on the GPU image)")
-sys.meta_path.insert(0, Absent())
-def hide(lookup):
-    def hidden(name, *args, **kwargs):
-        if absent(name):
-            raise metadata.PackageNotFoundError(name)
-        return lookup(name, *args, **kwargs)
-    return hidden
-metadata.version, metadata.distribution = hide(metadata.version), hide(metadata.distribution)
-sys.argv = sys.argv[1:]
-runpy.run_path(sys.argv[0], run_name="__main__")
-"""
+from tests.helpers import REPO, run_as_on_gpu_image
 
 
 def test_tiny_run_writes_a_row_per_preset(tmp_path):
     out = tmp_path / "e2e.json"
     # One thread in the child only: two OpenMP threads on a busy 2-core machine wait on each other and
     # make this seconds-long run take a minute; the numbers do not matter here, the pipeline does.
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-c", RUN_WITHOUT, str(REPO / "benchmarks" / "e2e.py"), "--tiny", "--json", str(out)],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False,
-    )
+    proc = run_as_on_gpu_image(REPO / "benchmarks" / "e2e.py", "--tiny", "--json", out, cwd=tmp_path,
+                               env={"OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     result = json.loads(out.read_text())
 

@@ -1,0 +1,1 @@
+"""The test suite. A package, so that shared helpers import as `tests.helpers`."""
