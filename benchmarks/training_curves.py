@@ -22,11 +22,11 @@ import argparse
 import csv
 import json
 import os
-import platform
 import sys
 from pathlib import Path
 
 from gspn_gen.fileio import write_json
+from gspn_gen.report import machine
 
 KEYS = {"eval/fid": "fid", "eval/class_agreement": "class_agreement", "eval/seconds": "seconds",
         "eval/cpu_seconds": "cpu_seconds"}
@@ -72,12 +72,6 @@ def time_report(path: Path) -> dict:
             "cpu_s": round(float(fields["User time (seconds)"]) + float(fields["System time (seconds)"]), 1),
             "max_rss_mb": round(int(fields["Maximum resident set size (kbytes)"]) / 1024),
             "exit_status": int(fields["Exit status"])}
-
-
-def machine() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
-    return {"cpu": cpu, "cores": os.cpu_count(), "load_avg_at_end": [round(x, 2) for x in os.getloadavg()]}
 
 
 def plot(series: dict[str, list[dict]], path: Path, title: str) -> None:
@@ -143,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
     plot({label: s["evals"] for label, s in runs.items()}, args.out, args.title)
     print(f"wrote {args.out}")
     if args.json is not None:
-        result = {"machine": machine(), **({"note": args.note} if args.note else {}), "runs": runs}
+        result = {"machine": machine(load_avg_at_end=[round(x, 2) for x in os.getloadavg()]), **({"note": args.note} if args.note else {}), "runs": runs}
         if args.time is not None:
             result["time"] = time_report(args.time)
         if args.final is not None:
