@@ -299,6 +299,11 @@ class Drill:
                 problems.append(f"files left in TMPDIR: {sorted(new)[:3]}")
         return problems
 
+    def resample_and_check(self, ckpt: Path, out: Path) -> list[str]:
+        """Rerun the interrupted sampling command; its .npz must equal the unbroken run's."""
+        proc = self.run("sample", self.sample_args(ckpt, out))
+        return [f"rerun exit {proc.returncode}: {last_lines(proc.stderr)}"] if proc.returncode else self.check_samples(out)
+
     def check_samples(self, out: Path) -> list[str]:
         ref = self.samples_reference()["arrays"]
         problems = []
@@ -490,8 +495,7 @@ def drill_kill_sampling(d: Drill, runs: int) -> tuple[int, list[str]]:
         if not _partial_sampling(d, s["A"], out, d.rng.randint(0, d.samples // 4 - 2)):
             continue
         landed += 1
-        proc = d.run("sample", d.sample_args(s["A"], out))
-        problems = [f"rerun exit {proc.returncode}: {last_lines(proc.stderr)}"] if proc.returncode else d.check_samples(out)
+        problems = d.resample_and_check(s["A"], out)
         failures += [f"run {i}: {p}" for p in problems]
     return landed, failures
 
@@ -508,9 +512,7 @@ def drill_kill_assembly(d: Drill, runs: int) -> tuple[int, list[str]]:
         problems = []
         if proc.returncode != -signal.SIGKILL:
             problems.append(f"expected the injected kill, got exit {proc.returncode}")
-        proc = d.run("sample", d.sample_args(s["A"], out))
-        problems += [f"rerun exit {proc.returncode}: {last_lines(proc.stderr)}"] if proc.returncode else \
-            d.check_samples(out)
+        problems += d.resample_and_check(s["A"], out)
         failures += [f"run {i} ({fault.split(':')[0]}): {p}" for p in problems]
     return runs, failures
 
@@ -562,8 +564,7 @@ def drill_bad_shards(d: Drill, runs: int) -> tuple[int, list[str]]:
                 shard.write_bytes(shard.read_bytes()[:300])
             else:
                 np.savez(shard, **{**arrays, "settings": np.array('{"seed": 99}')})
-        proc = d.run("sample", d.sample_args(s["A"], out))
-        problems = [f"rerun exit {proc.returncode}: {last_lines(proc.stderr)}"] if proc.returncode else d.check_samples(out)
+        problems = d.resample_and_check(s["A"], out)
         failures += [f"run {i} ({kind}): {p}" for p in problems]
     return runs, failures
 
