@@ -76,8 +76,7 @@ def limit_rows(smem_limit: int) -> list[dict]:
     for name, dtype in DTYPES.items():
         best = None
         for side in range(8, cupy_backend.MAX_LINE + 1, 8):
-            if all(cupy_backend._plan(1, 1, 1, side, side, dtype.itemsize, bwd, True, True, Launch(), smem_limit)
-                   for bwd in (False, True)):
+            if cupy_backend.fits(1, 1, 1, side, side, dtype, smem_limit):
                 best = side
         rows.append({"dtype": name, "largest_square_side": best, "smem_limit": smem_limit,
                      "max_line": cupy_backend.MAX_LINE})

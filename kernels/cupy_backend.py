@@ -434,9 +434,13 @@ def supports(N: int, C: int, Cg: int, H: int, W: int, dtype: torch.dtype, device
     if dtype not in _DTYPE_TAGS or unavailable_reason() is not None:
         return False
     index = torch.cuda.current_device() if device_index is None else device_index
-    limit = _smem_limit(index)
+    return fits(N, C, Cg, H, W, dtype, _smem_limit(index))
+
+
+def fits(N: int, C: int, Cg: int, H: int, W: int, dtype: torch.dtype, smem_limit: int) -> bool:
+    """Whether forward and backward launch plans exist for these shapes within `smem_limit` bytes per block."""
     e = torch.empty((), dtype=dtype).element_size()
-    return all(_plan(N, C, Cg, H, W, e, bwd, True, True, Launch(), limit) is not None for bwd in (False, True))
+    return all(_plan(N, C, Cg, H, W, e, bwd, True, True, Launch(), smem_limit) is not None for bwd in (False, True))
 
 
 def _run(kernel: str, x: torch.Tensor, plan: _Plan, args: _Args, mix: bool) -> None:
