@@ -3,12 +3,12 @@
 //
 // Nothing is saved by the forward pass: each CTA (direction d, lb planes) keeps the direction's gate
 // inputs and dy resident in shared memory and makes two passes over its tiles.
-//   Pass 1, reverse scan order: the adjoint a[s] = u * dy[s] + M_{next}^T a[next], i.e.
-//     a[s, p] = u dy + g_0[next, p + 1] a[next, p + 1] + g_1[next, p] a[next, p] + g_2[next, p - 1] a[next, p - 1],
-//     the lane carrying c_k = g_k * a of the last step; a goes to the fp32 plane.
+//   Pass 1, reverse scan order: the adjoint b[s] = u * dy[s] + M_{next}^T b[next], i.e.
+//     b[s, p] = u dy + w_0[next, p + 1] b[next, p + 1] + w_1[next, p] b[next, p] + w_2[next, p - 1] b[next, p - 1],
+//     the lane carrying c_k = w_k * b of the last step; b goes to the fp32 plane.
 //   Pass 2, scan order: h recomputed from x, lam and the resident gates (h carried in registers), and
-//     per pixel du = dy * h, dlam = x * a, D_k = dL/dg_k = a * h[prev, p + k - 1], and the plane entry
-//     overwritten by lam * a, this direction's part of dx.
+//     per pixel du = dy * h, dlam = x * b, D_k = dL/dw_k = b * h[prev, p + k - 1], and the plane entry
+//     overwritten by lam * b, this direction's part of dx.
 // Gate gradients: one gate channel per channel (gmode 0) -> the lanes apply the normalisation's
 // gradient (mix) and the loaders copy the result out; compact gates whose channels all lie in the CTA
 // (gmode 1) -> the loaders add D_k over the channels of a gate channel in a fixed order, then apply
@@ -231,7 +231,7 @@ __device__ void backward_cta(const Args& a, int d, int group) {
   const int nvt = 2 * g.nt;  // virtual tiles: pass 1 then pass 2
 
   const Lane ln = make_lane<R>(a, c);
-  // Lane state: pass 1 carries c_k = g_k * a of the last step, pass 2 the hidden state.
+  // Lane state: pass 1 carries c_k = w_k * b of the last step, pass 2 the hidden state.
   float c0[R], c1[R], c2[R], h[R];
 #pragma unroll
   for (int r = 0; r < R; ++r) c0[r] = c1[r] = c2[r] = h[r] = 0.f;

@@ -3,12 +3,14 @@
 // The op (DESIGN.md section 3; GSPN, arXiv 2501.12381, eq. 1-3). For one direction, a "line" of P
 // positions p is scanned over L steps s:
 //
-//   h[s, p] = lam[s, p] * x[s, p] + sum_k g_k[s, p] * h[prev(s), p + k - 1]        k = 0, 1, 2
+//   h[s, p] = lam[s, p] * x[s, p] + sum_k w_k[s, p] * h[prev(s), p + k - 1]        k = 0, 1, 2
 //
 // h of a missing step (scan start, chunk start) or of a position outside 0..P-1 is 0. gspn_mix takes
-// gate logits a_k and normalises them (Stability-Context Condition): g_k = sigmoid(a_k) / sum over
-// the neighbours k' that exist of sigmoid(a_k') ("up", k = 0, is missing at p = 0; "down", k = 2, at
+// gate logits z_k and normalises them (Stability-Context Condition): w_k = sigmoid(z_k) / sum over
+// the neighbours k' that exist of sigmoid(z_k') ("up", k = 0, is missing at p = 0; "down", k = 2, at
 // p = P - 1). gspn_scan takes the gates as given.
+// In these comments w are gates, z logits and b adjoints; in code `a` is always the launch Args, `g` the
+// geometry (Geo) and `c` the CTA's view of both.
 //
 // Directions in the image frame of NCHW maps (H rows i, W columns j, j contiguous):
 //   d = 0 left->right  line = column j, p = i (P = H), s = j (L = W), ascending s   "column lines"
@@ -27,7 +29,7 @@
 // shared memory, the loaders stage tile t + 1 (and, backward, write tile t - 1's results), one
 // __syncthreads per tile. Each map is read from global memory once per CTA with 16-byte vectors when
 // W and the pointers allow it. Results are summed over directions on chip: each CTA keeps its fp32
-// plane of u_d * h_d (backward: lam_d * a_d) in shared memory, and after a cluster barrier the 4 CTAs
+// plane of u_d * h_d (backward: lam_d * b_d) in shared memory, and after a cluster barrier the 4 CTAs
 // each add up one quarter of the rows through distributed shared memory in the fixed order
 // ((d0 + d1) + d2) + d3 and write them once. No atomics: results are bitwise reproducible.
 //
@@ -154,8 +156,8 @@ __device__ __forceinline__ void normalise(float s0, float s1, float s2, bool up,
   w2 = valid && down ? s2 * inv : 0.f;
 }
 
-// Gradient of the normalisation: with D_k = dL/dw_k, w_k = s_k / S, s_k = sigmoid(a_k):
-// dL/da_k = w_k (1 - s_k) (D_k - sum_k' D_k' w_k') for an existing neighbour k, 0 for a missing one
+// Gradient of the normalisation: with D_k = dL/dw_k, w_k = s_k / S, s_k = sigmoid(z_k):
+// dL/dz_k = w_k (1 - s_k) (D_k - sum_k' D_k' w_k') for an existing neighbour k, 0 for a missing one
 // (w_k = 0 there).
 __device__ __forceinline__ void logit_grads(float s0, float s1, float s2, float w0, float w1, float w2,
                                             float D0, float D1, float D2, float& d0, float& d1, float& d2) {
