@@ -193,14 +193,6 @@ def import_official(src: str, out: str, family: str, vae: str = DEFAULT_VAE) -> 
 
 # ------------------------------------------------------------------------------------ DiT -> GSPN
 
-def gspn_preset_for(dit_preset: str) -> str:
-    """The GSPN preset of a DiT preset's width and depth: DiT-XL/2 -> GSPN-XL/2."""
-    name = dit_preset.replace("DiT-", "GSPN-", 1)
-    if not dit_preset.startswith("DiT-") or name not in MODELS:
-        raise ValueError(f"no GSPN preset with the width and depth of {dit_preset!r}")
-    return name
-
-
 def shared_keys(teacher: DiffusionBackbone, student: DiffusionBackbone) -> list[str]:
     """State-dict keys the two backbones share: everything but the mixers."""
     theirs = teacher.state_dict()
@@ -231,15 +223,6 @@ def convert_to_gspn(teacher: DiffusionBackbone, student: DiffusionBackbone) -> l
         torch.nn.init.zeros_(block.mixer.out_proj.weight)
         torch.nn.init.zeros_(block.mixer.out_proj.bias)
     return keys
-
-
-def student_config(teacher_hparams: dict, student_preset: str | None = None) -> dict:
-    """Hyper-parameters of the GSPN student of a teacher checkpoint: the teacher's data, process and
-    codec, the GSPN preset of its width and depth, and the teacher's position embedding."""
-    hp = {k: v for k, v in teacher_hparams.items() if not k.startswith("_")}
-    model_args = {**(hp.get("model_args") or {}), "fixed_pos_embed": True}
-    model_args.pop("num_heads", None)
-    return {**hp, "model": student_preset or gspn_preset_for(hp["model"]), "model_args": model_args}
 
 
 # ------------------------------------------------------------------------------------ command line
