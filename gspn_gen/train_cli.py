@@ -72,15 +72,18 @@ class ConfigError(ValueError):
 
 
 def expand_configs(args: list[str]) -> list[str]:
-    """Command-line arguments with each `--config FILE` whose YAML has `extends:` replaced by its bases'
-    `--config` arguments (recursively) and then the file's own settings."""
+    """Command-line arguments with each `--config FILE` (or `-c FILE`) whose YAML has `extends:` replaced by its
+    bases' `--config` arguments (recursively) and then the file's own settings."""
     out, i = [], 0
     while i < len(args):
-        if args[i] == "--config" and i + 1 < len(args):
+        if args[i] in ("--config", "-c") and i + 1 < len(args):
             out += _config_chain(args[i + 1], ())
             i += 2
-        elif args[i].startswith("--config="):
+        elif args[i].startswith(("--config=", "-c=")):
             out += _config_chain(args[i].split("=", 1)[1], ())
+            i += 1
+        elif args[i].startswith("-c") and len(args[i]) > 2:
+            out += _config_chain(args[i][2:], ())
             i += 1
         else:
             out.append(args[i])
@@ -269,7 +272,10 @@ class GenerationCLI(LightningCLI):
             return path  # resolved by Lightning; still read through SafeCheckpointIO
         try:
             ckpt = read_checkpoint(path, mmap=True)
-            saved = upgrade_hparams(ckpt["hyper_parameters"], ckpt.get("distillation"))
+            try:
+                saved = upgrade_hparams(ckpt["hyper_parameters"], ckpt.get("distillation"))
+            except ValueError as e:
+                raise CheckpointError(f"cannot resume {path!r}: its settings cannot be read: {e}") from None
             refused, changed = compare_hparams(saved, dict(self.model.hparams))
             if refused:
                 raise CheckpointError(

@@ -59,6 +59,9 @@ def test_extends_reads_the_bases_first_and_refuses_cycles_and_missing_files(tmp_
     assert {k: v for k, v in flow["trainer"].items() if k != "default_root_dir"} == \
         {k: v for k, v in demo["trainer"].items() if k != "default_root_dir"}
     assert flow["data"] == demo["data"] and flow["model"]["lr"] == demo["model"]["lr"]
+    flow_path = str(CONFIGS / "experiments" / "demo_digits_flow.yaml")
+    assert train_cli.expand_configs(["-c", flow_path]) == train_cli.expand_configs(["--config", flow_path]) \
+        == train_cli.expand_configs([f"-c{flow_path}"])
 
     (tmp_path / "a.yaml").write_text("extends: b.yaml\nmodel: {lr: 0.01}\n")
     (tmp_path / "b.yaml").write_text("extends: [a.yaml]\n")

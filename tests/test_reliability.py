@@ -162,6 +162,12 @@ def test_a_checkpoint_in_the_old_format_samples_loads_and_resumes(run_dir, tmp_p
                         ({"diffusion_args": {"timestep_respacing": "25"}}, "timestep_respacing")):
         with pytest.raises(ValueError, match=reason):
             checkpoints.upgrade_hparams({**LEGACY_HPARAMS, **bad})
+    # the same unreadable settings given to a resume: one error line, exit 2, no traceback
+    ckpt["hyper_parameters"] = {**LEGACY_HPARAMS, "diffusion_args": {"timestep_respacing": "25"}}
+    torch.save(ckpt, tmp_path / "respaced.ckpt")
+    with pytest.raises(SystemExit) as exc:
+        fit(write_config(tmp_path, max_steps=4), "--ckpt_path", str(tmp_path / "respaced.ckpt"))
+    assert exc.value.code == 2 and any("timestep_respacing" in line for line in error_lines(capsys))
 
 
 @pytest.mark.parametrize("content, expected", [
