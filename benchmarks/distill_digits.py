@@ -36,10 +36,9 @@ import time
 from pathlib import Path
 
 import torch
-from training_curves import plot, read_evals  # benchmarks/training_curves.py, beside this script
 
 from gspn_gen.fileio import write_json
-from gspn_gen.report import cpu_name, slug
+from gspn_gen.report import cpu_name, plot_curves, read_evals, slug
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -179,11 +178,11 @@ def main() -> None:
             "runs": runs,
             "reaches_scratch": reaches_scratch(runs),
         })
-    plot({phase: [{"step": step, **m} for step, m in run["scores"].items()] for phase, run in runs.items()},
+    plot_curves({phase: [{"step": step, **m} for step, m in run["scores"].items()] for phase, run in runs.items()},
          path.with_suffix(".png"), f"GSPN-T/4 on digits: distilled from DiT-T/4 vs from scratch ({date}); "
                                    "1,000 samples, 25 DDIM steps, cfg 4")
     curves = path.with_name(f"{path.stem}-fid-callback.png")
-    plot({phase: run["fid_callback"] for phase, run in runs.items()}, curves,
+    plot_curves({phase: run["fid_callback"] for phase, run in runs.items()}, curves,
          "the same runs, FIDCallback as in make demo: 200 EMA samples, 10 DDIM steps, cfg 2")
 
     print(f"\n{'run':<13} {'step':>5} {'class agr.':>10} {'FID':>7}   (training: wall / CPU)")

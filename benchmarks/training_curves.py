@@ -19,28 +19,13 @@ fid_eval report (--final) of the command that made the run.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import sys
 from pathlib import Path
 
 from gspn_gen.fileio import write_json
-from gspn_gen.report import machine
-
-KEYS = {"eval/fid": "fid", "eval/class_agreement": "class_agreement", "eval/seconds": "seconds",
-        "eval/cpu_seconds": "cpu_seconds"}
-
-
-def read_evals(run: Path) -> list[dict]:
-    """The run's evaluations, by step: [{"step", "fid", "class_agreement", "seconds", "cpu_seconds"}, ...]."""
-    rows: dict[int, dict] = {}
-    with open(run / "metrics.csv", newline="") as f:
-        for line in csv.DictReader(f):
-            if line.get("eval/fid"):
-                row = rows.setdefault(int(line["step"]), {"step": int(line["step"])})
-                row.update({short: float(line[key]) for key, short in KEYS.items() if line.get(key)})
-    return [rows[s] for s in sorted(rows)]
+from gspn_gen.report import machine, plot_curves, read_evals
 
 
 def run_wall_seconds(run: Path) -> float | None:
@@ -72,32 +57,6 @@ def time_report(path: Path) -> dict:
             "cpu_s": round(float(fields["User time (seconds)"]) + float(fields["System time (seconds)"]), 1),
             "max_rss_mb": round(int(fields["Maximum resident set size (kbytes)"]) / 1024),
             "exit_status": int(fields["Exit status"])}
-
-
-def plot(series: dict[str, list[dict]], path: Path, title: str) -> None:
-    """Two panels, FID and class agreement against the step, one line per run."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    panels = [(k, y) for k, y in (("fid", "FID (lower is better)"), ("class_agreement", "class agreement"))
-              if any(k in r for rows in series.values() for r in rows)]
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.0 * len(panels), 4.0), squeeze=False)
-    for ax, (key, label) in zip(axes[0], panels):
-        for name, rows in series.items():
-            rows = [r for r in rows if key in r]
-            ax.plot([r["step"] for r in rows], [r[key] for r in rows], "o-", label=name)
-        ax.set(xlabel="training step", ylabel=label, title=f"{label.split(' (')[0]} vs step")
-        ax.grid(alpha=0.3)
-        if len(series) > 1:
-            ax.legend()
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -134,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
         for r in s["evals"]:
             print(f"  step {r['step']:>6}  FID {r['fid']:8.3f}" +
                   (f"  class agreement {r['class_agreement']:.3f}" if "class_agreement" in r else ""))
-    plot({label: s["evals"] for label, s in runs.items()}, args.out, args.title)
+    plot_curves({label: s["evals"] for label, s in runs.items()}, args.out, args.title)
     print(f"wrote {args.out}")
     if args.json is not None:
         result = {"machine": machine(load_avg_at_end=[round(x, 2) for x in os.getloadavg()]), **({"note": args.note} if args.note else {}), "runs": runs}

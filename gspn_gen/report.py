@@ -1,5 +1,5 @@
 """What a benchmark report needs beside its numbers: the machine it ran on (for the JSON and the file
-name) and a log-log plot. The JSON itself is written with `gspn_gen.fileio.write_json`.
+name), a log-log plot, and the FID-during-training curves a run's metrics.csv holds. The JSON itself is written with `gspn_gen.fileio.write_json`.
 
 Standard library only (matplotlib when a plot is drawn): the GPU benchmarks import it on machines that
 have little more than torch and CuPy.
@@ -7,6 +7,7 @@ have little more than torch and CuPy.
 
 from __future__ import annotations
 
+import csv
 import datetime as _dt
 import os
 import platform
@@ -15,7 +16,7 @@ from pathlib import Path
 
 from gspn_gen.fileio import atomic_write
 
-__all__ = ["cpu_name", "log_log_plot", "machine", "slug"]
+__all__ = ["cpu_name", "log_log_plot", "machine", "plot_curves", "read_evals", "slug"]
 
 
 def cpu_name() -> str:
@@ -68,3 +69,43 @@ def log_log_plot(path: str | os.PathLike, series: dict[str, list[tuple[float, fl
         fig.savefig(f, format="png", dpi=120)
     plt.close(fig)
     return True
+
+
+KEYS = {"eval/fid": "fid", "eval/class_agreement": "class_agreement", "eval/seconds": "seconds",
+        "eval/cpu_seconds": "cpu_seconds"}
+
+
+def read_evals(run: Path) -> list[dict]:
+    """The run's evaluations, by step: [{"step", "fid", "class_agreement", "seconds", "cpu_seconds"}, ...]."""
+    rows: dict[int, dict] = {}
+    with open(run / "metrics.csv", newline="") as f:
+        for line in csv.DictReader(f):
+            if line.get("eval/fid"):
+                row = rows.setdefault(int(line["step"]), {"step": int(line["step"])})
+                row.update({short: float(line[key]) for key, short in KEYS.items() if line.get(key)})
+    return [rows[s] for s in sorted(rows)]
+
+
+def plot_curves(series: dict[str, list[dict]], path: Path, title: str) -> None:
+    """Two panels, FID and class agreement against the step, one line per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(k, y) for k, y in (("fid", "FID (lower is better)"), ("class_agreement", "class agreement"))
+              if any(k in r for rows in series.values() for r in rows)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.0 * len(panels), 4.0), squeeze=False)
+    for ax, (key, label) in zip(axes[0], panels):
+        for name, rows in series.items():
+            rows = [r for r in rows if key in r]
+            ax.plot([r["step"] for r in rows], [r[key] for r in rows], "o-", label=name)
+        ax.set(xlabel="training step", ylabel=label, title=f"{label.split(' (')[0]} vs step")
+        ax.grid(alpha=0.3)
+        if len(series) > 1:
+            ax.legend()
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    with atomic_write(path) as f:
+        fig.savefig(f, format="png", dpi=110)
+    plt.close(fig)
