@@ -203,13 +203,18 @@ def fingerprint(path: str) -> str:
     return f"{os.path.getsize(path)}:{h.hexdigest()}"
 
 
+def codec_identity(codec: dict | None) -> dict:
+    """What a codec is, without where it is stored: that may change between machines, what it is may not."""
+    return {k: v for k, v in (codec or {"name": "identity"}).items() if k != "path"}
+
+
 def _normalised(key: str, value: Any) -> Any:
     if key == "model_args":  # unset fields keep the preset; execution settings may change
         return {k: v for k, v in (value or {}).items() if v is not None and k not in EXECUTION_ARGS}
     if key == "distill":  # the teacher file may move; its weights are checked on load (gspn_gen.distill)
         return None if value is None else {k: v for k, v in value.items() if k != "teacher"}
-    if key == "codec":  # where the VAE is stored may change between machines; what it is may not
-        return {k: v for k, v in (value or {"name": "identity"}).items() if k != "path"}
+    if key == "codec":
+        return codec_identity(value)
     if isinstance(value, (list, tuple)):
         return list(value)
     return value

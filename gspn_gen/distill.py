@@ -75,12 +75,18 @@ class Distiller:
 
     def __init__(self, settings: Distillation, student: GenerationModule):
         """Load the teacher, check it fits, and start the student (model and EMA) from its weights."""
-        from gspn_gen.checkpoints import load_module
+        from gspn_gen.checkpoints import codec_identity, load_module, read_checkpoint
         from gspn_gen.convert import convert_to_gspn
 
         self.settings = settings
         source = load_module(settings.teacher)
         check_compatible(source, student)
+        # the codec from the file: `source.hparams` may be the student's while LightningCLI builds it
+        theirs = codec_identity(read_checkpoint(settings.teacher, mmap=True)["hyper_parameters"].get("codec"))
+        ours = codec_identity(student.hparams.get("codec"))
+        if theirs != ours:
+            raise DistillationError(f"the teacher's latents come from codec {theirs} but the student's data from "
+                                    f"{ours}: distil on data encoded like the teacher's")
         net = source.ema if settings.teacher_ema else source.model
         # Not a submodule of the student: the teacher stays out of state_dict, checkpoints and the optimiser.
         self.teacher = net.requires_grad_(False).eval()

@@ -127,6 +127,19 @@ def test_a_teacher_of_other_data_is_refused_in_one_line(tmp_path, capsys):
     assert err[-1].startswith("error:") and "diffusion='flow'" in err[-1]
 
 
+def test_a_teacher_trained_on_other_latents_is_refused(tmp_path, teacher):
+    ckpt = torch.load(teacher, weights_only=True)
+    ckpt["hyper_parameters"]["codec"] = {"name": "sd-vae", "scale": 0.18215, "path": "/models/vae"}
+    torch.save(ckpt, tmp_path / "latent_teacher.ckpt")
+    with pytest.raises(distill.DistillationError, match="codec"):
+        GenerationModule(model="GSPN-T/2", model_args=TINY, input_size=8, diffusion=GaussianDiffusion(),
+                         distill=Distillation(teacher=str(tmp_path / "latent_teacher.ckpt")))
+    moved = {**ckpt["hyper_parameters"], "codec": {"name": "identity", "path": "/elsewhere"}}
+    torch.save({**ckpt, "hyper_parameters": moved}, tmp_path / "moved.ckpt")  # where it is stored may differ
+    GenerationModule(model="GSPN-T/2", model_args=TINY, input_size=8, diffusion=GaussianDiffusion(),
+                     distill=Distillation(teacher=str(tmp_path / "moved.ckpt")))
+
+
 def test_resume_with_other_settings_is_refused_and_old_distillation_checkpoints_resume(teacher):
     student = GenerationModule(model="GSPN-T/2", model_args=TINY, input_size=8,
                                distill=Distillation(teacher=str(teacher), layer_weight=0.5))
