@@ -26,19 +26,11 @@ __all__ = [
     "PerSampleRNG",
     "Process",
     "cfg_model_fn",
-    "create_diffusion",
     "describe",
     "from_description",
     "mean_flat",
     "space_timesteps",
 ]
-
-
-def create_diffusion(kind: str = "gaussian", **kwargs) -> Process:
-    """Build a process by kind ("gaussian" or "flow"); kwargs go to its constructor."""
-    if kind not in KINDS:
-        raise ValueError(f"unknown diffusion kind {kind!r}: expected one of {sorted(KINDS)}")
-    return KINDS[kind](**kwargs)
 
 
 def describe(process: Process) -> dict:

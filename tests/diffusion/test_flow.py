@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from gspn_gen.diffusion import FlowMatching, PerSampleRNG, create_diffusion
+from gspn_gen.diffusion import FlowMatching, PerSampleRNG, from_description
 
 C, H, W = 8, 4, 4
 MU = torch.linspace(-0.8, 0.8, C, dtype=torch.float64).view(C, 1, 1)
@@ -30,7 +30,7 @@ def per_channel(x):
 
 
 def test_surface():
-    fm = create_diffusion("flow")
+    fm = from_description({"class_path": "gspn_gen.diffusion.FlowMatching"})
     assert isinstance(fm, FlowMatching)
     assert fm.learn_sigma is False and fm.time_scale == 1.0
 

@@ -12,7 +12,7 @@ import pytest
 import scipy.stats
 import torch
 
-from gspn_gen.diffusion import GaussianDiffusion, PerSampleRNG, create_diffusion
+from gspn_gen.diffusion import GaussianDiffusion, PerSampleRNG, from_description
 
 T = 1000
 BETAS = np.linspace(1e-4, 0.02, T)            # Ho et al.'s linear schedule
@@ -311,8 +311,9 @@ def test_errors_name_the_problem():
     with pytest.raises(ValueError, match="noise_schedule"):
         GaussianDiffusion(noise_schedule="quadratic")
     with pytest.raises(ValueError, match="'bogus'"):
-        create_diffusion("bogus")
-    assert isinstance(create_diffusion("gaussian", learn_sigma=False), GaussianDiffusion)
+        from_description({"class_path": "bogus"})
+    process = from_description({"class_path": "GaussianDiffusion", "init_args": {"learn_sigma": False}})
+    assert isinstance(process, GaussianDiffusion) and not process.learn_sigma
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
