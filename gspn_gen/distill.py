@@ -185,5 +185,5 @@ def weights_sha256(net: nn.Module) -> str:
     digest = hashlib.sha256()
     for name, tensor in net.state_dict().items():
         digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
     return digest.hexdigest()
