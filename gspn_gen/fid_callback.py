@@ -92,9 +92,13 @@ class FIDCallback(L.Callback):
         except FidEvalError as e:
             raise ValueError(f"FIDCallback: {e}") from None
 
+    def on_train_start(self, trainer, pl_module) -> None:
+        # The step training starts at (0, or a resumed run's) was scored before or is the untrained model.
+        self._last_step = trainer.global_step
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
-        if step % self.every_n_steps == 0 and step != self._last_step:
+        if step > 0 and step % self.every_n_steps == 0 and step != self._last_step:
             self._last_step = step  # once per optimizer step, also with gradient accumulation
             self._evaluate(trainer, pl_module)
 

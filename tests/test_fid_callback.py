@@ -67,3 +67,22 @@ def test_scoring_leaves_the_global_rng_alone(tmp_path):
 def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match="every_n_steps must be >= 1, got 0"):
         FIDCallback(every_n_steps=0)
+
+
+def test_no_evaluation_of_the_start_step_with_accumulation_or_on_resume(monkeypatch):
+    from types import SimpleNamespace
+
+    def run(start, steps_of_micro_batches):
+        callback, scored = FIDCallback(every_n_steps=2), []
+        monkeypatch.setattr(callback, "_evaluate", lambda trainer, module: scored.append(trainer.global_step))
+        trainer = SimpleNamespace(global_step=start)
+        callback.on_train_start(trainer, None)
+        for step in steps_of_micro_batches:  # global_step as each micro-batch ends (accumulate 2: each twice)
+            trainer.global_step = step
+            callback.on_train_batch_end(trainer, None, None, None, 0)
+        callback.on_train_end(trainer, None)
+        return scored
+
+    assert run(0, [0, 1, 1, 2, 2, 3]) == [2, 3]  # not the untrained model at step 0, once per step
+    assert run(4, [4, 5, 5, 6, 6]) == [6]         # resumed at step 4, scored before the checkpoint
+
