@@ -46,6 +46,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     g.add_argument("--sampler", default=None, help="gaussian: ddim or ddpm; flow: heun, euler or sde")
     g.add_argument("--guidance-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
                    help="guide only where t / T lies in [LO, HI]")
+    g.add_argument("--guide-channels", type=int, default=None, metavar="K",
+                   help="guide only the first K latent channels (default: all; 3 reproduces official DiT/SiT)")
     g.add_argument("--seed", type=int, default=0, help="global seed: sample i uses the noise of (seed, i)")
     g.add_argument("--sample-batch-size", type=int, default=64, help="samples per forward pass")
     g.add_argument("--vae", default=None, metavar="ID_OR_DIR", help="local copy of the checkpoint's VAE")
@@ -93,6 +95,8 @@ def sample_scale(args: argparse.Namespace, scale: float, path: Path) -> None:
         argv += ["--sampler", args.sampler]
     if args.guidance_interval is not None:
         argv += ["--guidance-interval", *map(repr, args.guidance_interval)]
+    if args.guide_channels is not None:
+        argv += ["--guide-channels", str(args.guide_channels)]
     if args.vae is not None:
         argv += ["--vae", args.vae]
     if args.device is not None:
@@ -159,6 +163,8 @@ def run(args: argparse.Namespace) -> dict:
                         ("--batch-size", args.batch_size)):
         if value < 1:
             raise FidEvalError(f"{flag} must be >= 1, got {value}")
+    if args.guide_channels is not None and args.guide_channels < 1:
+        raise FidEvalError(f"--guide-channels must be >= 1, got {args.guide_channels}")
     bad = [s for s in args.cfg_scales if not math.isfinite(s) or s < 0]
     if bad:
         raise FidEvalError(f"--cfg-scales must be finite and >= 0 (1 = no guidance), got {bad}")
@@ -171,7 +177,8 @@ def run(args: argparse.Namespace) -> dict:
     stat = os.stat(args.ckpt)
     settings = {"ckpt": os.path.abspath(args.ckpt), "ckpt_size": stat.st_size, "ckpt_mtime_ns": stat.st_mtime_ns,
                 "num_samples": args.num_samples, "steps": args.steps, "sampler": args.sampler,
-                "guidance_interval": args.guidance_interval, "seed": args.seed, "ref": args.ref,
+                "guidance_interval": args.guidance_interval,
+                "guide_channels": args.guide_channels, "seed": args.seed, "ref": args.ref,
                 "metrics": metrics, "protocol": protocol, "extractor": args.extractor, "weights": args.weights}
     args.out.mkdir(parents=True, exist_ok=True)
     check_manifest(args.out, settings)

@@ -77,24 +77,31 @@ class FIDCallback(L.Callback):
         if self._reference is not None:
             return
         from fid_eval import FidEvalError, build_extractor
-        from fid_eval.evaluation import open_input
+        from fid_eval.evaluation import open_input, parse_metrics
         from fid_eval.inputs import ImageSource
         from fid_eval.stats import cached_stats, stored_stats
 
         try:
+            metrics = parse_metrics(self.metrics)
             self._extractor = build_extractor(self.extractor_name, self.weights, str(pl_module.device))
             ref = open_input(self.ref)
             if isinstance(ref, ImageSource):
+                # An ADM batch's stored statistics serve only when they hold all the metrics need (sFID: mu_s).
                 stored = stored_stats(ref) if self.extractor_name == "inception" else None
-                only_stored = stored is not None and set(self.metrics.split(",")) <= {"fid", "sfid"}
+                only_stored = (stored is not None and set(metrics) <= {"fid", "sfid"}
+                               and ("sfid" not in metrics or stored.mu_s is not None))
                 ref = stored if only_stored else cached_stats(ref, self._extractor, self.cache_dir, progress=False)
             self._reference = ref
         except FidEvalError as e:
             raise ValueError(f"FIDCallback: {e}") from None
 
+    def on_train_start(self, trainer, pl_module) -> None:
+        # The step training starts at (0, or a resumed run's) was scored before or is the untrained model.
+        self._last_step = trainer.global_step
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
-        if step % self.every_n_steps == 0 and step != self._last_step:
+        if step > 0 and step % self.every_n_steps == 0 and step != self._last_step:
             self._last_step = step  # once per optimizer step, also with gradient accumulation
             self._evaluate(trainer, pl_module)
 

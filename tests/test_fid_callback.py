@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -67,3 +68,58 @@ def test_scoring_leaves_the_global_rng_alone(tmp_path):
 def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match="every_n_steps must be >= 1, got 0"):
         FIDCallback(every_n_steps=0)
+
+
+def _tiny_module():
+    from gspn_gen.lit import GenerationModule
+
+    torch.manual_seed(0)
+    return GenerationModule(model="GSPN-T/2", model_args={"hidden_size": 32, "depth": 2, "num_heads": 2},
+                            input_size=8)
+
+
+def test_no_evaluation_of_the_start_step_with_accumulation_or_on_resume(monkeypatch):
+    from types import SimpleNamespace
+
+    def run(start, steps_of_micro_batches):
+        callback, scored = FIDCallback(every_n_steps=2), []
+        monkeypatch.setattr(callback, "_evaluate", lambda trainer, module: scored.append(trainer.global_step))
+        trainer = SimpleNamespace(global_step=start)
+        callback.on_train_start(trainer, None)
+        for step in steps_of_micro_batches:  # global_step as each micro-batch ends (accumulate 2: each twice)
+            trainer.global_step = step
+            callback.on_train_batch_end(trainer, None, None, None, 0)
+        callback.on_train_end(trainer, None)
+        return scored
+
+    assert run(0, [0, 1, 1, 2, 2, 3]) == [2, 3]  # not the untrained model at step 0, once per step
+    assert run(4, [4, 5, 5, 6, 6]) == [6]         # resumed at step 4, scored before the checkpoint
+
+
+def test_stored_statistics_serve_only_the_metrics_they_hold(tmp_path, monkeypatch):
+    from fid_eval.stats import Stats
+    from tests.fid_eval.test_fid_adm import TinyInception, _images
+
+    monkeypatch.setattr("fid_eval.build_extractor", lambda *a: TinyInception())
+    rng = np.random.default_rng(0)
+    ref = tmp_path / "VIRTUAL_ref.npz"  # an ADM reference batch with mu/sigma but no mu_s/sigma_s
+    np.savez(ref, arr_0=_images(30, 1), mu=rng.standard_normal(12), sigma=np.eye(12))
+    module = _tiny_module()
+
+    fid_only = FIDCallback(num_samples=10, ref=str(ref), extractor="inception", metrics="fid", steps=1,
+                           cache_dir=str(tmp_path / "cache"))
+    fid_only.on_fit_start(None, module)
+    assert isinstance(fid_only._reference, Stats) and not (tmp_path / "cache").exists()  # stored, not featurised
+
+    callback = FIDCallback(num_samples=10, ref=str(ref), extractor="inception", metrics="fid,sfid", steps=1,
+                           cache_dir=str(tmp_path / "cache"))
+    callback.on_fit_start(None, module)
+    values = callback.score(module)
+    assert np.isfinite(values["eval/fid"]) and np.isfinite(values["eval/sfid"])
+    assert list((tmp_path / "cache").glob("*.npz"))  # featurised the batch's images for sFID
+
+
+def test_bad_metric_names_are_refused_at_fit_start(tmp_path):
+    callback = FIDCallback(ref="digits:val", extractor="digits", metrics="fid,fdi", cache_dir=str(tmp_path))
+    with pytest.raises(ValueError, match=r"unknown metrics \['fdi'\].*fid, sfid, isc, kid, prc"):
+        callback.on_fit_start(None, _tiny_module())

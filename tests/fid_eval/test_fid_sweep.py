@@ -65,3 +65,23 @@ def test_sweep_refuses_bad_scales(checkpoint, tmp_path, capsys):
     assert _sweep(checkpoint, tmp_path, "--cfg-scales", "2", "nan") == 2
     assert "--cfg-scales must be finite and >= 0" in capsys.readouterr().err
     assert not (tmp_path / "sweep_settings.json").exists()
+
+
+def test_sweep_passes_guide_channels_to_sampling_and_refuses_another_on_resume(checkpoint, tmp_path, capsys,
+                                                                                 monkeypatch):
+    from gspn_gen import sample_cli
+
+    calls = []
+    real = sample_cli.main
+    monkeypatch.setattr(sample_cli, "main", lambda argv: calls.append(argv) or real(argv))
+    assert _sweep(checkpoint, tmp_path, "--cfg-scales", "3", "--guide-channels", "1",
+                  "--metrics", "fid") == 0
+    assert len(calls) == 1 and calls[0][calls[0].index("--guide-channels") + 1] == "1"
+    assert json.loads((tmp_path / "sweep.json").read_text())["settings"]["guide_channels"] == 1
+    assert json.loads((tmp_path / "sweep_settings.json").read_text())["guide_channels"] == 1
+
+    capsys.readouterr()
+    assert _sweep(checkpoint, tmp_path, "--cfg-scales", "3", "--metrics", "fid") == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and "'guide_channels': (1, None)" in err and err.count("\n") == 1
+    assert len(calls) == 1
