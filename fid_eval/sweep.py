@@ -158,6 +158,15 @@ def format_rows(rows: list[dict], best: dict | None) -> str:
     return "\n".join(lines)
 
 
+def _latent_channels(ckpt: str) -> int | None:
+    from gspn_gen.checkpoints import CheckpointError, read_checkpoint
+
+    try:
+        return read_checkpoint(ckpt, mmap=True).get("hyper_parameters", {}).get("in_channels")
+    except CheckpointError as e:
+        raise FidEvalError(str(e)) from None
+
+
 def run(args: argparse.Namespace) -> dict:
     for flag, value in (("--num-samples", args.num_samples), ("--sample-batch-size", args.sample_batch_size),
                         ("--batch-size", args.batch_size)):
@@ -170,6 +179,10 @@ def run(args: argparse.Namespace) -> dict:
         raise FidEvalError(f"--cfg-scales must be finite and >= 0 (1 = no guidance), got {bad}")
     if not os.path.isfile(args.ckpt):
         raise FidEvalError(f"checkpoint {args.ckpt!r} does not exist")
+    if args.guide_channels is not None:  # checked before the settings are recorded, so a corrected rerun may follow
+        channels = _latent_channels(args.ckpt)
+        if channels is not None and args.guide_channels > channels:
+            raise FidEvalError(f"--guide-channels {args.guide_channels} exceeds the model's {channels} latent channels")
     scales = list(dict.fromkeys(args.cfg_scales))  # in order, without repeats
     metrics = parse_metrics(args.metrics or [m for m in METRICS if m != "kid" and
                                              (m != "sfid" or args.extractor == "inception")])

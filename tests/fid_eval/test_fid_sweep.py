@@ -85,3 +85,8 @@ def test_sweep_passes_guide_channels_to_sampling_and_refuses_another_on_resume(c
     err = capsys.readouterr().err
     assert "error:" in err and "'guide_channels': (1, None)" in err and err.count("\n") == 1
     assert len(calls) == 1
+
+    fresh = tmp_path / "fresh"  # more channels than the model has: refused before anything is recorded
+    assert _sweep(checkpoint, fresh, "--cfg-scales", "3", "--guide-channels", "2", "--metrics", "fid") == 2
+    assert "exceeds the model's 1 latent channels" in capsys.readouterr().err
+    assert not (fresh / "sweep_settings.json").exists() and len(calls) == 1
