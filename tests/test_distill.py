@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from gspn_gen import distill, train_cli
 from gspn_gen.checkpoints import compare_hparams, load_module, read_checkpoint, upgrade_hparams
 from gspn_gen.diffusion import FlowMatching, GaussianDiffusion
 from gspn_gen.distill import Distillation
 from gspn_gen.lit import GenerationModule
+from tests.test_train_sample import write_config as tiny_config
 
 TINY = {"hidden_size": 32, "depth": 2, "num_heads": 2}
 
@@ -64,25 +64,9 @@ def test_a_distillation_step_lowers_the_loss_on_a_fixed_batch(tmp_path, diffusio
 
 
 def write_config(root: Path, teacher: Path, max_steps: int) -> Path:
-    cfg = {
-        "seed_everything": 0,
-        "trainer": {
-            "accelerator": "cpu", "devices": 1, "max_steps": max_steps, "default_root_dir": str(root),
-            "limit_train_batches": 2, "limit_val_batches": 0, "log_every_n_steps": 1,
-            "enable_progress_bar": False, "enable_model_summary": False, "gradient_clip_val": 1.0,
-            "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                           "init_args": {"dirpath": str(root), "save_top_k": 0, "save_last": True,
-                                         "every_n_train_steps": 1}}],
-        },
-        "model": {"model": "GSPN-T/2", "model_args": TINY,
-                  "distill": {"teacher": str(teacher), "layer_weight": 0.5, "distill_steps": 3},
-                  "lr": 1e-3, "warmup_steps": 2, "lr_schedule": "cosine", "ema_decay": 0.9},
-        "data": {"class_path": "gspn_gen.data.datamodule.DigitsDataModule",
-                 "init_args": {"image_size": 8, "batch_size": 8}},
-    }
+    """The tiny training config of the other CLI tests, distilling from `teacher`."""
     root.mkdir(exist_ok=True)
-    (root / "config.yaml").write_text(yaml.safe_dump(cfg))
-    return root / "config.yaml"
+    return tiny_config(root, max_steps, distill={"teacher": str(teacher), "layer_weight": 0.5, "distill_steps": 3})
 
 
 def test_resume_is_exact_checkpoints_stay_plain_and_another_teacher_is_refused(teacher, tmp_path, capsys):
