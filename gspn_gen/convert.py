@@ -71,8 +71,8 @@ def read_official(path: str) -> dict[str, torch.Tensor]:
     except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file for the user
         raise CheckpointError(
             f"cannot read {path!r} with weights_only=True ({type(e).__name__}); a DiT/SiT train.py checkpoint "
-            "also pickles its argparse arguments: save its weights alone with "
-            "torch.save(torch.load(path)['ema'], 'ema.pt') on a machine you trust"
+            "also pickles its argparse arguments: on a machine you trust, re-save its 'ema' entry alone as a "
+            "plain state dict and import that file"
         ) from None
     if isinstance(obj, dict) and isinstance(obj.get("ema"), dict):
         obj = obj["ema"]
