@@ -111,11 +111,11 @@ __device__ void write_backward_tile(const Args& a, const Cta& c, int vt, int buf
       return;
     }
     const int rat = (j * g.L + s0 + ss) * g.Ps + p;
-    const float s0v = sigmoid_fast(D::load(r0[rat])), s1v = sigmoid_fast(D::load(r1[rat])),
-                s2v = sigmoid_fast(D::load(r2[rat]));
+    const float s0v = gspn_sigmoid(D::load(r0[rat])), s1v = gspn_sigmoid(D::load(r1[rat])),
+                s2v = gspn_sigmoid(D::load(r2[rat]));
     float w0, w1, w2;
-    normalise(s0v, s1v, s2v, p > 0, p < g.P - 1, true, w0, w1, w2);
-    logit_grads(s0v, s1v, s2v, w0, w1, w2, S0, S1, S2, v[0], v[1], v[2]);
+    gspn_normalise(s0v, s1v, s2v, p > 0, p < g.P - 1, true, w0, w1, w2);
+    gspn_logit_grads(s0v, s1v, s2v, w0, w1, w2, S0, S1, S2, v[0], v[1], v[2]);
   });
 }
 
@@ -167,8 +167,7 @@ __device__ __forceinline__ void scan_backward_tile(const Args& a, const Cta& c, 
       }
 #pragma unroll
       for (int r = 0; r < R; ++r) {
-        float adj = uv[r] * dyv[r];
-        if (!first) adj += below[r] + c1[r] + above[r];
+        const float adj = first ? uv[r] * dyv[r] : gspn_adjoint(uv[r] * dyv[r], below[r], c1[r], above[r]);
         av[r] = p0 + r < g.P ? adj : 0.f;
         c0[r] = w0[r] * av[r];
         c1[r] = w1[r] * av[r];
@@ -192,7 +191,7 @@ __device__ __forceinline__ void scan_backward_tile(const Args& a, const Cta& c, 
 #pragma unroll
     for (int r = 0; r < R; ++r) {
       const float lf = first ? 0.f : left[r], md = first ? 0.f : h[r], rt = first ? 0.f : right[r];
-      const float hn = lv[r] * xv[r] + w0[r] * lf + w1[r] * md + w2[r] * rt;
+      const float hn = gspn_step(lv[r] * xv[r], w0[r], w1[r], w2[r], lf, md, rt);
       h[r] = p0 + r < g.P ? hn : 0.f;
       dl[r] = xv[r] * av[r];
       du[r] = dyv[r] * h[r];
@@ -210,7 +209,7 @@ __device__ __forceinline__ void scan_backward_tile(const Args& a, const Cta& c, 
     if (a.gmode == 0) {
       if (MIX) {
 #pragma unroll
-        for (int r = 0; r < R; ++r) logit_grads(s0v[r], s1v[r], s2v[r], w0[r], w1[r], w2[r], D0[r], D1[r], D2[r], D0[r], D1[r], D2[r]);
+        for (int r = 0; r < R; ++r) gspn_logit_grads(s0v[r], s1v[r], s2v[r], w0[r], w1[r], w2[r], D0[r], D1[r], D2[r], D0[r], D1[r], D2[r]);
       }
       write_row<D, R>((T*)(c.smem + ostage_at(a, g, buf, 2)) + at, D0);
       write_row<D, R>((T*)(c.smem + ostage_at(a, g, buf, 3)) + at, D1);
@@ -289,12 +288,12 @@ __global__ void gspn_gate_grad(const __grid_constant__ Args a) {
     if (mix) {
       const int i = (int)(px / a.W), jj = (int)(px - (long long)i * a.W);
       const int p = d < 2 ? i : jj, P = d < 2 ? a.H : a.W;
-      const float s0 = sigmoid_fast(D::load(gload((const T*)a.gate[0] + go)));
-      const float s1 = sigmoid_fast(D::load(gload((const T*)a.gate[1] + go)));
-      const float s2 = sigmoid_fast(D::load(gload((const T*)a.gate[2] + go)));
+      const float s0 = gspn_sigmoid(D::load(gload((const T*)a.gate[0] + go)));
+      const float s1 = gspn_sigmoid(D::load(gload((const T*)a.gate[1] + go)));
+      const float s2 = gspn_sigmoid(D::load(gload((const T*)a.gate[2] + go)));
       float w0, w1, w2;
-      normalise(s0, s1, s2, p > 0, p < P - 1, true, w0, w1, w2);
-      logit_grads(s0, s1, s2, w0, w1, w2, S[0], S[1], S[2], out[0], out[1], out[2]);
+      gspn_normalise(s0, s1, s2, p > 0, p < P - 1, true, w0, w1, w2);
+      gspn_logit_grads(s0, s1, s2, w0, w1, w2, S[0], S[1], S[2], out[0], out[1], out[2]);
     }
 #pragma unroll
     for (int k = 0; k < 3; ++k) gstore((T*)a.dgate[k] + go, D::make(out[k]));

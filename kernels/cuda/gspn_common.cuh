@@ -46,6 +46,7 @@
 #ifndef GSPN_EMULATION
 #include "gspn_device.cuh"
 #endif
+#include "gspn_line.cuh"  // gates, one step, its adjoint: shared with the CPU kernel
 
 // ---------------------------------------------------------------------------------------------
 // Storage types: all arithmetic is fp32. bf16 and fp16 travel as raw 16-bit words with explicit
@@ -141,31 +142,6 @@ struct Args {
   int dirs;           // 4 for gspn_mix, 1 for gspn_scan
   Geo geo[2];
 };
-
-// ---------------------------------------------------------------------------------------------
-// Gates. sigmoid through __expf and __fdividef (exp overflow gives 1 / inf = 0, the right limit).
-__device__ __forceinline__ float sigmoid_fast(float a) { return __fdividef(1.f, 1.f + __expf(-a)); }
-
-// Normalised gates of one position from its three sigmoids: existing neighbours' weights sum to 1,
-// missing ones (and positions past the line, valid = false) are 0.
-__device__ __forceinline__ void normalise(float s0, float s1, float s2, bool up, bool down, bool valid,
-                                          float& w0, float& w1, float& w2) {
-  const float inv = __fdividef(1.f, s1 + (up ? s0 : 0.f) + (down ? s2 : 0.f));
-  w0 = valid && up ? s0 * inv : 0.f;
-  w1 = valid ? s1 * inv : 0.f;
-  w2 = valid && down ? s2 * inv : 0.f;
-}
-
-// Gradient of the normalisation: with D_k = dL/dw_k, w_k = s_k / S, s_k = sigmoid(z_k):
-// dL/dz_k = w_k (1 - s_k) (D_k - sum_k' D_k' w_k') for an existing neighbour k, 0 for a missing one
-// (w_k = 0 there).
-__device__ __forceinline__ void logit_grads(float s0, float s1, float s2, float w0, float w1, float w2,
-                                            float D0, float D1, float D2, float& d0, float& d1, float& d2) {
-  const float dot = D0 * w0 + D1 * w1 + D2 * w2;
-  d0 = w0 * (1.f - s0) * (D0 - dot);
-  d1 = w1 * (1.f - s1) * (D1 - dot);
-  d2 = w2 * (1.f - s2) * (D2 - dot);
-}
 
 // ---------------------------------------------------------------------------------------------
 // One CTA's share of the work: its direction, planes, tables and shared-memory plan.
@@ -438,10 +414,10 @@ __device__ __forceinline__ void lane_gates(const typename D::T* r0, const typena
     const int pos = p0 + r;
     const bool valid = active && pos < P;
     if (MIX) {
-      s0[r] = sigmoid_fast(s0[r]);
-      s1[r] = sigmoid_fast(s1[r]);
-      s2[r] = sigmoid_fast(s2[r]);
-      normalise(s0[r], s1[r], s2[r], pos > 0, pos < P - 1, valid, w0[r], w1[r], w2[r]);
+      s0[r] = gspn_sigmoid(s0[r]);
+      s1[r] = gspn_sigmoid(s1[r]);
+      s2[r] = gspn_sigmoid(s2[r]);
+      gspn_normalise(s0[r], s1[r], s2[r], pos > 0, pos < P - 1, valid, w0[r], w1[r], w2[r]);
     } else {
       w0[r] = valid ? s0[r] : 0.f;
       w1[r] = valid ? s1[r] : 0.f;

@@ -72,8 +72,7 @@ __device__ void forward_cta(const Args& a, int d, int group) {
         float out[R];
 #pragma unroll
         for (int r = 0; r < R; ++r) {
-          float hn = lv[r] * xv[r];
-          if (!first) hn += w0[r] * left[r] + w1[r] * h[r] + w2[r] * right[r];
+          const float hn = first ? lv[r] * xv[r] : gspn_step(lv[r] * xv[r], w0[r], w1[r], w2[r], left[r], h[r], right[r]);
           h[r] = p0 + r < g.P ? hn : 0.f;
           out[r] = MIX ? uv[r] * h[r] : h[r];
         }

@@ -133,10 +133,6 @@ static float __uint_as_float(unsigned int u) {
   std::memcpy(&f, &u, 4);
   return f;
 }
-static float emu_expf(float x) { return std::exp(x); }
-static float emu_fdividef(float a, float b) { return a / b; }
-#define __expf emu_expf  // glibc declares its own __expf
-#define __fdividef emu_fdividef
 using std::max;
 using std::min;
 
