@@ -1,4 +1,4 @@
-"""Benchmark of the GSPN propagation kernels: ``python benchmarks/kernel_bench.py [--bytes] [--tune]``.
+"""Benchmark of the GSPN propagation kernels: ``python benchmarks/kernel_bench.py [--bytes] [--tune] [--device cpu]``.
 
 Measures ``gspn_mix`` (four directions, global scan) on x (N, C, H, W) with C = 1152 channels -- the
 official GSPN benchmark's "C = 4 x 1152, four directions stacked" -- and gate logits with Cg = C
@@ -20,11 +20,23 @@ and a PNG plot of fwd + bwd ms against tokens (ours, per-column, SDPA, floor). -
 the kernels' launch settings. Results: a table on stdout and JSON (device, versions, date) plus the
 plot in benchmarks/results/ unless --json says where; the JSON is rewritten after every row, so a run
 cut short keeps what it measured.
+
+--device cpu: side by side in one run on this machine's CPU, N = 1, C = 384, fp32, torch's thread count,
+at 16², 32², 64², 128² tokens, best wall-clock ms of forward and forward + backward of
+  ours        gspn_mix on the compiled CPU kernel (kernels/cpu)
+  torch       gspn_mix on the pure-PyTorch backend
+  sdpa        F.scaled_dot_product_attention on the same tokens, 6 heads x 64
+  floor       the larger of the bytes by design / the copy bandwidth measured in the same run, and the
+              arithmetic (12 sigmoids and 12 multiply-adds per channel-pixel forward; 24 and 48 forward
+              + backward) at the throughput of torch's sigmoid and addcmul on cache-resident tensors,
+              measured in the same run
+and a log-log plot of ms against tokens (`kernels-cpu-<cpu>-<date>.json` and `.png`).
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime as _dt
 import functools
 import itertools
 import statistics
@@ -34,11 +46,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from gspn_gen.kernels import cupy_backend
+from gspn_gen.kernels import cupy_backend, gspn_mix
 from gspn_gen.kernels.cupy_backend import Launch
+from gspn_gen.kernels.testing import mix_inputs
 
 from gspn_gen.fileio import write_json
-from gspn_gen.report import log_log_plot, machine, slug
+from gspn_gen.report import cpu_name, log_log_plot, machine, slug
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -337,6 +350,162 @@ def run_gpu(args, path: Path) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
+# CPU: the compiled CPU kernel and the PyTorch backend against SDPA and the floor, in one run
+
+CPU_CHANNELS, CPU_HEADS, CPU_HEAD_DIM = 384, 6, 64
+CPU_SIDES = (16, 32, 64, 128)
+
+
+def cpu_time_ms(fn, budget_s: float = 1.0, max_reps: int = 25) -> float:
+    """Best wall-clock ms of fn(): one warm-up call, then repetitions filling about budget_s (a call that
+    alone takes longer than the budget is timed once, its first call counting)."""
+    t0 = time.perf_counter()
+    fn()
+    first = time.perf_counter() - t0
+    if first > budget_s:
+        return first * 1e3
+    best = float("inf")
+    for _ in range(int(max(3, min(max_reps, budget_s / max(first, 1e-6))))):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best * 1e3
+
+
+def cpu_copy_bandwidth(nbytes: int = 2**28) -> float:
+    """Copy bandwidth of torch's threads in bytes/s, counting bytes read plus bytes written."""
+    src, dst = torch.ones(nbytes, dtype=torch.uint8), torch.empty(nbytes, dtype=torch.uint8)
+    return 2 * nbytes / (cpu_time_ms(functools.partial(dst.copy_, src), budget_s=1.0) * 1e-3)
+
+
+def cpu_throughput() -> dict:
+    """ns per element of torch.sigmoid and of torch.addcmul (one multiply-add) over all threads, on tensors
+    small enough to stay in cache: the machine's vectorised throughput for the op's kind of arithmetic."""
+    n = 2**15 * torch.get_num_threads()
+    a, b, c, out = (torch.rand(n) for _ in range(4))
+    reps = 50
+
+    def many(fn):
+        return lambda: [fn() for _ in range(reps)]
+
+    sig = cpu_time_ms(many(lambda: torch.sigmoid(a, out=out)), budget_s=0.5)
+    fma = cpu_time_ms(many(lambda: torch.addcmul(a, b, c, out=out)), budget_s=0.5)
+    return {"sigmoid_ns": sig * 1e6 / (reps * n), "multiply_add_ns": fma * 1e6 / (reps * n)}
+
+
+def cpu_design_bytes(C: int, Cg: int, H: int, W: int) -> dict:
+    """fp32 bytes gspn_mix moves by design (each input read once, each output written once), N = 1."""
+    x, gates, maps = C * H * W, 12 * Cg * H * W, 8 * C * H * W  # x-like; the logits; lam and u
+    return {"fwd": 4 * (x + gates + maps + x), "fwd_bwd": 4 * ((x + gates + maps + x) + (2 * x + gates + maps)
+                                                               + (x + gates + maps))}
+
+
+def _mix_ms(backend: str, inputs, dy, budget_s: float) -> tuple[float, float]:
+    """(forward ms, forward + backward ms) of gspn_mix on one backend."""
+    with torch.no_grad():
+        fwd = cpu_time_ms(lambda: gspn_mix(*inputs, backend=backend), budget_s)
+    leaves = [t.detach().requires_grad_() for t in inputs]
+    both = cpu_time_ms(lambda: torch.autograd.grad(gspn_mix(*leaves, backend=backend), leaves, dy), budget_s)
+    return fwd, both
+
+
+def _sdpa_ms(tokens: int, budget_s: float) -> tuple[float, float]:
+    qkv = [torch.randn(1, CPU_HEADS, tokens, CPU_HEAD_DIM) for _ in range(3)]
+    with torch.no_grad():
+        fwd = cpu_time_ms(lambda: F.scaled_dot_product_attention(*qkv), budget_s)
+    leaves = [t.requires_grad_() for t in qkv]
+    dy = torch.randn_like(qkv[0])
+    both = cpu_time_ms(lambda: torch.autograd.grad(F.scaled_dot_product_attention(*leaves), leaves, dy), budget_s)
+    return fwd, both
+
+
+def cpu_row(side: int, bandwidth: float, rate: dict, with_torch: bool) -> dict:
+    """One row: ours, the PyTorch backend and SDPA (fwd, fwd + bwd) and the floor, at side x side tokens."""
+    C = CPU_CHANNELS
+    cp = C * side * side
+    design = cpu_design_bytes(C, C, side, side)
+    arith_fwd = cp * (12 * rate["sigmoid_ns"] + 12 * rate["multiply_add_ns"]) * 1e-6
+    arith_both = cp * (24 * rate["sigmoid_ns"] + 48 * rate["multiply_add_ns"]) * 1e-6
+    row = {"tokens": side * side, "H": side, "W": side, "N": 1, "C": C, "Cg": C,
+           "design_fwd_bytes": design["fwd"], "design_fwd_bwd_bytes": design["fwd_bwd"],
+           "memory_floor_fwd_ms": design["fwd"] / bandwidth * 1e3,
+           "memory_floor_fwd_bwd_ms": design["fwd_bwd"] / bandwidth * 1e3,
+           "arith_floor_fwd_ms": arith_fwd, "arith_floor_fwd_bwd_ms": arith_both}
+    row["floor_fwd_ms"] = max(row["memory_floor_fwd_ms"], arith_fwd)
+    row["floor_fwd_bwd_ms"] = max(row["memory_floor_fwd_bwd_ms"], arith_both)
+    (x, logits, lam, u), dy = mix_inputs(1, C, C, side, side, seed=side)
+    row["ours_fwd_ms"], row["ours_fwd_bwd_ms"] = _attempt(lambda: _mix_ms("cpu", (x, logits, lam, u), dy, 1.0))
+    if with_torch:
+        row["torch_fwd_ms"], row["torch_fwd_bwd_ms"] = _attempt(
+            lambda: _mix_ms("torch", (x, logits, lam, u), dy, 1.0))
+    row["sdpa_fwd_ms"], row["sdpa_fwd_bwd_ms"] = _attempt(lambda: _sdpa_ms(side * side, 1.0))
+    for key in ("fwd", "fwd_bwd"):
+        ours = row[f"ours_{key}_ms"]
+        row[f"ours_{key}_x_floor"] = ours / row[f"floor_{key}_ms"]
+        row[f"sdpa_over_ours_{key}"] = row[f"sdpa_{key}_ms"] / ours
+        if with_torch:
+            row[f"torch_over_ours_{key}"] = row[f"torch_{key}_ms"] / ours
+    return row
+
+
+def print_cpu_row(row: dict, header: bool) -> None:
+    if header:
+        print(f"{'tokens':>7} {'ours fwd':>9} {'ours f+b':>9} {'torch fwd':>9} {'torch f+b':>9} {'sdpa fwd':>9} "
+              f"{'sdpa f+b':>9} {'sdpa/ours f+b':>13} {'floor fwd':>9} {'fwd x floor':>11}")
+    print(f"{row['H']:>4}x{row['W']:<3} {_fmt(row['ours_fwd_ms'], 2):>9} {_fmt(row['ours_fwd_bwd_ms'], 2):>9} "
+          f"{_fmt(row.get('torch_fwd_ms'), 1):>9} {_fmt(row.get('torch_fwd_bwd_ms'), 1):>9} "
+          f"{_fmt(row['sdpa_fwd_ms'], 2):>9} {_fmt(row['sdpa_fwd_bwd_ms'], 2):>9} "
+          f"{_fmt(row['sdpa_over_ours_fwd_bwd'], 2) + 'x':>13} {_fmt(row['floor_fwd_ms'], 2):>9} "
+          f"{_fmt(row['ours_fwd_x_floor'], 2) + 'x':>11}", flush=True)
+
+
+def cpu_plot(rows: list[dict], path: Path, title: str) -> bool:
+    series = {"gspn_mix, compiled CPU kernel": "ours_fwd_bwd_ms", "gspn_mix, PyTorch backend": "torch_fwd_bwd_ms",
+              "SDPA (6 heads x 64)": "sdpa_fwd_bwd_ms", "gspn_mix floor": "floor_fwd_bwd_ms"}
+    points = {label: [(r["tokens"], r[key]) for r in rows if isinstance(r.get(key), float)]
+              for label, key in series.items()}
+    return log_log_plot(path, points, "tokens (H x W)", "forward + backward, ms", title, dashed=("gspn_mix floor",))
+
+
+def run_cpu(args) -> dict:
+    """The CPU table: one row per side, JSON rewritten after every row, then the plot."""
+    from gspn_gen.kernels import cpu_backend
+
+    reason = cpu_backend.unavailable_reason()
+    if reason is not None:
+        _fail(f"the compiled CPU kernel is unavailable here: {reason}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
+    bandwidth = cpu_copy_bandwidth()
+    rate = cpu_throughput()
+    cpu = cpu_name()
+    print(f"{cpu}, {threads} threads: copy {bandwidth / 1e9:.1f} GB/s (read + write), sigmoid "
+          f"{rate['sigmoid_ns']:.3f} ns, multiply-add {rate['multiply_add_ns']:.3f} ns per element", flush=True)
+    path = args.json or RESULTS / f"kernels-cpu-{slug(cpu)}-{_dt.date.today().isoformat()}.json"
+    result = {"benchmark": "benchmarks/kernel_bench.py --device cpu", "mode": "cpu",
+              "machine": machine(threads=threads, torch=torch.__version__), "copy_bandwidth_GBps": bandwidth / 1e9,
+              **rate,
+              "measured": (f"gspn_mix, 4 directions, global scan, x (1, {CPU_CHANNELS}, H, W), Cg = C, fp32, best "
+                           "wall-clock ms; ours: backend='cpu' (compiled kernel), torch: backend='torch'; sdpa: "
+                           f"scaled_dot_product_attention, {CPU_HEADS} heads x {CPU_HEAD_DIM}; fwd_bwd: forward and "
+                           "the gradients of every input; floor: max(design bytes / copy bandwidth, 12 sigmoids + "
+                           "12 multiply-adds per channel-pixel forward, 24 + 48 forward + backward, at the measured "
+                           "ns per element)"),
+              "rows": []}
+    for side in args.sides:
+        row = cpu_row(side, bandwidth, rate, with_torch=not args.no_baselines)
+        result["rows"].append(row)
+        print_cpu_row(row, header=len(result["rows"]) == 1)
+        write_json(path, result)
+    print(f"wrote {path}")
+    if cpu_plot(result["rows"], path.with_suffix(".png"),
+                f"gspn_mix vs SDPA, C = {CPU_CHANNELS}, fp32, N = 1\n{cpu}, {threads} threads"):
+        print(f"wrote {path.with_suffix('.png')}")
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
 # Command line
 
 
@@ -378,6 +547,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python benchmarks/kernel_bench.py", description=__doc__.split("\n")[0],
                                      epilog="Without --bytes it needs a CUDA GPU of compute capability 9.0.")
     parser.add_argument("--bytes", action="store_true", help="only the bytes-by-design table (no GPU needed)")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                        help="cpu: the compiled CPU kernel and the PyTorch backend against SDPA and the floor")
+    parser.add_argument("--sides", type=int, nargs="+", default=list(CPU_SIDES),
+                        help="--device cpu: square maps of side x side tokens (default 16 32 64 128)")
+    parser.add_argument("--threads", type=int, default=None, help="--device cpu: torch threads (default: torch's)")
     parser.add_argument("--shapes", type=_shape, nargs="+",
                         default=[(*s, torch.bfloat16) for s in TARGETS] + EXTRA,
                         help="NxHxW[:dtype] (default: the four bf16 targets and 4x64x64:fp32)")
@@ -392,11 +566,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.cg is not None and (args.cg < 1 or CHANNELS % args.cg):
         parser.error(f"--cg must divide {CHANNELS}, got {args.cg}")
+    if any(side < 1 for side in args.sides) or (args.threads is not None and args.threads < 1):
+        parser.error(f"--sides and --threads must be >= 1, got {args.sides} and {args.threads}")
     return args
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.device == "cpu":
+        return run_cpu(args)
     if args.bytes:
         rows = bytes_rows(args.shapes, CHANNELS, args.cg or CHANNELS, args.smem)
         limits = limit_rows(args.smem)

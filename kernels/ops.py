@@ -2,9 +2,11 @@
 
 Backends, each with the same four functions (mix_forward, mix_backward, scan_forward, scan_backward):
   "cuda"       the CuPy kernels (`cupy_backend.py`): CUDA tensors in float32, float16 or bfloat16;
-  "torch"      the fast pure-PyTorch path (`torch_backend.py`): any device and float dtype, the CPU default;
+  "cpu"        the compiled CPU kernel (`cpu_backend.py`, built on first use): CPU tensors, any float dtype;
+  "torch"      the pure-PyTorch path (`torch_backend.py`): any device and float dtype, the last fallback;
   "reference"  the oracle (`reference.py`): short and slow, for checking the others;
-  "auto"       "cuda" for CUDA tensors the kernels support when CuPy works there, else "torch".
+  "auto"       "cuda" for CUDA tensors the kernels support when CuPy works there, "cpu" for CPU tensors
+               when the CPU kernel builds here, else "torch" (a fall is announced once, with its reason).
 
 `gspn_mix` and `gspn_scan` are torch.library custom ops (`gspn_gen::gspn_mix`, `gspn_gen::gspn_scan`) with
 a fake (meta) implementation, so torch.compile traces models through them without a graph break, and a
@@ -15,6 +17,9 @@ backward, so one call costs no activation memory beyond what it was given.
 from __future__ import annotations
 
 import functools
+import os
+import sys
+import warnings
 
 import torch
 from torch import Tensor
@@ -25,7 +30,25 @@ __all__ = ["available_backends", "gspn_mix", "gspn_scan"]
 
 _DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _CUDA_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_BACKENDS = ("auto", "cuda", "torch", "reference")
+_BACKENDS = ("auto", "cuda", "cpu", "torch", "reference")
+
+
+class BackendFallbackWarning(RuntimeWarning):
+    """A faster backend cannot run here; the op runs on the next one (said once per backend and reason)."""
+
+
+@functools.cache
+def _announce(backend: str, reason: str) -> None:
+    warnings.warn(f"gspn_gen.kernels: the {backend} backend is unavailable ({reason}); "
+                  "using the PyTorch backend", BackendFallbackWarning, stacklevel=_outside_this_package())
+
+
+def _outside_this_package() -> int:
+    """The stack level of the first caller outside gspn_gen.kernels (where a warning is useful)."""
+    here, frame, level = os.path.dirname(os.path.abspath(__file__)), sys._getframe(1), 1
+    while frame is not None and os.path.dirname(os.path.abspath(frame.f_code.co_filename)) == here:
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 @functools.cache
@@ -37,9 +60,20 @@ def _cuda_backend():
     return (cupy_backend, None) if reason is None else (None, reason)
 
 
+@functools.cache
+def _cpu_backend():
+    """(the cpu_backend module, None) when the compiled CPU kernel builds and loads here, else (None, reason)."""
+    from . import cpu_backend
+
+    reason = cpu_backend.unavailable_reason()
+    return (cpu_backend, None) if reason is None else (None, reason)
+
+
 def available_backends() -> list[str]:
-    """["reference", "torch"], plus "cuda" when CuPy and a GPU make the CUDA kernels usable."""
-    return ["reference", "torch"] + (["cuda"] if _cuda_backend()[0] is not None else [])
+    """["reference", "torch"], plus "cpu" when the CPU kernel builds here and "cuda" when CuPy and a GPU
+    make the CUDA kernels usable."""
+    return (["reference", "torch"] + (["cpu"] if _cpu_backend()[0] is not None else [])
+            + (["cuda"] if _cuda_backend()[0] is not None else []))
 
 
 class _Oracle:
@@ -82,15 +116,43 @@ class _Oracle:
 def _module(name: str):
     if name == "cuda":
         return _cuda_backend()[0]
+    if name == "cpu":
+        return _cpu_backend()[0]
     return torch_backend if name == "torch" else _Oracle
 
 
+@torch.compiler.assume_constant_result
+def _cpu_unavailable(announce: bool) -> str:
+    """"" when the compiled CPU kernel runs here, else why not (announced once if asked). torch.compile
+    calls this once while tracing instead of tracing into the build."""
+    reason = _cpu_backend()[1] or ""
+    if reason and announce:
+        _announce("compiled CPU", reason)
+    return reason
+
+
+def _resolve_cpu(backend: str, x: Tensor) -> str:
+    """"cpu" when the compiled CPU kernel runs x, else "torch" (auto, announced) or an error (asked for)."""
+    if x.device.type != "cpu":
+        if backend == "cpu":
+            raise ValueError(f"backend='cpu' needs CPU tensors, got x on {x.device}; use backend='auto'")
+        return "torch"
+    reason = _cpu_unavailable(backend == "auto")
+    if not reason:
+        return "cpu"
+    if backend == "cpu":
+        raise RuntimeError(f"backend='cpu' is unavailable: {reason}")
+    return "torch"
+
+
 def _resolve(backend: str, x: Tensor, cg: int) -> str:
-    """The backend that runs x: "cuda", "torch" or "reference"."""
+    """The backend that runs x: "cuda", "cpu", "torch" or "reference"."""
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
     if backend in ("torch", "reference"):
         return backend
+    if backend == "cpu" or (backend == "auto" and x.device.type == "cpu"):
+        return _resolve_cpu(backend, x)
     on_gpu = x.device.type == "cuda"
     if backend == "auto":
         if not on_gpu or x.dtype not in _CUDA_DTYPES:
@@ -243,7 +305,7 @@ def gspn_scan(x: Tensor, lam: Tensor, g_up: Tensor, g_mid: Tensor, g_down: Tenso
         g_up, g_mid, g_down: (N, Cg, H, W) gates of the neighbours at rows i-1, i, i+1 of the
             previous column; Cg divides C and gate channel j serves x channels j*k .. j*k+k-1, k = C/Cg.
         chunk: None for a global scan, or K >= 1 to restart the recursion at every w % K == 0.
-        backend: "auto", "cuda", "torch" or "reference" (module docstring).
+        backend: "auto", "cuda", "cpu", "torch" or "reference" (module docstring).
 
     Returns:
         h: (N, C, H, W), in x's dtype (accumulated in fp32, or fp64 for fp64 inputs).
@@ -280,7 +342,7 @@ def gspn_mix(x: Tensor, gate_logits: Tensor, lam: Tensor, u: Tensor, chunk: int 
         u: (N, 4, C, H, W) output weight per direction.
         chunk: None for global scans, or K >= 1: every scan restarts at the line blocks
             [0, K), [K, 2K), ... along its axis (the same blocks for both directions of an axis).
-        backend: "auto", "cuda", "torch" or "reference" (module docstring).
+        backend: "auto", "cuda", "cpu", "torch" or "reference" (module docstring).
 
     Returns:
         y: (N, C, H, W), in x's dtype (accumulated in fp32, or fp64 for fp64 inputs). Backward keeps only

@@ -111,11 +111,10 @@ __device__ void write_backward_tile(const Args& a, const Cta& c, int vt, int buf
       return;
     }
     const int rat = (j * g.L + s0 + ss) * g.Ps + p;
-    const float s0v = gspn_sigmoid(D::load(r0[rat])), s1v = gspn_sigmoid(D::load(r1[rat])),
-                s2v = gspn_sigmoid(D::load(r2[rat]));
-    float w0, w1, w2;
-    gspn_normalise(s0v, s1v, s2v, p > 0, p < g.P - 1, true, w0, w1, w2);
-    gspn_logit_grads(s0v, s1v, s2v, w0, w1, w2, S0, S1, S2, v[0], v[1], v[2]);
+    float w0, w1, w2, q0, q1, q2;
+    gspn_gates<float, true>(D::load(r0[rat]), D::load(r1[rat]), D::load(r2[rat]), p > 0, p < g.P - 1, true, w0, w1,
+                            w2, q0, q1, q2);
+    gspn_logit_grads(q0, q1, q2, w0, w1, w2, S0, S1, S2, v[0], v[1], v[2]);
   });
 }
 
@@ -146,7 +145,7 @@ __device__ __forceinline__ void scan_backward_tile(const Args& a, const Cta& c, 
     const bool first = walk.first(s);
     walk.advance();
     float s0v[R], s1v[R], s2v[R], w0[R], w1[R], w2[R], dyv[R], av[R];
-    lane_gates<D, R, MIX>(res_g[0] + gate_row0 + s * g.Ps, res_g[1] + gate_row0 + s * g.Ps,
+    lane_gates<D, R, MIX, true>(res_g[0] + gate_row0 + s * g.Ps, res_g[1] + gate_row0 + s * g.Ps,
                           res_g[2] + gate_row0 + s * g.Ps, active, p0, g.P, s0v, s1v, s2v, w0, w1, w2);
     read_row<D, R>(res_dy + map_row0 + s * g.Ps, active, dyv);
     if (pass1) {
@@ -288,12 +287,11 @@ __global__ void gspn_gate_grad(const __grid_constant__ Args a) {
     if (mix) {
       const int i = (int)(px / a.W), jj = (int)(px - (long long)i * a.W);
       const int p = d < 2 ? i : jj, P = d < 2 ? a.H : a.W;
-      const float s0 = gspn_sigmoid(D::load(gload((const T*)a.gate[0] + go)));
-      const float s1 = gspn_sigmoid(D::load(gload((const T*)a.gate[1] + go)));
-      const float s2 = gspn_sigmoid(D::load(gload((const T*)a.gate[2] + go)));
-      float w0, w1, w2;
-      gspn_normalise(s0, s1, s2, p > 0, p < P - 1, true, w0, w1, w2);
-      gspn_logit_grads(s0, s1, s2, w0, w1, w2, S[0], S[1], S[2], out[0], out[1], out[2]);
+      float w0, w1, w2, q0, q1, q2;
+      gspn_gates<float, true>(D::load(gload((const T*)a.gate[0] + go)), D::load(gload((const T*)a.gate[1] + go)),
+                              D::load(gload((const T*)a.gate[2] + go)), p > 0, p < P - 1, true, w0, w1, w2, q0, q1,
+                              q2);
+      gspn_logit_grads(q0, q1, q2, w0, w1, w2, S[0], S[1], S[2], out[0], out[1], out[2]);
     }
 #pragma unroll
     for (int k = 0; k < 3; ++k) gstore((T*)a.dgate[k] + go, D::make(out[k]));

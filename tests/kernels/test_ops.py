@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from gspn_gen.kernels import available_backends, gspn_mix, gspn_scan, ops, torch_backend
+from gspn_gen.kernels import available_backends, cpu_backend, gspn_mix, gspn_scan, ops, torch_backend
 from gspn_gen.kernels.testing import mix_inputs
 
 
@@ -31,18 +31,27 @@ def test_public_api():
 
     assert sorted(kernels.__all__) == ["available_backends", "gspn_mix", "gspn_scan"]
     assert available_backends()[:2] == ["reference", "torch"]
-    assert set(available_backends()) <= {"reference", "torch", "cuda"}
+    assert set(available_backends()) <= {"reference", "torch", "cpu", "cuda"}
+    assert ("cpu" in available_backends()) == (cpu_backend.unavailable_reason() is None)
 
 
-@pytest.mark.parametrize("backend", ["auto", "torch"])
+@pytest.mark.parametrize("backend", ["auto", "cpu", "torch"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-def test_cpu_dispatches_to_the_torch_backend(backend, dtype):
+def test_cpu_tensors_dispatch(backend, dtype):
+    """CPU tensors run on the compiled CPU kernel under 'auto' and 'cpu' (where it builds), else on the
+    PyTorch backend: the result is exactly that backend's."""
+    compiled = cpu_backend.unavailable_reason() is None
+    if backend == "cpu" and not compiled:
+        with pytest.raises(RuntimeError, match="backend='cpu' is unavailable"):
+            gspn_mix(**mix_args(dtype=dtype), backend=backend)
+        return
+    module = cpu_backend if backend != "torch" and compiled else torch_backend
     args = mix_args(dtype=dtype)
     y = gspn_mix(**args, chunk=2, backend=backend)
     assert y.dtype == dtype and y.shape == args["x"].shape
-    torch.testing.assert_close(y, torch_backend.mix_forward(*args.values(), 2), rtol=0, atol=0)
+    torch.testing.assert_close(y, module.mix_forward(*args.values(), 2), rtol=0, atol=0)
     s = scan_args(dtype=dtype)
-    expected = torch_backend.scan_forward(*s.values(), None)
+    expected = module.scan_forward(*s.values(), None)
     torch.testing.assert_close(gspn_scan(**s, backend=backend), expected, rtol=0, atol=0)
 
 
@@ -63,7 +72,7 @@ def test_non_contiguous_inputs():
 # Custom ops: what autograd keeps, fake tensors, torch.compile
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("backend", ["torch", "reference"])
+@pytest.mark.parametrize("backend", ["auto", "torch", "reference"])
 def test_training_keeps_only_the_inputs(backend):
     """gspn_mix saves nothing for backward beyond its own inputs (no hidden states, no gates), on ctx or
     through save_for_backward, whatever the backend."""
@@ -104,7 +113,7 @@ def test_double_backward_is_refused():
 def test_opcheck():
     """torch.library's own checks of the custom ops: schema, fake implementation, autograd registration."""
     (x, logits, lam, u), _ = mix_inputs(1, 4, 2, 3, 5, seed=6)
-    for backend in ("torch", "reference"):
+    for backend in ops._resolve("auto", x, 2), "torch", "reference":
         torch.library.opcheck(ops._mix_op, (x.requires_grad_(), logits, lam, u, 2, backend))
         s = scan_args()
         torch.library.opcheck(ops._scan_op, (*s.values(), 0, backend))
@@ -200,7 +209,7 @@ def test_bad_chunk(chunk):
 
 
 def test_bad_backend():
-    message = r"backend must be one of \('auto', 'cuda', 'torch', 'reference'\), got 'gpu'"
+    message = r"backend must be one of \('auto', 'cuda', 'cpu', 'torch', 'reference'\), got 'gpu'"
     with pytest.raises(ValueError, match=message):
         gspn_mix(**mix_args(), backend="gpu")
 
@@ -234,7 +243,7 @@ def test_missing_cuda_backend(monkeypatch):
                                            r"pip install 'gspn-gen\[cuda13\]'"):
         ops._resolve("cuda", _fake_cuda_x(torch.bfloat16), 4)
     assert ops._resolve("auto", _fake_cuda_x(torch.bfloat16), 4) == "torch"
-    assert available_backends() == ["reference", "torch"]
+    assert "cuda" not in available_backends()
 
 
 def test_maps_the_kernels_cannot_run(monkeypatch):
@@ -255,7 +264,7 @@ def test_import_and_errors_without_cupy():
         "from types import SimpleNamespace\n"
         "from gspn_gen.kernels import gspn_mix, available_backends\n"
         "from gspn_gen.kernels import ops\n"
-        "assert available_backends() == ['reference', 'torch'], available_backends()\n"
+        "assert 'cuda' not in available_backends(), available_backends()\n"
         "try:\n"
         "    ops._resolve('cuda', SimpleNamespace(device=torch.device('cuda'), dtype=torch.float32, shape=(1, 2, 3, 4)), 2)\n"
         "except RuntimeError as err:\n"
