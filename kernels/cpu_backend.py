@@ -7,6 +7,12 @@ directory is never used on a CPU it was not built for. The library includes no t
 plain pointers), so the build takes seconds. Where no compiler works, `unavailable_reason()` says why
 and `ops.py` runs the PyTorch backend instead.
 
+Why C++ through cpp_extension and not numba: the kernel includes `cuda/gspn_line.cuh`, the per-line
+arithmetic the CUDA kernels and their emulation use, so the three cannot drift (numba would need that
+arithmetic written again in Python); cpp_extension is what PyTorch extensions use, with a build cache
+that rebuilds when the sources change and a file lock that lets DDP ranks share one build; and it adds
+no dependency beyond a C++ compiler (numba brings llvmlite and its own JIT cache).
+
 Arithmetic is fp32, or fp64 for fp64 inputs; bf16 and fp16 inputs are computed in fp32 and rounded once.
 Threads: torch's intra-op thread count (`torch.set_num_threads`); one work item per gate plane, so the
 result does not depend on it.
