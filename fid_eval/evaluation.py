@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from fid_eval.errors import FidEvalError
-from fid_eval.extractors import EXTRACTORS, Extractor, build_extractor, extractor_of
+from fid_eval.extractors import EXTRACTORS, build_extractor, extractor_of
+from fid_eval.features import Extractor
 from fid_eval.inputs import ImageSource, is_stats_file, open_images
 from fid_eval.metrics import (
     ADM_ISC_SPLIT_SIZE,

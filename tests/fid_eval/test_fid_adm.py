@@ -10,7 +10,7 @@ import torch
 from fid_eval import evaluate
 from fid_eval.__main__ import main
 from fid_eval.errors import FidEvalError
-from fid_eval.extractors import Extractor
+from fid_eval.features import Extractor
 from fid_eval.inception import SPATIAL_DIM, spatial_features
 from fid_eval.inputs import ArraySource
 from fid_eval.metrics import MomentAccumulator, frechet_distance, inception_score
