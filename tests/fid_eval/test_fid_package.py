@@ -6,7 +6,7 @@ from pathlib import Path
 import fid_eval
 from fid_eval import digits_data, fileio
 
-# The guidance sweep drives the generator's sampling CLI; it moves to the generator side with the sampling library.
+# The guidance sweep samples with the generator's checkpoints: the one fid_eval module that imports gspn_gen.
 GENERATOR_SIDE = {"sweep.py"}
 
 
