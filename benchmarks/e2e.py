@@ -594,7 +594,7 @@ def _px_batch(text: str) -> tuple[int, int]:
     return px, batch
 
 
-def main(argv=None) -> dict:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python benchmarks/e2e.py", description=__doc__.split("\n")[0])
     parser.add_argument("--presets", nargs="+",
                         help=f"model presets, each NAME or NAME:key=value,... with constructor overrides, e.g. "
@@ -614,6 +614,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--max-seconds", type=float, default=float("inf"),
                         help="measurements starting after this many seconds are reported as 'skipped'")
     parser.add_argument("--tiny", action="store_true", help="tiny presets on the CPU, in under a minute")
+    return parser
+
+
+def parse_args(argv) -> tuple[argparse.Namespace, Mode]:
+    """The command line with the mode's defaults filled in and checked (a bad value: argparse's error, exit 2)."""
+    parser = _parser()
     args = parser.parse_args(argv)
     mode = TINY if args.tiny else GPU
     if args.sample_steps:
@@ -636,21 +642,22 @@ def main(argv=None) -> dict:
         parser.error(f"image sides must be multiples of {mode.latent_factor} px (the latent factor), got {bad}")
     if not args.tiny and not torch.cuda.is_available():
         raise SystemExit("no CUDA device is visible to PyTorch; use --tiny for the CPU run")
+    return args, mode
 
-    deadline = time.perf_counter() + args.max_seconds
-    device = torch.device("cpu" if args.tiny else "cuda")
-    device_name = torch.cuda.get_device_name() if device.type == "cuda" else cpu_name()
-    date = _dt.date.today().isoformat()
-    default_dir = Path(tempfile.mkdtemp(prefix="e2e-")) if args.tiny else RESULTS
-    default_name = f"e2e-{slug(device_name)}-{date}.json"
+
+def output_paths(args, device_name: str) -> list[Path]:
+    """Where the JSON goes: --json (a file, or a folder for the default name), plus a copy in results/ on a GPU."""
+    default_name = f"e2e-{slug(device_name)}-{_dt.date.today().isoformat()}.json"
     if args.json is not None and args.json.is_dir():
         path = args.json / default_name
     else:
-        path = args.json or default_dir / default_name
-    backends = available_backends()
-    if device.type == "cuda" and "cuda" not in backends:
-        print("warning: the GSPN CUDA kernels are unavailable, GSPN presets run the PyTorch backend", flush=True)
-    result = {
+        path = args.json or (Path(tempfile.mkdtemp(prefix="e2e-")) if args.tiny else RESULTS) / default_name
+    return [path] + ([] if args.tiny or path.parent.resolve() == RESULTS.resolve() else [RESULTS / path.name])
+
+
+def result_header(args, mode: Mode, device: torch.device, device_name: str, backends: list[str]) -> dict:
+    """The result before any measurement: machine, versions, settings, what each number measures."""
+    return {
         "benchmark": "benchmarks/e2e.py", "mode": "tiny" if args.tiny else "gpu", "device": device_name,
         "torch": torch.__version__, "cuda": torch.version.cuda, "cpu_threads": torch.get_num_threads(),
         "device_memory_gib": (torch.cuda.get_device_properties(device).total_memory / 2**30
@@ -675,17 +682,13 @@ def main(argv=None) -> dict:
                      "'skipped' = past --max-seconds"),
         "rows": [], "profile": [], "ratios": {},
     }
-    copies = [] if args.tiny or path.parent.resolve() == RESULTS.resolve() else [RESULTS / path.name]
 
-    def save() -> None:
-        """JSON and plot of what is measured so far: a run cut short keeps them."""
-        result["ratios"] = ratios(result["rows"])
-        for target in [path, *copies]:
-            write_json(target, result)
-            plot_forward(result, target.with_suffix(".png"))
 
+def run_passes(result: dict, args, mode: Mode, device: torch.device, deadline: float, save) -> str:
+    """The eager pass of every preset, the profile after the first two, then the compiled pass; `save()`
+    after each step, so a run cut short keeps what it measured. Returns the profile's text tables."""
     profile_text = ""
-    gspn_presets = [spec for spec, name in zip(args.presets, names) if MODELS[name]["mixer"] == "gspn"]
+    gspn_presets = [spec for spec in args.presets if MODELS[parse_preset(spec)[0]]["mixer"] == "gspn"]
     for i, name in enumerate(args.presets):
         result["rows"].append(eager_pass(name, mode, args, device, deadline))
         free_memory()
@@ -694,9 +697,7 @@ def main(argv=None) -> dict:
             # after the two presets the targets compare, before the rest: a short run keeps the profile
             result["profile"], profile_text = profile_pass(gspn_presets[0], mode, args, device, deadline)
             free_memory()
-            save()
-            for target in [path, *copies]:
-                write_text(target.with_suffix(".profile.txt"), profile_text)
+            save(profile_text)
     if not args.no_compile:
         # the two presets of the targets first: the deadline may leave no time for a third
         order = sorted(result["rows"], key=lambda row: row["preset"] not in ("GSPN-XL/2", "DiT-XL/2"))
@@ -704,10 +705,33 @@ def main(argv=None) -> dict:
             row["train"] += compiled_pass(row["preset"], mode, args, device, deadline)
             free_memory()
             save()
+    return profile_text
+
+
+def main(argv=None) -> dict:
+    args, mode = parse_args(argv)
+    deadline = time.perf_counter() + args.max_seconds
+    device = torch.device("cpu" if args.tiny else "cuda")
+    device_name = torch.cuda.get_device_name() if device.type == "cuda" else cpu_name()
+    backends = available_backends()
+    if device.type == "cuda" and "cuda" not in backends:
+        print("warning: the GSPN CUDA kernels are unavailable, GSPN presets run the PyTorch backend", flush=True)
+    result = result_header(args, mode, device, device_name, backends)
+    targets = output_paths(args, device_name)
+
+    def save(profile_text: str = "") -> None:
+        """JSON and plot of what is measured so far (and the profile's tables when given)."""
+        result["ratios"] = ratios(result["rows"])
+        for target in targets:
+            write_json(target, result)
+            plot_forward(result, target.with_suffix(".png"))
+            if profile_text:
+                write_text(target.with_suffix(".profile.txt"), profile_text)
+
+    profile_text = run_passes(result, args, mode, device, deadline, save)
     print_tables(result)
-    written = [path, *copies]
-    written += [p.with_suffix(".png") for p in written if p.with_suffix(".png").exists()]
-    written += [p.with_suffix(".profile.txt") for p in [path, *copies] if profile_text]
+    written = targets + [p.with_suffix(".png") for p in targets if p.with_suffix(".png").exists()]
+    written += [p.with_suffix(".profile.txt") for p in targets if profile_text]
     print("wrote " + ", ".join(str(p) for p in written))
     return result
 

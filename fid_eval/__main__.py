@@ -22,7 +22,7 @@ from pathlib import Path
 from fid_eval.errors import FidEvalError
 from fid_eval.evaluation import METRICS, PROTOCOLS
 from fid_eval.extractors import EXTRACTORS
-from gspn_gen.fileio import write_json
+from fid_eval.fileio import write_json
 
 
 def _common(parser: argparse.ArgumentParser) -> None:

@@ -17,12 +17,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fid_eval.digits_data import NUM_CLASSES
 from fid_eval.errors import FidEvalError
-from fid_eval.extractors import FINGERPRINT_PREFIX, Extractor, resolve_device, sha256_file
+from fid_eval.features import Extractor, resolve_device
 
 DEFAULT_WEIGHTS = Path(__file__).parent / "weights" / "digits_cnn.pt"
 INPUT_SIZE = 16
-NUM_CLASSES = 10
 
 
 class DigitsCNN(nn.Module):
@@ -80,6 +80,7 @@ class DigitsExtractor(Extractor):
     """Penultimate features (64-d) and logits (10) of the digits classifier."""
 
     name = "digits"
+    fingerprint_prefix = "digits-cnn-"
     num_classes = NUM_CLASSES
     note = ("digits extractor: a small classifier trained on the embedded digits; these numbers are "
             "comparable only with other runs scored by the same weights, not with Inception FIDs")
@@ -88,9 +89,8 @@ class DigitsExtractor(Extractor):
         super().__init__(device)
         path = DEFAULT_WEIGHTS if weights is None else Path(weights).expanduser()
         self.net = load_digits_cnn(path, device)
-        self.weights_path, self.sha256 = str(path), sha256_file(path)
+        self._identify_weights(path)
         self.feature_dim = self.net.head.in_features
-        self.fingerprint = f"{FINGERPRINT_PREFIX[self.name]}{self.sha256[:16]}"
 
     def _forward(self, images):
         return self.net(preprocess(images))  # (B, 64), (B, 10)

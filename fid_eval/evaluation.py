@@ -1,15 +1,18 @@
 """Samples + reference -> metrics report (a dict that is the JSON output) and its table.
 
-Featurises only what the requested metrics need: FID needs (mu, sigma) of both sides, sFID (mu_s,
-sigma_s), IS the samples' logits, KID and precision/recall the features of both sides. The reference is
-cached by content hash; an ADM reference batch's stored Inception statistics are used for FID and sFID
-when present. Two statistics files need no network at all: FID and sFID are arithmetic on them.
+`evaluate` runs four stages: inputs (opened, checked, what to featurise decided) -> statistics ->
+metrics (from the statistics alone) -> report. It featurises only what the requested metrics need: FID
+needs (mu, sigma) of both sides, sFID (mu_s, sigma_s), IS the samples' logits, KID and precision/recall
+the features of both sides. The reference is cached by content hash. An ADM batch's stored Inception
+statistics (mu/sigma, mu_s/sigma_s) serve FID and sFID when present, on either side, as ADM's evaluator
+reads them. Two statistics files need no network at all: FID and sFID are arithmetic on them.
 The report names the protocol, the extractor's fingerprint (network + weights hash) and the counts, and
 lists warnings for comparisons that mislead; a NaN or inf anywhere is an error, never a number.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import platform
 import sys
@@ -18,7 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from fid_eval.errors import FidEvalError
-from fid_eval.extractors import EXTRACTORS, Extractor, build_extractor, extractor_of
+from fid_eval.extractors import EXTRACTORS, build_extractor, extractor_of
+from fid_eval.features import Extractor
 from fid_eval.inputs import ImageSource, is_stats_file, open_images
 from fid_eval.metrics import (
     ADM_ISC_SPLIT_SIZE,
@@ -56,20 +60,32 @@ def resolve_protocol(protocol: str | None, extractor_name: str | None) -> str:
     return protocol
 
 
-def check_settings(protocol: str, num_samples: int | None, isc_splits: int | None, kid_subsets: int,
-                   kid_subset_size: int, prc_k: int) -> None:
-    """One error naming the first setting out of range, or a setting the protocol fixes otherwise."""
-    for flag, value, low in (("--num-samples", num_samples, 1), ("--isc-splits", isc_splits, 1),
-                             ("--kid-subsets", kid_subsets, 1), ("--kid-subset-size", kid_subset_size, 2),
-                             ("--prc-k", prc_k, 1)):
-        if value is not None and value < low:
-            raise FidEvalError(f"{flag} must be >= {low}, got {value}")
-    if protocol == "adm" and isc_splits is not None:
-        raise FidEvalError(f"--isc-splits {isc_splits} is torch-fidelity's protocol; ADM's IS uses consecutive "
-                           f"splits of {ADM_ISC_SPLIT_SIZE:,} samples (pass --protocol torch-fidelity)")
-    if protocol == "adm" and prc_k != ADM_PRC_K:
-        raise FidEvalError(f"--prc-k {prc_k}: ADM's precision/recall uses k = {ADM_PRC_K} "
-                           "(pass --protocol torch-fidelity for another k)")
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """What fixes the numbers besides the images and the network: the metrics and the protocol's choices."""
+
+    metrics: tuple[str, ...]
+    protocol: str                      # "adm" | "torch-fidelity"
+    num_samples: int | None = None     # score the first num_samples samples only
+    isc_splits: int | None = None      # torch-fidelity protocol only (default 10)
+    kid_subsets: int = 100
+    kid_subset_size: int = 1000
+    prc_k: int = ADM_PRC_K
+    seed: int = DEFAULT_SEED
+
+    def __post_init__(self):
+        """One error naming the first setting out of range, or a setting the protocol fixes otherwise."""
+        for flag, value, low in (("--num-samples", self.num_samples, 1), ("--isc-splits", self.isc_splits, 1),
+                                 ("--kid-subsets", self.kid_subsets, 1),
+                                 ("--kid-subset-size", self.kid_subset_size, 2), ("--prc-k", self.prc_k, 1)):
+            if value is not None and value < low:
+                raise FidEvalError(f"{flag} must be >= {low}, got {value}")
+        if self.protocol == "adm" and self.isc_splits is not None:
+            raise FidEvalError(f"--isc-splits {self.isc_splits} is torch-fidelity's protocol; ADM's IS uses "
+                               f"consecutive splits of {ADM_ISC_SPLIT_SIZE:,} samples (pass --protocol torch-fidelity)")
+        if self.protocol == "adm" and self.prc_k != ADM_PRC_K:
+            raise FidEvalError(f"--prc-k {self.prc_k}: ADM's precision/recall uses k = {ADM_PRC_K} "
+                               "(pass --protocol torch-fidelity for another k)")
 
 
 def open_input(spec: str | Path | ImageSource | Stats, workers: int | None = None) -> ImageSource | Stats:
@@ -147,21 +163,22 @@ def _size(value) -> str:
     return "x".join(str(v) for v in reversed(value)) if value else "?"  # (H, W) -> "WxH"
 
 
-def comparison_warnings(metrics: list[str], sample: Stats, fid_ref: Stats | None, sfid_ref: Stats | None,
-                        ref_size: tuple[int, int] | None) -> list[str]:
+def comparison_warnings(metrics: tuple[str, ...], stats: Statistics) -> list[str]:
     """Comparisons that pass the checks but mislead: too few images for the covariance, mixed image sizes."""
     warnings = []
-    for metric, field, ref in (("fid", "mu", fid_ref), ("sfid", "mu_s", sfid_ref)):
-        if metric not in metrics or ref is None:
+    for metric, field, pair in (("fid", "mu", stats.fid), ("sfid", "mu_s", stats.sfid)):
+        if metric not in metrics:
             continue
-        dim = getattr(sample, field).shape[0]
-        for role, stats in (("samples", sample), ("reference", ref)):
-            if 0 < stats.num_images < dim:
-                warnings.append(f"{metric.upper()}: the {role} hold {stats.num_images} images, fewer than the {dim} "
-                                f"feature dimensions: the covariance is singular and {metric.upper()} is not comparable "
+        dim = getattr(pair["samples"], field).shape[0]
+        for role in ROLES:
+            n = pair[role].num_images
+            if 0 < n < dim:
+                warnings.append(f"{metric.upper()}: the {role} hold {n} images, fewer than the {dim} feature "
+                                f"dimensions: the covariance is singular and {metric.upper()} is not comparable "
                                 f"with one from >= {dim} images (usually lower)")
-    if sample.image_size and ref_size and tuple(sample.image_size) != tuple(ref_size):
-        warnings.append(f"samples are {_size(sample.image_size)} images but the reference is {_size(ref_size)}: "
+    sample, ref = stats.own["samples"], stats.own["reference"]
+    if ref is not None and sample.image_size and ref.image_size and sample.image_size != ref.image_size:
+        warnings.append(f"samples are {_size(sample.image_size)} images but the reference is {_size(ref.image_size)}: "
                         "the extractor resizes both, but the numbers compare different resolutions")
     return warnings
 
@@ -185,151 +202,242 @@ def evaluate(samples: str | Path | ImageSource | Stats,
              progress: bool = True,
              protocol: str | None = None,         # "adm" | "torch-fidelity"; ADM's for Inception when None
              ) -> dict:
-    """Score `samples` against `ref`; returns the report (metrics, inputs, extractor, settings, notes, warnings)."""
+    """Score `samples` against `ref`; returns the report (metrics, inputs, extractor, settings, notes, warnings).
+
+    Four stages: the inputs (opened and checked, what must be featurised decided), their statistics
+    (features, stored or files), the metrics from those statistics alone, the report.
+    """
     if isinstance(extractor, str) and extractor not in EXTRACTORS:
         raise FidEvalError(f"unknown extractor {extractor!r}; expected one of {', '.join(EXTRACTORS)}")
     ext_name = extractor.name if isinstance(extractor, Extractor) else extractor
     if metrics is None:  # sFID needs spatial features: Inception's
         spatial = extractor.spatial_dim if isinstance(extractor, Extractor) else ext_name in (None, "inception")
         metrics = [m for m in METRICS if m != "sfid" or spatial]
-    metrics = parse_metrics(metrics)
-    protocol = resolve_protocol(protocol, ext_name)
-    check_settings(protocol, num_samples, isc_splits, kid_subsets, kid_subset_size, prc_k)
-    needs_ref = any(m in metrics for m in ("fid", "sfid", "kid", "prc"))
-    if needs_ref and ref is None:
-        raise FidEvalError(f"metrics {metrics} need a reference: pass --ref")
-    sample_in = open_input(samples, workers)
-    ref_in = open_input(ref, workers) if needs_ref else None
-    if isinstance(sample_in, Stats) and num_samples is not None:
-        raise FidEvalError("--num-samples selects images to featurise; the samples given are statistics")
-    if isinstance(sample_in, ImageSource) and num_samples is not None and num_samples > sample_in.num_images:
-        raise FidEvalError(f"--num-samples {num_samples}, but {sample_in.name} holds {sample_in.num_images} images")
+    settings = Settings(tuple(parse_metrics(metrics)), resolve_protocol(protocol, ext_name), num_samples,
+                        isc_splits, kid_subsets, kid_subset_size, prc_k, seed)
+    inputs = open_inputs(samples, ref, settings, extractor, weights, device, workers)
+    stats = compute_statistics(inputs, settings, batch_size, cache_dir, use_cache, progress)
+    values, used = compute_metrics(stats, settings, inputs.extractor.device if inputs.extractor else "cpu")
+    per_class = class_agreement(inputs, stats, values)
+    return make_report(inputs, stats, settings, values, used, per_class, (samples, ref))
 
-    # An ADM batch's stored statistics serve FID/sFID when the features are Inception's.
-    stored = stored_stats(ref_in) if isinstance(ref_in, ImageSource) and ext_name in (None, "inception") else None
-    ref_featurise = isinstance(ref_in, ImageSource) and (
-        "kid" in metrics or "prc" in metrics or ("fid" in metrics and stored is None)
-        or ("sfid" in metrics and (stored is None or stored.mu_s is None)))
-    ext = None
-    if isinstance(extractor, Extractor):
-        ext = extractor
-    elif isinstance(sample_in, ImageSource) or ref_featurise:
-        ext = build_extractor(ext_name or "inception", weights, device)
-    if "sfid" in metrics and ext is not None and ext.spatial_dim is None:
+
+# ---------------------------------------------------------------------------------------------
+# Stage 1: inputs
+
+ROLES = ("samples", "reference")
+
+
+@dataclasses.dataclass
+class Inputs:
+    """What is compared, which images go through the network, and the network."""
+
+    sources: dict[str, ImageSource | Stats | None]  # by role; reference None when no metric needs one
+    stored: dict[str, Stats | None]      # by role: the Inception statistics an ADM batch carries, if used
+    featurise: dict[str, bool]           # by role: whether its images are featurised
+    extractor: Extractor | None          # None when nothing is featurised and none was given
+    extractor_name: str | None
+
+
+def needs_features(metrics: tuple[str, ...], role: str, stored: Stats | None) -> bool:
+    """Whether a side's images must be featurised: IS needs the samples' logits, KID and P/R both sides'
+    features, FID and sFID only what the batch does not store (sFID: mu_s/sigma_s)."""
+    wanted = {"isc", "kid", "prc"} if role == "samples" else {"kid", "prc"}
+    return bool(wanted & set(metrics)) or ("fid" in metrics and stored is None) or (
+        "sfid" in metrics and (stored is None or stored.mu_s is None))
+
+
+def open_inputs(samples, ref, settings: Settings, extractor: str | Extractor | None, weights: str | None,
+                device: str | None, workers: int | None) -> Inputs:
+    """Open and check both inputs, decide what is featurised, and build the extractor when needed.
+
+    An ADM batch's stored Inception statistics (`mu`, `sigma`, `mu_s`, `sigma_s`) serve FID and sFID, on
+    either side, as ADM's evaluator reads them: the samples' only when all of them are scored.
+    """
+    ext_name = extractor.name if isinstance(extractor, Extractor) else extractor
+    needs_ref = bool({"fid", "sfid", "kid", "prc"} & set(settings.metrics))
+    if needs_ref and ref is None:
+        raise FidEvalError(f"metrics {list(settings.metrics)} need a reference: pass --ref")
+    sources = {"samples": open_input(samples, workers), "reference": open_input(ref, workers) if needs_ref else None}
+    sample_in, n = sources["samples"], settings.num_samples
+    if isinstance(sample_in, Stats) and n is not None:
+        raise FidEvalError("--num-samples selects images to featurise; the samples given are statistics")
+    if isinstance(sample_in, ImageSource) and n is not None and n > sample_in.num_images:
+        raise FidEvalError(f"--num-samples {n}, but {sample_in.name} holds {sample_in.num_images} images")
+    inception = ext_name in (None, "inception")
+    stored = {role: stored_stats(src) if inception and isinstance(src, ImageSource) else None
+              for role, src in sources.items()}
+    if n is not None and n < sample_in.num_images:
+        stored["samples"] = None  # they describe all the samples, not the first n
+    featurise = {role: isinstance(src, ImageSource) and needs_features(settings.metrics, role, stored[role])
+                 for role, src in sources.items()}
+    ext = extractor if isinstance(extractor, Extractor) else (
+        build_extractor(ext_name or "inception", weights, device) if any(featurise.values()) else None)
+    if "sfid" in settings.metrics and ext is not None and ext.spatial_dim is None:
         raise FidEvalError(f"sFID needs the samples' spatial statistics, and the {ext.name} extractor has no "
                            "spatial features: sFID is defined on Inception's mixed_6/conv (--extractor inception)")
-    notes, files = ([ext.note] if ext else []), []
+    return Inputs(sources, stored, featurise, ext, ext_name)
 
-    # Samples: features from images (never cached: they change every run), or a statistics file.
-    if isinstance(sample_in, Stats):
-        files.append(("samples", sample_in))
-        sample_stats = sample_in
-    else:
-        sample_stats = compute_stats(sample_in, ext, batch_size, num_samples, progress)
 
-    # Reference: a statistics file, or images (cached) with the batch's stored statistics for FID/sFID.
-    ref_stats = fid_ref = sfid_ref = None
-    origin = {}
-    if isinstance(ref_in, Stats):
-        files.append(("reference", ref_in))
-        ref_stats = fid_ref = sfid_ref = ref_in
-        origin = {"fid": "statistics file", "sfid": "statistics file"}
-    elif ref_in is not None:
-        if ref_featurise:
-            ref_stats = (cached_stats(ref_in, ext, cache_dir, batch_size, progress) if use_cache
-                         else compute_stats(ref_in, ext, batch_size, progress=progress))
-        fid_ref = sfid_ref = ref_stats
-        origin = {"fid": "features of the reference images", "sfid": "features of the reference images"}
-        used = []
-        if stored is not None and "fid" in metrics:
-            fid_ref, origin["fid"] = stored, "stored mu/sigma of the reference batch"
-            used.append("FID")
-        if stored is not None and "sfid" in metrics and stored.mu_s is not None:
-            sfid_ref, origin["sfid"] = stored, "stored mu_s/sigma_s of the reference batch"
-            used.append("sFID")
-        if used:
-            files.append(("reference", stored))
-            notes.append(f"{' and '.join(used)} use the statistics stored in {ref_in.name} "
-                         "(made by ADM's TensorFlow Inception)")
+# ---------------------------------------------------------------------------------------------
+# Stage 2: statistics
 
+@dataclasses.dataclass
+class Statistics:
+    """Each side's statistics and those each metric compares, where they came from, and notes."""
+
+    own: dict[str, Stats | None]        # by role: features/logits of its images, or its statistics file
+    fid: dict[str, Stats | None]        # by role: whose mu/sigma FID compares
+    sfid: dict[str, Stats | None]       # by role: whose mu_s/sigma_s sFID compares
+    origin: dict[str, dict[str, str]]   # by role: {"fid": ..., "sfid": ...} in words
+    fingerprint: str | None
+    notes: list[str]
+
+
+def side_statistics(role: str, inputs: Inputs, settings: Settings, batch_size: int, cache_dir, use_cache: bool,
+                    progress: bool) -> tuple[Stats | None, dict[str, Stats | None], dict[str, str]]:
+    """One side: (its own statistics, {metric: statistics FID/sFID use}, {metric: their origin})."""
+    source, stored, whose = inputs.sources[role], inputs.stored[role], "sample" if role == "samples" else "reference"
+    if not isinstance(source, ImageSource):  # a statistics file, or no reference needed
+        return source, {"fid": source, "sfid": source}, dict.fromkeys(("fid", "sfid"), "statistics file")
+    own = None
+    if inputs.featurise[role] and role == "samples":  # never cached: samples change every run
+        own = compute_stats(source, inputs.extractor, batch_size, settings.num_samples, progress)
+    elif inputs.featurise[role]:
+        own = (cached_stats(source, inputs.extractor, cache_dir, batch_size, progress) if use_cache
+               else compute_stats(source, inputs.extractor, batch_size, progress=progress))
+    used, origin = {}, {}
+    for metric, fields in (("fid", "mu/sigma"), ("sfid", "mu_s/sigma_s")):
+        if stored is not None and metric in settings.metrics and (metric == "fid" or stored.mu_s is not None):
+            used[metric], origin[metric] = stored, f"stored {fields} of the {whose} batch"
+        else:
+            used[metric], origin[metric] = own, f"features of the {whose} images"
+    return own, used, origin
+
+
+def compute_statistics(inputs: Inputs, settings: Settings, batch_size: int, cache_dir, use_cache: bool,
+                       progress: bool) -> Statistics:
+    """Featurise what must be, take stored statistics and files as they are, and check they agree."""
+    ext = inputs.extractor
+    own, fid, sfid, origin, files = {}, {}, {}, {}, []
+    notes = [ext.note] if ext else []
+    for role in ROLES:
+        own[role], used, origin[role] = side_statistics(role, inputs, settings, batch_size, cache_dir, use_cache,
+                                                        progress)
+        fid[role], sfid[role] = used["fid"], used["sfid"]
+        source = inputs.sources[role]
+        if isinstance(source, Stats):
+            files.append((role, source))
+        stored_for = [name for metric, name in (("fid", "FID"), ("sfid", "sFID"))
+                      if inputs.stored[role] is not None and used[metric] is inputs.stored[role]]
+        if stored_for:
+            files.append((role, inputs.stored[role]))
+            made = ("made by ADM's TensorFlow Inception" if role == "reference" else
+                    "the sample batch's own, read as ADM's evaluator reads them")
+            notes.append(f"{' and '.join(stored_for)} use the statistics stored in {source.name} ({made})")
+        if own[role] is None:  # not featurised: its stored statistics stand for it
+            own[role] = fid[role] if fid[role] is not None else sfid[role]
     if ext is not None:
         for role, stats in files:
             notes += check_compatible(stats, ext, role)
         fingerprint = ext.fingerprint
     else:
-        fingerprint, more = agree_without_network(files, ext_name)
+        fingerprint, more = agree_without_network(files, inputs.extractor_name)
         notes += more + ["no images were featurised: metrics computed from the statistics alone"]
+    return Statistics(own, fid, sfid, origin, fingerprint, notes)
 
+
+# ---------------------------------------------------------------------------------------------
+# Stage 3: metrics, from the statistics alone
+
+def compute_metrics(stats: Statistics, settings: Settings, device) -> tuple[dict[str, float], dict[str, object]]:
+    """(metric values, the settings they used). Precision/recall distances: float16 under ADM's protocol."""
+    m, sample, ref = settings.metrics, stats.own["samples"], stats.own["reference"]
     values: dict[str, float] = {}
-    settings: dict[str, object] = {"seed": seed}
-    if "fid" in metrics:
-        values["fid"] = frechet_distance(sample_stats.mu, sample_stats.sigma, fid_ref.mu, fid_ref.sigma)
-    if "sfid" in metrics:
-        values["sfid"] = frechet_distance(_require(sample_stats, "mu_s", "sFID", "samples"), sample_stats.sigma_s,
-                                          _require(sfid_ref, "mu_s", "sFID", "reference"), sfid_ref.sigma_s)
-    if "isc" in metrics:
-        logits = _require(sample_stats, "logits", "IS", "samples")
-        if protocol == "adm":
-            values["isc_mean"], values["isc_std"] = inception_score(logits, split_size=ADM_ISC_SPLIT_SIZE)
-            settings["isc_split_size"] = ADM_ISC_SPLIT_SIZE
-        else:
-            splits = isc_splits or TORCH_FIDELITY_ISC_SPLITS
-            values["isc_mean"], values["isc_std"] = inception_score(logits, splits, seed)
-            settings["isc_splits"] = splits
-    if "kid" in metrics:
-        values["kid_mean"], values["kid_std"], used = kernel_inception_distance(
-            _require(sample_stats, "features", "KID", "samples"), _require(ref_stats, "features", "KID", "reference"),
-            kid_subsets, kid_subset_size, seed)
-        settings.update(kid_subsets=kid_subsets, kid_subset_size=used)
-    if "prc" in metrics:
+    used: dict[str, object] = {"seed": settings.seed}
+    if "fid" in m:
+        s, r = stats.fid["samples"], stats.fid["reference"]
+        values["fid"] = frechet_distance(s.mu, s.sigma, r.mu, r.sigma)
+    if "sfid" in m:
+        s, r = stats.sfid["samples"], stats.sfid["reference"]
+        values["sfid"] = frechet_distance(_require(s, "mu_s", "sFID", "samples"), s.sigma_s,
+                                          _require(r, "mu_s", "sFID", "reference"), r.sigma_s)
+    if "isc" in m and settings.protocol == "adm":
+        logits = _require(sample, "logits", "IS", "samples")
+        values["isc_mean"], values["isc_std"] = inception_score(logits, split_size=ADM_ISC_SPLIT_SIZE)
+        used["isc_split_size"] = ADM_ISC_SPLIT_SIZE
+    elif "isc" in m:
+        used["isc_splits"] = settings.isc_splits or TORCH_FIDELITY_ISC_SPLITS
+        values["isc_mean"], values["isc_std"] = inception_score(
+            _require(sample, "logits", "IS", "samples"), used["isc_splits"], settings.seed)
+    if "kid" in m:
+        values["kid_mean"], values["kid_std"], size = kernel_inception_distance(
+            _require(sample, "features", "KID", "samples"), _require(ref, "features", "KID", "reference"),
+            settings.kid_subsets, settings.kid_subset_size, settings.seed)
+        used.update(kid_subsets=settings.kid_subsets, kid_subset_size=size)
+    if "prc" in m:
+        used.update(prc_k=settings.prc_k, prc_distances="float16" if settings.protocol == "adm" else "float32")
         values["precision"], values["recall"] = precision_recall(
-            _require(sample_stats, "features", "precision/recall", "samples"),
-            _require(ref_stats, "features", "precision/recall", "reference"), prc_k,
-            device=ext.device if ext else "cpu")
-        settings["prc_k"] = prc_k
+            _require(sample, "features", "precision/recall", "samples"),
+            _require(ref, "features", "precision/recall", "reference"), settings.prc_k, device=device,
+            float16=settings.protocol == "adm")
+    return values, used
 
-    # Classifier agreement: how often the digits classifier reads the class the sampler was asked for.
-    labels = getattr(sample_in, "labels", None)
-    per_class = None
-    if ext is not None and ext.name == "digits" and labels is not None and sample_stats.logits is not None:
-        predicted = sample_stats.logits.argmax(axis=1)
-        labels = labels[:len(predicted)]
-        if labels.min() < 0 or labels.max() >= ext.num_classes:
-            raise FidEvalError(f"{sample_in.name}: labels (arr_1) must be class ids 0..{ext.num_classes - 1} of the "
-                               f"{ext.name} classifier, got {labels.min()}..{labels.max()}")
-        values["class_agreement"] = float((predicted == labels).mean())
-        per_class = {int(c): float((predicted[labels == c] == c).mean()) for c in np.unique(labels)}
+
+def class_agreement(inputs: Inputs, stats: Statistics, values: dict[str, float]) -> dict[int, float] | None:
+    """How often the digits classifier reads the class the sampler was asked for: added to `values`
+    (overall), returned per class; None when the samples carry no labels or another network scores them."""
+    ext, source, logits = inputs.extractor, inputs.sources["samples"], stats.own["samples"].logits
+    labels = getattr(source, "labels", None)
+    if ext is None or ext.name != "digits" or labels is None or logits is None:
+        return None
+    predicted = logits.argmax(axis=1)
+    labels = labels[:len(predicted)]
+    if labels.min() < 0 or labels.max() >= ext.num_classes:
+        raise FidEvalError(f"{source.name}: labels (arr_1) must be class ids 0..{ext.num_classes - 1} of the "
+                           f"{ext.name} classifier, got {labels.min()}..{labels.max()}")
+    values["class_agreement"] = float((predicted == labels).mean())
+    return {int(c): float((predicted[labels == c] == c).mean()) for c in np.unique(labels)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 4: the report
+
+def _side_report(role: str, stats: Statistics, metrics: tuple[str, ...], given) -> dict:
+    own = stats.own[role]
+    return {
+        "source": own.meta.get("source", str(given)), "num_images": own.num_images,
+        "image_size": list(own.image_size) if own.image_size else None,
+        "fid_statistics": stats.origin[role]["fid"] if "fid" in metrics else None,
+        "sfid_statistics": stats.origin[role]["sfid"] if "sfid" in metrics else None,
+    }
+
+
+def make_report(inputs: Inputs, stats: Statistics, settings: Settings, values: dict[str, float],
+                used: dict[str, object], per_class: dict[int, float] | None, given: tuple) -> dict:
+    """The report: strict JSON naming the protocol, the network, the inputs, notes and warnings."""
     for name, value in values.items():
         check_finite(name, value)
-
-    if (ext is None or ext.name == "inception") and sample_stats.num_images < FULL_FID_SAMPLES and (
-            "fid" in metrics or "sfid" in metrics):
-        notes.append(f"FID from {sample_stats.num_images} samples is biased upward against FID-50K; "
-                     f"report it as FID-{sample_stats.num_images / 1000:g}K")
-    ref_main = ref_stats or fid_ref or sfid_ref
-    ref_size = (ref_in.image_size if isinstance(ref_in, ImageSource) else
-                ref_main.image_size if ref_main is not None else None)
-    warnings = comparison_warnings(metrics, sample_stats, fid_ref, sfid_ref, ref_size)
+    m, ext, n, notes = settings.metrics, inputs.extractor, stats.own["samples"].num_images, list(stats.notes)
+    if (ext is None or ext.name == "inception") and n < FULL_FID_SAMPLES and {"fid", "sfid"} & set(m):
+        notes.append(f"FID from {n} samples is biased upward against FID-50K; report it as FID-{n / 1000:g}K")
+    ref = None
+    if inputs.sources["reference"] is not None:
+        ref = _side_report("reference", stats, m, given[1])
+        ref["cache"] = stats.own["reference"].meta.get("cache") if inputs.featurise["reference"] else None
     report = {
-        "protocol": protocol,
+        "protocol": settings.protocol,
         "metrics": values,
-        "samples": {"source": sample_stats.meta.get("source", str(samples)), "num_images": sample_stats.num_images,
-                    "image_size": list(sample_stats.image_size) if sample_stats.image_size else None},
-        "ref": None if not needs_ref else {
-            "source": ref_in.name if isinstance(ref_in, ImageSource) else ref_main.meta.get("source", str(ref)),
-            "num_images": ref_in.num_images if isinstance(ref_in, ImageSource) else ref_main.num_images,
-            "image_size": list(ref_size) if ref_size else None,
-            "fid_statistics": origin.get("fid") if "fid" in metrics else None,
-            "sfid_statistics": origin.get("sfid") if "sfid" in metrics else None,
-            "cache": (ref_stats.meta.get("cache") if ref_stats is not None else None),
-        },
+        "samples": _side_report("samples", stats, m, given[0]),
+        "ref": ref,
         "extractor": ext.describe() if ext is not None else {
-            "name": extractor_of(fingerprint) if fingerprint else "inception", "fingerprint": fingerprint,
-            "weights": None, "note": "from the statistics files' records; no network was run"},
-        "settings": settings,
+            "name": extractor_of(stats.fingerprint) if stats.fingerprint else "inception",
+            "fingerprint": stats.fingerprint, "weights": None,
+            "note": "from the statistics files' records; no network was run"},
+        "settings": used,
         "versions": _versions(),
         "notes": notes,
-        "warnings": warnings,
+        "warnings": comparison_warnings(m, stats),
     }
     if per_class is not None:
         report["class_agreement_per_class"] = per_class

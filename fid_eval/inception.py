@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from fid_eval.errors import FidEvalError
-from fid_eval.extractors import FINGERPRINT_PREFIX, Extractor, sha256_file
+from fid_eval.features import Extractor
 
 WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
 WEIGHTS_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{WEIGHTS_FILE}"
@@ -82,6 +82,7 @@ class InceptionExtractor(Extractor):
     """torch-fidelity's FeatureExtractorInceptionV3 ("inception-v3-compat") in float32."""
 
     name = "inception"
+    fingerprint_prefix = "inception-v3-compat-"
     feature_dim = 2048
     num_classes = 1008
     spatial_dim = SPATIAL_DIM
@@ -104,10 +105,9 @@ class InceptionExtractor(Extractor):
         self.net = net.to(device)
         self._spatial: torch.Tensor | None = None
         net.get_submodule(SPATIAL_MODULE).register_forward_hook(self._keep_spatial)
-        sha = sha256_file(path)
-        self.weights_path, self.sha256 = str(path), sha
+        self._identify_weights(path)
+        sha = self.sha256
         self.official = sha.startswith(OFFICIAL_SHA256_PREFIX)
-        self.fingerprint = f"{FINGERPRINT_PREFIX[self.name]}{sha[:16]}"
         self.note = ("torch-fidelity inception-v3-compat, official weights: comparable with ADM/torch-fidelity FIDs"
                      if self.official else
                      f"WARNING: {path.name} is not the official inception-v3-compat file (sha256 {sha[:8]}..., "

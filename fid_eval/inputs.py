@@ -201,7 +201,7 @@ class FolderSource(ImageSource):
 
 def digits_source(split: str) -> ArraySource:
     """The embedded digits `split` ("train", "val", "all") at 16x16, grey repeated to RGB, with labels."""
-    from gspn_gen.data.digits import load_digits_split
+    from fid_eval.digits_data import load_digits_split
 
     if split not in DIGITS_SPLITS:
         raise FidEvalError(f"unknown digits split {split!r}; expected one of "

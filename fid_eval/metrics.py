@@ -6,11 +6,14 @@ precision/recall from features (k-NN balls). Two protocols fix the free choices:
   torch-fidelity 0.4: IS over 10 splits of a shuffled order (seed 2020); KID cubic kernel, 100 subsets of
                       1000, unbiased MMD^2; P&R k = 3. Our numbers equal torch-fidelity's for the same features.
   ADM (openai/guided-diffusion evaluations/evaluator.py, behind DiT/SiT/GSPN tables): IS over consecutive
-                      splits of 5,000 in sample order, no shuffle; P&R k = 3 against the reference batch's images.
+                      splits of 5,000 in sample order, no shuffle; P&R k = 3 against the reference batch's images,
+                      squared distances in float16.
 tests/fid_eval/test_fid_metrics.py checks each one against an independent computation.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import numpy as np
 import torch
@@ -165,9 +168,33 @@ def kernel_inception_distance(features1: np.ndarray,
     return float(mmds.mean()), float(mmds.std()), m
 
 
-def _kth_neighbour_radius(features: torch.Tensor, k: int, batch: int) -> torch.Tensor:
+def adm_squared_distances(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Squared distances (N, M) between rows of u (N, D) and v (M, D) as ADM's DistanceBlock computes them:
+    max(|u|^2 - 2 u.v + |v|^2, 0) in float16 (products accumulated in float32, each result rounded to
+    float16), or in float32 when any float16 entry is not finite."""
+    with _full_precision_reductions():
+        u16, v16 = u.half(), v.half()
+        d = ((u16 * u16).sum(1)[:, None] - 2 * (u16 @ v16.T) + (v16 * v16).sum(1)[None]).clamp_min(0)
+    if torch.isfinite(d).all():
+        return d.float()
+    return ((u * u).sum(1)[:, None] - 2 * (u @ v.T) + (v * v).sum(1)[None]).clamp_min(0)
+
+
+@contextlib.contextmanager
+def _full_precision_reductions():
+    """cuBLAS float16 matmuls accumulate in float32 throughout (as TensorFlow's do), not in float16 parts."""
+    cuda = torch.backends.cuda.matmul
+    before = cuda.allow_fp16_reduced_precision_reduction
+    cuda.allow_fp16_reduced_precision_reduction = False
+    try:
+        yield
+    finally:
+        cuda.allow_fp16_reduced_precision_reduction = before
+
+
+def _kth_neighbour_radius(features: torch.Tensor, k: int, batch: int, distances=torch.cdist) -> torch.Tensor:
     """Distance (N,) from each row of features (N, D) to its k-th nearest other row."""
-    radii = [torch.cdist(part, features).kthvalue(k + 1, dim=1).values  # +1: the row itself at distance 0
+    radii = [distances(part, features).kthvalue(k + 1, dim=1).values  # +1: the row itself at distance 0
              for part in features.split(batch)]
     return torch.cat(radii)
 
@@ -178,19 +205,31 @@ def _inside_any_ball(points: torch.Tensor, centres: torch.Tensor, radii: torch.T
     return torch.cat(inside).float().mean().item()
 
 
-# Improved precision and recall (Kynkaanniemi et al. 2019): each set's manifold is the union of balls
-# reaching each feature's k-th nearest neighbour in the same set. Precision = share of generated samples
-# inside the real manifold; recall = share of real samples inside the generated manifold.
+def _adm_precision_recall(fake: torch.Tensor, real: torch.Tensor, k: int, batch: int) -> tuple[float, float]:
+    """ADM's ManifoldEstimator: squared float16 distances, every one taken as (reference row, sample column)."""
+    real_radii = _kth_neighbour_radius(real, k, batch, adm_squared_distances)
+    fake_radii = _kth_neighbour_radius(fake, k, batch, adm_squared_distances)
+    fake_in = torch.zeros(len(fake), dtype=torch.bool, device=fake.device)
+    real_in = []
+    for start in range(0, len(real), batch):
+        d = adm_squared_distances(real[start:start + batch], fake)                 # (b, N_fake)
+        fake_in |= (d <= real_radii[start:start + batch, None]).any(dim=0)
+        real_in.append((d <= fake_radii[None]).any(dim=1))
+    return fake_in.double().mean().item(), torch.cat(real_in).double().mean().item()  # ADM: float64 means
+
+
 def precision_recall(fake: np.ndarray | torch.Tensor,
                      real: np.ndarray | torch.Tensor,
                      k: int = 3,
                      batch: int = 2048,       # rows of the distance matrix held at once
                      device: str | torch.device = "cpu",
+                     float16: bool = False,   # ADM's distances (`adm_squared_distances`); else float32 cdist
                      ) -> tuple[float, float]:
     """(precision, recall) of generated features fake (N1, D) against real features (N2, D).
 
     ADM's evaluator computes the same sets (k-th neighbour radii, reference = its batch's images) with
-    distances in float16 when they are finite; here they are float32, so ties at a ball's edge may differ.
+    squared distances in float16 when they are finite; `float16=True` does the same. In float32 fewer
+    distances tie with a radius at float16's coarser steps, so precision and recall read a little lower.
     """
     if k < 1:
         raise FidEvalError(f"--prc-k must be >= 1, got {k}")
@@ -204,6 +243,8 @@ def precision_recall(fake: np.ndarray | torch.Tensor,
     if min(len(fake), len(real)) <= k:
         raise FidEvalError(f"precision/recall with k={k} needs more than {k} feature vectors on each side, "
                            f"got {len(fake)} and {len(real)}")
+    if float16:
+        return _adm_precision_recall(fake, real, k, batch)
     precision = _inside_any_ball(fake, real, _kth_neighbour_radius(real, k, batch), batch)
     recall = _inside_any_ball(real, fake, _kth_neighbour_radius(fake, k, batch), batch)
     return precision, recall

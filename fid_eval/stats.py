@@ -22,10 +22,10 @@ import numpy as np
 import torch
 
 from fid_eval.errors import FidEvalError
-from fid_eval.extractors import Extractor
+from fid_eval.features import Extractor
+from fid_eval.fileio import atomic_write
 from fid_eval.inputs import ImageSource
 from fid_eval.metrics import MomentAccumulator, check_finite, feature_stats
-from gspn_gen.fileio import atomic_write
 
 CACHE_ENV = "GSPN_FID_CACHE"
 CACHE_VERSION = 2  # bump when featurisation changes, so old cache entries are not reused (2: sFID statistics)

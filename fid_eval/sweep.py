@@ -25,7 +25,7 @@ from pathlib import Path
 from fid_eval.errors import FidEvalError
 from fid_eval.evaluation import METRICS, PROTOCOLS, evaluate, parse_metrics, print_warnings, resolve_protocol
 from fid_eval.extractors import EXTRACTORS, build_extractor
-from gspn_gen.fileio import atomic_write, write_json
+from fid_eval.fileio import atomic_write, write_json
 
 MANIFEST = "sweep_settings.json"
 

@@ -19,13 +19,12 @@ import torch
 import torch.nn.functional as F
 
 from fid_eval.digits import DEFAULT_WEIGHTS, DigitsCNN, preprocess
-from gspn_gen.fileio import atomic_write
+from fid_eval.digits_data import load_digits_split
+from fid_eval.fileio import atomic_write
 
 
 def _digits_tensors(split: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(images float (N, 1, 16, 16) in [-1, 1], labels (N,)) of a digits split."""
-    from gspn_gen.data.digits import load_digits_split
-
     images, labels = load_digits_split(split, 16)
     return preprocess(torch.from_numpy(images)[:, None]), torch.from_numpy(labels)
 

@@ -1,118 +1,16 @@
-"""Crash-safe file writes: a reader (or a killed run's resume) sees the old file or the new one, never half.
-
-Every writer in the project goes through `atomic_write`: the bytes go to a temp name in the target's own
-directory (so the final rename never crosses a filesystem, whatever $TMPDIR is), are flushed and
-fsynced, renamed over the target with `os.replace`, and the directory is fsynced so the rename itself
-survives a power cut. On any error the temp file is removed and the target is left as it was.
-
-    with atomic_write("out/metrics.csv", "w") as f:      # text; "wb" (default) for bytes
-        f.write(text)
-    with atomic_write(path) as f:                         # any library that writes to a file object
-        torch.save(obj, f)  /  np.savez(f, arr_0=a)  /  image.save(f, format="PNG")
-    write_json(path, obj)                                 # strict JSON: NaN/inf raise ValueError
-    write_text(path, text); write_bytes(path, data)
-
-Temp files are named `.<target name>.<pid>.<8 hex>.tmp`. A run killed mid-write leaves one behind;
-`remove_stale_temps(directory)` deletes those of processes that no longer exist (only this pattern).
-Stdlib only.
+"""The project's one crash-safe writer (temp name beside the target, fsync, os.replace), as the generator
+imports it. It is defined in `fid_eval.fileio`: the evaluation suite depends on nothing of the generator,
+and the generator depends on the evaluation suite, so the writer both use lives there.
 """
 
-from __future__ import annotations
+from fid_eval.fileio import (
+    atomic_write,
+    fsync_dir,
+    remove_stale_temps,
+    temp_name,
+    write_bytes,
+    write_json,
+    write_text,
+)
 
-import contextlib
-import json
-import os
-import re
-import secrets
-from collections.abc import Iterator
-from pathlib import Path
-from typing import IO
-
-_TEMP = re.compile(r"^\.(?P<target>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp$")
-
-
-def temp_name(path: str | os.PathLike) -> Path:
-    """A fresh temp path beside `path` in the pattern `remove_stale_temps` recognises."""
-    path = Path(path)
-    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-
-
-def fsync_dir(directory: str | os.PathLike) -> None:
-    """Make a rename in `directory` durable; filesystems that cannot fsync a directory are skipped."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-@contextlib.contextmanager
-def atomic_write(path: str | os.PathLike, mode: str = "wb", encoding: str | None = "utf-8") -> Iterator[IO]:
-    """Open a temp file beside `path` for writing ("wb" or "w"); on success it replaces `path` durably.
-
-    The parent directory is created if needed. The new file's permissions follow the umask, like `open`.
-    """
-    if mode not in ("wb", "w"):
-        raise ValueError(f"atomic_write mode must be 'wb' or 'w', got {mode!r}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_name(path)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, mode, **({} if mode == "wb" else {"encoding": encoding, "newline": ""})) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:  # also KeyboardInterrupt: never leave the temp file behind
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(path.parent)
-
-
-def write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    with atomic_write(path, "wb") as f:
-        f.write(data)
-
-
-def write_text(path: str | os.PathLike, text: str) -> None:
-    with atomic_write(path, "w") as f:
-        f.write(text)
-
-
-def write_json(path: str | os.PathLike, obj) -> None:
-    """Write `obj` as indented, strict JSON (NaN or inf raise ValueError before anything is written)."""
-    write_text(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # exists but belongs to someone else
-        return True
-    return True
-
-
-def remove_stale_temps(directory: str | os.PathLike, target: str | None = None) -> list[Path]:
-    """Delete temp files left in `directory` by killed writers (our pattern, writer process gone).
-
-    With `target` (a file name) only the temp files of that file are considered.
-    """
-    removed = []
-    with contextlib.suppress(OSError):
-        for entry in os.scandir(directory):
-            m = _TEMP.match(entry.name)
-            if (m and (target is None or m["target"] == target) and entry.is_file(follow_symlinks=False)
-                    and not _pid_alive(int(m["pid"]))):
-                with contextlib.suppress(OSError):
-                    os.unlink(entry.path)
-                    removed.append(Path(entry.path))
-    return removed
+__all__ = ["atomic_write", "fsync_dir", "remove_stale_temps", "temp_name", "write_bytes", "write_json", "write_text"]

@@ -1,9 +1,10 @@
 """Diffusion backbones with a GSPN or attention token mixer, and their named presets."""
 
 from gspn_gen.models.backbone import DiffusionBackbone
-from gspn_gen.models.mixer import AttentionMixer, GSPNMixer
+from gspn_gen.models.mixer import AttentionConfig, AttentionMixer, GSPNConfig, GSPNMixer
 
-__all__ = ["MODELS", "AttentionMixer", "DiffusionBackbone", "GSPNMixer", "build_model", "list_models"]
+__all__ = ["MODELS", "AttentionConfig", "AttentionMixer", "DiffusionBackbone", "GSPNConfig", "GSPNMixer",
+           "build_model", "list_models"]
 
 
 def __getattr__(name: str):

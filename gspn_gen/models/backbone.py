@@ -14,12 +14,11 @@ the noise schedule. Two layouts share the embedders and the final layer:
 from __future__ import annotations
 
 import math
-from typing import Literal
 
 import torch
 from torch import nn
 
-from gspn_gen.models.mixer import AttentionMixer, GSPNMixer
+from gspn_gen.models.mixer import GSPN_DEFAULTS, AttentionConfig, AttentionMixer, GSPNConfig, GSPNMixer
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -150,9 +149,9 @@ class Block(nn.Module):
         self.mixer = mixer
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=not adaln, eps=1e-6) if mlp_hidden else None
         self.mlp = Mlp(hidden_size, mlp_hidden) if mlp_hidden else None
-        self.num_mod = 6 if mlp_hidden else 3
+        # adaLN-Zero: shift, scale and gate for the mixer, and for the MLP when there is one
         self.adaLN_modulation = nn.Sequential(
-            nn.SiLU(), nn.Linear(hidden_size, self.num_mod * hidden_size)
+            nn.SiLU(), nn.Linear(hidden_size, (6 if mlp_hidden else 3) * hidden_size)
         ) if adaln else None
 
     def forward(
@@ -165,11 +164,16 @@ class Block(nn.Module):
             if self.mlp is not None:
                 x = x + self.mlp(self.norm2(x))                                   # (N, T, D)
             return x
-        mod = self.adaLN_modulation(c).chunk(self.num_mod, dim=1)                 # num_mod x (N, D)
-        x = x + mod[2].unsqueeze(1) * self.mixer(modulate(self.norm1(x), mod[0], mod[1]), grid)  # (N, T, D)
+        # DiT's names; "msa" is the mixer (DiT's multi-head self-attention), GSPN or attention here.
+        if self.mlp is None:
+            shift_msa, scale_msa, gate_msa = self.adaLN_modulation(c).chunk(3, dim=1)        # 3 x (N, D)
+        else:
+            shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
+                self.adaLN_modulation(c).chunk(6, dim=1))                                   # 6 x (N, D)
+        x = x + gate_msa.unsqueeze(1) * self.mixer(modulate(self.norm1(x), shift_msa, scale_msa), grid)
         if self.mlp is not None:
-            x = x + mod[5].unsqueeze(1) * self.mlp(modulate(self.norm2(x), mod[3], mod[4]))     # (N, T, D)
-        return x
+            x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x                                                                  # (N, T, D)
 
 
 class FinalLayer(nn.Module):
@@ -200,34 +204,23 @@ class DiffusionBackbone(nn.Module):
         in_channels: int = 4,
         hidden_size: int = 1152,
         depth: int = 28,                            # number of blocks
-        num_heads: int = 16,                        # attention heads (attention mixer only)
         mlp_ratio: float = 4.0,                     # MLP width / hidden_size; 0: no MLP
         class_dropout_prob: float = 0.1,            # training-time share of labels replaced by the null id
         num_classes: int = 1000,                    # the null class id is num_classes
         learn_sigma: bool = True,                   # output 2 * in_channels (eps and the sigma interpolant)
-        mixer: Literal["gspn", "attention"] = "gspn",
+        mixer: GSPNConfig | AttentionConfig = GSPN_DEFAULTS,  # the token mixer and its settings
         paper_layout: bool = False,                 # official GSPN generator layout (module docstring)
-        chunk: int | None = 2,                      # GSPN local layers: scan blocks of `chunk` lines
-        global_layers: int = 2,                     # GSPN: the last `global_layers` blocks (all if more) scan globally
-        proxy_dim: int | None = None,               # GSPN proxy width; None: hidden_size // 16
-        channels_per_gate: int = 1,                 # GSPN compact gates: Cg = hidden_size / k
-        conv_kernel: int = 3,                       # GSPN depthwise conv size
-        direct_term: bool = False,                  # GSPN x * D term (official generator)
-        conv_out: bool = False,                     # GSPN official output path
-        scan_dim: int | None = None,                # GSPN propagation width (GSPN-2 compact); None: hidden_size
-        recompute: bool = False,                    # GSPN: recompute the mixer's maps in backward (less memory)
-        gspn_backend: Literal["auto", "cuda", "torch", "reference"] = "auto",  # gspn_mix backend
         fixed_pos_embed: bool | None = None,        # DiT's sin-cos position embedding; None: attention only
     ):
         super().__init__()
-        if mixer not in ("gspn", "attention"):
-            raise ValueError(f"mixer must be 'gspn' or 'attention', got {mixer!r}")
+        if not isinstance(mixer, (GSPNConfig, AttentionConfig)):
+            raise TypeError(f"mixer must be a GSPNConfig or an AttentionConfig, got {mixer!r}")
         if input_size % patch_size:
             raise ValueError(f"input_size={input_size} must be a multiple of patch_size={patch_size}")
         if depth < 1:
             raise ValueError(f"depth must be >= 1, got {depth}")
-        if global_layers < 0:
-            raise ValueError(f"global_layers must be >= 0, got {global_layers}")
+        if isinstance(mixer, GSPNConfig) and mixer.global_layers < 0:
+            raise ValueError(f"global_layers must be >= 0, got {mixer.global_layers}")
         if mlp_ratio < 0:
             raise ValueError(f"mlp_ratio must be >= 0, got {mlp_ratio}")
         self.in_channels = in_channels
@@ -245,21 +238,16 @@ class DiffusionBackbone(nn.Module):
         # DiT keeps it), a frozen parameter as in DiT (so the parameter count and state-dict key match);
         # other grids get theirs computed on the fly.
         if fixed_pos_embed is None:
-            fixed_pos_embed = mixer == "attention"
+            fixed_pos_embed = isinstance(mixer, AttentionConfig)
         self.pos_embed = nn.Parameter(
             torch.zeros(1, grid[0] * grid[1], hidden_size), requires_grad=False
         ) if fixed_pos_embed else None
         self.grid = grid
 
         def make_mixer(i: int) -> nn.Module:
-            if mixer == "attention":
-                return AttentionMixer(hidden_size, num_heads)
-            return GSPNMixer(
-                hidden_size, proxy_dim=proxy_dim, channels_per_gate=channels_per_gate,
-                chunk=None if i >= depth - global_layers else chunk, conv_kernel=conv_kernel,
-                direct_term=direct_term, conv_out=conv_out, backend=gspn_backend,
-                scan_dim=scan_dim, recompute=recompute,
-            )
+            if isinstance(mixer, AttentionConfig):
+                return AttentionMixer(hidden_size, mixer.num_heads)
+            return GSPNMixer(hidden_size, mixer, global_scan=i >= depth - mixer.global_layers)
 
         # Paper layout: the first (depth - 1) // 2 blocks feed long skips into the last ones, block
         # depth - 1 - i taking block i's output (U-ViT); odd depth leaves one middle block.

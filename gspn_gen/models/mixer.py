@@ -6,6 +6,9 @@ so one block class holds either (DESIGN.md §4).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -32,6 +35,32 @@ def layer_norm_in_dtype(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
         return norm(x)
     with torch.autocast(x.device.type, enabled=False):
         return F.layer_norm(x, norm.normalized_shape, norm.weight.to(x.dtype), norm.bias.to(x.dtype), norm.eps)
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    """Settings of the attention mixer (DiT's)."""
+
+    num_heads: int = 16                # SDPA heads; must divide the model width
+
+
+@dataclass(frozen=True)
+class GSPNConfig:
+    """Settings of the GSPN mixers of a model: every layer's, and which layers scan globally."""
+
+    chunk: int | None = 2              # local layers scan in blocks of `chunk` lines; None: all global
+    global_layers: int = 2             # the last `global_layers` blocks (all if more) scan globally
+    proxy_dim: int | None = None       # width the gates, lam and u are projected from; None: width // 16
+    channels_per_gate: int = 1         # k: gate channel j serves channels j*k .. j*k+k-1 (GSPN-2 compact gates)
+    conv_kernel: int = 3               # depthwise conv size (the official generator uses 7)
+    direct_term: bool = False          # add x * D, D projected from the proxy (official d_conv)
+    conv_out: bool = False             # official output path: 1x1 conv, depthwise 3x3, y * relu(y)
+    scan_dim: int | None = None        # channels the propagation runs in (GSPN-2 compact); None: the width
+    recompute: bool = False            # recompute everything between in_proj and out_proj in backward
+    backend: Literal["auto", "cuda", "torch", "reference"] = "auto"   # gspn_mix backend
+
+
+GSPN_DEFAULTS = GSPNConfig()
 
 
 class AttentionMixer(nn.Module):
@@ -72,22 +101,13 @@ class AttentionMixer(nn.Module):
 class GSPNMixer(nn.Module):
     """GSPN token mixer: in-proj, depthwise conv, proxy -> (gates, lam, u), 4-direction scan, norm, out-proj."""
 
-    def __init__(
-        self,
-        dim: int,
-        proxy_dim: int | None = None,      # width the gates, lam and u are projected from; None: dim // 16
-        channels_per_gate: int = 1,        # k: gate channel j serves channels j*k .. j*k+k-1 (GSPN-2)
-        chunk: int | None = None,          # local propagation in blocks of `chunk` lines; None: global
-        conv_kernel: int = 3,              # depthwise conv size (the official generator uses 7)
-        direct_term: bool = False,         # add x * D, D projected from the proxy (official d_conv)
-        conv_out: bool = False,            # official output path: 1x1 conv, depthwise 3x3, y * relu(y)
-        backend: str = "auto",             # gspn_mix backend: "auto" | "cuda" | "torch" | "reference"
-        scan_dim: int | None = None,       # channels the propagation runs in (GSPN-2 compact); None: dim
-        recompute: bool = False,           # recompute everything between in_proj and out_proj in backward
-    ):
+    def __init__(self, dim: int, config: GSPNConfig = GSPN_DEFAULTS, global_scan: bool = False):
+        """`dim`: the model width; `config`: the layer's settings; `global_scan`: ignore config.chunk."""
         super().__init__()
-        proxy_dim = max(dim // 16, 1) if proxy_dim is None else proxy_dim
-        scan_dim = dim if scan_dim is None else scan_dim
+        proxy_dim = max(dim // 16, 1) if config.proxy_dim is None else config.proxy_dim
+        scan_dim = dim if config.scan_dim is None else config.scan_dim
+        chunk = None if global_scan else config.chunk
+        channels_per_gate, conv_kernel = config.channels_per_gate, config.conv_kernel
         if proxy_dim < 1:
             raise ValueError(f"proxy_dim={proxy_dim} must be >= 1")
         if scan_dim < 1:
@@ -102,8 +122,8 @@ class GSPNMixer(nn.Module):
         self.dim = scan_dim                # channels of the propagated maps
         self.gate_channels = scan_dim // channels_per_gate
         self.chunk = chunk
-        self.backend = backend
-        self.recompute = recompute
+        self.backend = config.backend
+        self.recompute = config.recompute
 
         self.in_proj = nn.Linear(dim, scan_dim)
         self.conv = nn.Conv2d(scan_dim, scan_dim, conv_kernel, padding=conv_kernel // 2, groups=scan_dim)
@@ -111,12 +131,12 @@ class GSPNMixer(nn.Module):
         self.gate_proj = nn.Conv2d(proxy_dim, 4 * 3 * self.gate_channels, 1)
         self.lam_proj = nn.Conv2d(proxy_dim, 4 * scan_dim, 1)
         self.u_proj = nn.Conv2d(proxy_dim, 4 * scan_dim, 1)
-        self.direct_proj = nn.Conv2d(proxy_dim, 4 * scan_dim, 1) if direct_term else None
+        self.direct_proj = nn.Conv2d(proxy_dim, 4 * scan_dim, 1) if config.direct_term else None
         self.norm = nn.LayerNorm(scan_dim, eps=1e-6)
         self.conv_out = nn.Sequential(
             nn.Conv2d(scan_dim, scan_dim, 1, bias=False),
             nn.Conv2d(scan_dim, scan_dim, 3, padding=1, groups=scan_dim, bias=False),
-        ) if conv_out else None
+        ) if config.conv_out else None
         self.out_proj = nn.Linear(scan_dim, dim)
 
     def extra_repr(self) -> str:

@@ -8,21 +8,54 @@ classes; a training run takes the shape from its data), counted on the meta devi
 from __future__ import annotations
 
 import dataclasses
-import inspect
-import typing
-from unittest import mock
+from typing import Literal
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from gspn_gen.models import mixer as mixer_module
 from gspn_gen.models.backbone import DiffusionBackbone
-from gspn_gen.models.mixer import GSPNMixer
+from gspn_gen.models.mixer import AttentionConfig, GSPNConfig, GSPNMixer
 
 # What the data and the diffusion process decide, never a preset: the generator's input shape and
 # classes (from the datamodule) and whether it outputs sigma (from the process). Presets built alone
 # (the table below, tests) take DiffusionBackbone's defaults: ImageNet 256 px latents, 32x32x4, 1000 classes.
 DATA_FIELDS = ("input_size", "in_channels", "num_classes", "learn_sigma")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelArgs:
+    """Overrides of the preset's backbone arguments (DiffusionBackbone and its mixer's config); null keeps
+    the preset's value. The input shape and classes come from the data, learn_sigma from the diffusion
+    process. A preset in MODELS sets these same fields."""
+
+    # DiffusionBackbone
+    patch_size: int | None = None
+    hidden_size: int | None = None
+    depth: int | None = None                  # number of blocks
+    num_heads: int | None = None              # attention heads (AttentionConfig; GSPN ignores it)
+    mlp_ratio: float | None = None            # MLP width / hidden_size; 0: no MLP
+    class_dropout_prob: float | None = None   # training-time share of labels replaced by the null id
+    mixer: Literal["gspn", "attention"] | None = None  # GSPNConfig or AttentionConfig
+    paper_layout: bool | None = None          # the official GSPN generator's layout
+    # GSPNConfig (attention ignores them)
+    chunk: int | None = None                  # local layers scan in blocks of `chunk` lines
+    global_layers: int | None = None          # the last `global_layers` blocks scan globally
+    proxy_dim: int | None = None              # width the gates, lam and u are projected from
+    channels_per_gate: int | None = None      # compact gates: Cg = scan width / k
+    conv_kernel: int | None = None            # depthwise conv size
+    direct_term: bool | None = None           # x * D term (official generator)
+    conv_out: bool | None = None              # official output path
+    scan_dim: int | None = None               # propagation width (GSPN-2 compact)
+    recompute: bool | None = None             # recompute the mixer's maps in backward (less memory)
+    gspn_backend: Literal["auto", "cuda", "torch", "reference"] | None = None  # GSPNConfig.backend
+    # DiffusionBackbone
+    fixed_pos_embed: bool | None = None       # DiT's sin-cos position embedding (default: attention only)
+
+
+NO_OVERRIDES = ModelArgs()
+"""Every preset value kept (the default of GenerationModule's model_args)."""
+ARG_NAMES = tuple(f.name for f in dataclasses.fields(ModelArgs))
+
 _COMMON = {"class_dropout_prob": 0.1}
 
 # DiT's widths / depths / heads (Peebles & Xie 2023, Table 1).
@@ -41,6 +74,7 @@ _PAPER_LAYER = {
 
 def _presets() -> dict[str, dict]:
     models: dict[str, dict] = {}
+
     def sized(base: dict, width: int, depth: int, heads: int) -> dict:
         return {**base, "hidden_size": width, "depth": depth, "num_heads": heads, "mlp_ratio": 4.0}
 
@@ -65,31 +99,13 @@ def _presets() -> dict[str, dict]:
         models[f"DiT-T/{p}"] = {**sized(_COMMON, 128, 6, 4), "patch_size": p, "mixer": "attention"}
         models[f"GSPN-T/{p}"] = {**sized(_COMMON, 128, 6, 4), "patch_size": p, "mixer": "gspn",
                                  "channels_per_gate": 4}
+    for settings in models.values():
+        ModelArgs(**settings)  # a misspelt field fails at import
     return models
 
 
 MODELS: dict[str, dict] = _presets()
-"""Preset name -> DiffusionBackbone constructor arguments."""
-
-
-def _model_args_class() -> type:
-    """A dataclass with one optional field per DiffusionBackbone argument except DATA_FIELDS, typed as
-    the backbone types it, so the CLI lists, types and checks every override."""
-    hints = typing.get_type_hints(DiffusionBackbone.__init__)
-    names = [n for n in inspect.signature(DiffusionBackbone).parameters if n not in DATA_FIELDS]
-    cls = dataclasses.make_dataclass(
-        "ModelArgs", [(n, hints[n] | None, dataclasses.field(default=None)) for n in names],
-        frozen=True)
-    cls.__module__ = __name__
-    cls.__doc__ = ("Overrides of the preset's backbone arguments (gspn_gen.models.backbone.DiffusionBackbone); "
-                   "null keeps the preset's value. The input shape and classes come from the data, "
-                   "learn_sigma from the diffusion process.")
-    return cls
-
-
-ModelArgs = _model_args_class()
-NO_OVERRIDES = ModelArgs()
-"""Every preset value kept (the default of GenerationModule's model_args)."""
+"""Preset name -> its settings, by ModelArgs field name (`backbone_args` turns them into the backbone's)."""
 
 
 def model_overrides(args) -> dict:
@@ -100,10 +116,25 @@ def model_overrides(args) -> dict:
         try:
             args = ModelArgs(**dict(args))
         except TypeError as e:
-            fields = ", ".join(f.name for f in dataclasses.fields(ModelArgs))
-            raise ValueError(f"model_args {dict(args)}: {e}; accepted: {fields} (the input shape and classes "
-                             "come from the data, learn_sigma from the diffusion)") from None
+            raise ValueError(f"model_args {dict(args)}: {e}; accepted: {', '.join(ARG_NAMES)} (the input shape and "
+                             "classes come from the data, learn_sigma from the diffusion)") from None
     return {k: v for k, v in dataclasses.asdict(args).items() if v is not None}
+
+
+def backbone_args(settings: dict) -> dict:
+    """Preset settings (ModelArgs fields and DATA_FIELDS, by name) -> DiffusionBackbone's arguments, the
+    mixer's gathered into its config."""
+    args = dict(settings)
+    kind = args.pop("mixer", "gspn")
+    heads = {"num_heads": args.pop("num_heads")} if "num_heads" in args else {}
+    gspn = {f.name: args.pop(f.name) for f in dataclasses.fields(GSPNConfig) if f.name in args}
+    if "gspn_backend" in args:
+        gspn["backend"] = args.pop("gspn_backend")
+    if kind == "attention":
+        return {**args, "mixer": AttentionConfig(**heads)}
+    if kind == "gspn":
+        return {**args, "mixer": GSPNConfig(**gspn)}
+    raise ValueError(f"mixer must be 'gspn' or 'attention', got {kind!r}")
 
 
 def list_models() -> list[str]:
@@ -115,11 +146,11 @@ def build_model(name: str, **overrides) -> DiffusionBackbone:
     """The preset `name` with constructor arguments replaced by `overrides` (input_size, depth, ...)."""
     if name not in MODELS:
         raise ValueError(f"unknown model preset {name!r}; known presets: {', '.join(MODELS)}")
-    accepted = inspect.signature(DiffusionBackbone).parameters
+    accepted = ARG_NAMES + DATA_FIELDS
     unknown = sorted(set(overrides) - set(accepted))
     if unknown:
         raise ValueError(f"unknown model argument(s) {unknown} for {name!r}; accepted: {', '.join(accepted)}")
-    return DiffusionBackbone(**{**MODELS[name], **overrides})
+    return DiffusionBackbone(**backbone_args({**MODELS[name], **overrides}))
 
 
 def count_params(model: torch.nn.Module) -> int:
@@ -131,8 +162,9 @@ def count_flops(model: DiffusionBackbone, input_size: int) -> int:
     """FLOPs (a multiply-add counts 2) of one forward of one input_size x input_size image.
 
     Matmuls, convolutions and attention are counted by torch's FlopCounterMode, the GSPN scans by
-    `GSPNMixer.scan_flops`; the scan itself is not run. On a meta-device model nothing is computed.
-    DiT's paper reports fvcore counts (a multiply-add counts 1): half of these.
+    `GSPNMixer.scan_flops`. On a meta-device model nothing is computed (the scan's meta kernel only
+    makes an empty output); on another device the forward runs. DiT's paper reports fvcore counts (a
+    multiply-add counts 1): half of these.
     """
     device = next(model.parameters()).device
     x = torch.zeros(1, model.in_channels, input_size, input_size, device=device)
@@ -140,12 +172,8 @@ def count_flops(model: DiffusionBackbone, input_size: int) -> int:
     y = torch.zeros(1, dtype=torch.long, device=device)
     grid = (input_size // model.patch_size, input_size // model.patch_size)
     scans = sum(m.scan_flops(1, grid) for m in model.modules() if isinstance(m, GSPNMixer))
-
-    def skip_scan(x, gate_logits, lam, u, chunk=None, backend="auto"):
-        return torch.zeros_like(x)
-
     counter = FlopCounterMode(display=False)
-    with mock.patch.object(mixer_module, "gspn_mix", skip_scan), counter, torch.no_grad():
+    with counter, torch.no_grad():
         model.eval()(x, t, y)
     return counter.get_total_flops() + scans
 

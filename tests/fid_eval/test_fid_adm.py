@@ -10,10 +10,10 @@ import torch
 from fid_eval import evaluate
 from fid_eval.__main__ import main
 from fid_eval.errors import FidEvalError
-from fid_eval.extractors import Extractor
+from fid_eval.features import Extractor
 from fid_eval.inception import SPATIAL_DIM, spatial_features
 from fid_eval.inputs import ArraySource
-from fid_eval.metrics import MomentAccumulator, frechet_distance, inception_score
+from fid_eval.metrics import MomentAccumulator, frechet_distance, inception_score, precision_recall
 from fid_eval.stats import Stats, compute_stats, save_stats
 
 
@@ -118,6 +118,66 @@ def test_adm_reference_batch_with_mu_sigma_mu_s_sigma_s_and_arr_0(tmp_path):
     report = evaluate(ArraySource(_images(40, 2)), str(tmp_path / "VIRTUAL_ref.npz"), "fid,prc", ext,
                       cache_dir=tmp_path / "cache", progress=False)
     assert report["ref"]["num_images"] == 30 and list((tmp_path / "cache").glob("*.npz"))
+
+
+def test_a_sample_batch_with_stored_statistics_uses_them_as_adm_does(tmp_path):
+    # ADM's evaluator reads mu/sigma (and mu_s/sigma_s) from the sample batch too, when it holds them;
+    # its images still give IS (and P/R). The statistics stand for all the images: --num-samples ignores them.
+    rng = np.random.default_rng(0)
+    ext = TinyInception()
+    mu, mu_s = rng.standard_normal(12), rng.standard_normal(8)
+    np.savez(tmp_path / "samples.npz", arr_0=_images(40, 2), mu=mu, sigma=np.eye(12), mu_s=mu_s, sigma_s=np.eye(8))
+    ref = compute_stats(ArraySource(_images(30, 1)), ext, progress=False)
+    save_stats(ref, tmp_path / "ref_stats.npz")
+    calls = []
+    ext._forward = lambda images, forward=ext._forward: calls.append(len(images)) or forward(images)
+    report = evaluate(str(tmp_path / "samples.npz"), str(tmp_path / "ref_stats.npz"), "fid,sfid", ext, progress=False)
+    assert calls == []  # nothing featurised
+    assert report["metrics"]["fid"] == pytest.approx(frechet_distance(mu, np.eye(12), ref.mu, ref.sigma))
+    assert report["metrics"]["sfid"] == pytest.approx(frechet_distance(mu_s, np.eye(8), ref.mu_s, ref.sigma_s))
+    assert report["samples"]["fid_statistics"] == "stored mu/sigma of the sample batch"
+    assert report["samples"]["sfid_statistics"] == "stored mu_s/sigma_s of the sample batch"
+    assert report["samples"]["num_images"] == 40 and any("sample batch's own" in n for n in report["notes"])
+    report = evaluate(str(tmp_path / "samples.npz"), str(tmp_path / "ref_stats.npz"), "fid,isc", ext, progress=False)
+    assert sum(calls) == 40 and report["samples"]["fid_statistics"] == "stored mu/sigma of the sample batch"
+    assert report["metrics"]["fid"] == pytest.approx(frechet_distance(mu, np.eye(12), ref.mu, ref.sigma))
+    first = compute_stats(ArraySource(_images(40, 2)), ext, limit=20, progress=False)
+    report = evaluate(str(tmp_path / "samples.npz"), str(tmp_path / "ref_stats.npz"), "fid", ext, progress=False,
+                      num_samples=20)
+    assert report["samples"]["fid_statistics"] == "features of the sample images"
+    assert report["metrics"]["fid"] == pytest.approx(frechet_distance(first.mu, first.sigma, ref.mu, ref.sigma))
+
+
+def _adm_precision_recall(real, fake, k=3):
+    """ADM's ManifoldEstimator and DistanceBlock (evaluations/evaluator.py) in NumPy float16, one block."""
+    def distances(u, v):  # float16 operands and results; products summed exactly, then rounded once
+        u16, v16 = u.astype(np.float16), v.astype(np.float16)
+        norm_u = (u16 * u16).astype(np.float64).sum(1).astype(np.float16)[:, None]
+        norm_v = (v16 * v16).astype(np.float64).sum(1).astype(np.float16)[None]
+        dot = (u16.astype(np.float64) @ v16.astype(np.float64).T).astype(np.float16)
+        d = np.maximum(norm_u - np.float16(2) * dot + norm_v, np.float16(0))
+        assert np.isfinite(d).all()  # else ADM recomputes the block in float32
+        return d.astype(np.float32)
+
+    def radii(x):
+        return np.partition(distances(x, x), np.arange(k + 1), axis=1)[:, k]
+
+    d = distances(real, fake)                                      # rows: reference, columns: samples
+    precision = (d <= radii(real)[:, None]).any(axis=0).mean()
+    recall = (d <= radii(fake)[None]).any(axis=1).mean()
+    return float(precision), float(recall)
+
+
+def test_adm_precision_recall_uses_its_float16_distances():
+    # Features in quarters: every product and sum is exact before the one rounding to float16, so ours and
+    # the NumPy re-implementation agree bit for bit. Squared distances near 170 lie on float16's steps of
+    # 1/8, and the norms near 500 on steps of 1/4: the float32 distances give other sets.
+    rng = np.random.default_rng(0)
+    real = rng.integers(0, 16, (150, 64)) / 4
+    fake = rng.integers(0, 15, (130, 64)) / 4 + 0.25 * (rng.random((130, 64)) < 0.3)
+    adm = _adm_precision_recall(real, fake)
+    assert precision_recall(fake, real, 3, batch=64, float16=True) == adm
+    assert precision_recall(fake, real, 3, batch=64) != adm  # float32
 
 
 def test_statistics_need_no_network(tmp_path, monkeypatch, capsys):

@@ -6,7 +6,7 @@ import torch
 
 from fid_eval import evaluate
 from fid_eval.errors import FidEvalError
-from fid_eval.extractors import Extractor
+from fid_eval.features import Extractor
 from fid_eval.inputs import ArraySource
 from fid_eval.metrics import feature_stats, frechet_distance
 from fid_eval.stats import Stats, cached_stats, compute_stats, default_cache_dir, load_stats, save_stats

@@ -1,10 +1,15 @@
 """Backbone, mixers and presets: shapes, adaLN-Zero init, class dropout, structure, parameter counts."""
 
+import dataclasses
+import inspect
+import typing
+
 import pytest
 import torch
 
 from gspn_gen.models import DiffusionBackbone, GSPNMixer, build_model, list_models
-from gspn_gen.models.zoo import MODELS, count_flops, count_params
+from gspn_gen.models.mixer import AttentionConfig, GSPNConfig
+from gspn_gen.models.zoo import DATA_FIELDS, MODELS, ModelArgs, count_flops, count_params
 
 # Presets small enough (or cut down enough) to run forward and backward on CPU in seconds.
 DIGITS = {"input_size": 16, "in_channels": 1, "num_classes": 10}  # the data shape comes from the data, not a preset
@@ -120,7 +125,7 @@ def test_gspn_mixer_reach_follows_grid_and_chunk(chunk):
     # chunk=1 stops every scan at each line: a token then reaches only the 3x3 depthwise-conv
     # neighbourhood, in the row-major (H, W) frame; a global scan carries it beyond.
     torch.manual_seed(0)
-    mixer = GSPNMixer(8, chunk=chunk).double()
+    mixer = GSPNMixer(8, GSPNConfig(chunk=chunk)).double()
     grid, (i, j) = (5, 7), (2, 3)
     x = torch.randn(1, 35, 8, dtype=torch.float64)
     moved = x.clone()
@@ -137,6 +142,47 @@ def test_gspn_local_and_global_layers():
     assert [b.mixer.chunk for b in model.blocks] == [3, 3, 3, 3, None, None]
     model = build_small("GSPN-T/2", chunk=None, global_layers=0)
     assert all(b.mixer.chunk is None for b in model.blocks)
+
+
+def test_model_args_list_the_backbone_and_mixer_settings_with_their_types():
+    # ModelArgs is written out field by field: each backbone argument the data does not decide and each
+    # mixer setting, typed as where it acts and optional (null keeps the preset's value).
+    acting = typing.get_type_hints(DiffusionBackbone.__init__)
+    acting = {n: acting[n] for n in inspect.signature(DiffusionBackbone).parameters if n not in DATA_FIELDS}
+    acting["mixer"] = typing.Literal["gspn", "attention"]
+    acting.update(typing.get_type_hints(AttentionConfig))
+    acting.update({"gspn_backend" if n == "backend" else n: t for n, t in typing.get_type_hints(GSPNConfig).items()})
+    declared = typing.get_type_hints(ModelArgs)
+    assert declared.keys() == acting.keys()
+    assert all(declared[n] == t | None for n, t in acting.items()), declared
+    assert all(set(settings) <= set(declared) for settings in MODELS.values())
+
+
+# model_args as a checkpoint holds them: flat, one entry per ModelArgs field. Renaming or nesting a field
+# needs an upgrade in gspn_gen.checkpoints.upgrade_hparams; this pins the stored form.
+STORED_MODEL_ARGS = {
+    "patch_size": None, "hidden_size": 32, "depth": 3, "num_heads": 2, "mlp_ratio": None,
+    "class_dropout_prob": None, "mixer": None, "paper_layout": None, "chunk": 3, "global_layers": 1,
+    "proxy_dim": 4, "channels_per_gate": 2, "conv_kernel": 5, "direct_term": True, "conv_out": True,
+    "scan_dim": 16, "recompute": True, "gspn_backend": "torch", "fixed_pos_embed": True,
+}
+
+
+def test_stored_model_args_rebuild_the_model_they_describe():
+    from gspn_gen.checkpoints import build_module
+    from gspn_gen.lit import GenerationModule
+
+    module = GenerationModule(model="GSPN-T/2", model_args=STORED_MODEL_ARGS, num_classes=10, in_channels=1,
+                              input_size=8)
+    assert module.hparams["model_args"] == STORED_MODEL_ARGS
+    model = build_module("stored", dict(module.hparams)).model
+    assert [b.mixer.chunk for b in model.blocks] == [3, 3, None] and model.pos_embed is not None
+    mixer = model.blocks[0].mixer
+    assert (mixer.backend, mixer.recompute, mixer.dim, mixer.gate_channels) == ("torch", True, 16, 8)
+    assert mixer.proxy.out_channels == 4 and mixer.conv.kernel_size == (5, 5)
+    assert mixer.direct_proj is not None and mixer.conv_out is not None
+    assert build_model("DiT-T/2", num_heads=2, depth=1).blocks[0].mixer.num_heads == 2
+    assert dataclasses.asdict(ModelArgs()).keys() == STORED_MODEL_ARGS.keys()
 
 
 def test_paper_layout_structure():
