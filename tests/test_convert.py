@@ -36,7 +36,7 @@ def official_layout(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k.replace(".mixer.", ".attn."): v.clone() for k, v in model.state_dict().items()}
 
 
-def run_import(command: str, src: Path, out: Path, vae: str = "/nonexistent/vae") -> None:
+def run_import(command: str, src: Path, out: Path, vae: str = "stabilityai/sd-vae-ft-ema") -> None:  # recorded only
     checkpoints.main([command, str(src), "--out", str(out), "--vae", vae])
 
 
