@@ -281,12 +281,13 @@ class GenerationModule(L.LightningModule):
     @rank_zero_only
     def log_sample_grid(self) -> None:
         """Write a class grid from the EMA model to <log_dir>/samples/step-XXXXXXX.png (and TensorBoard)."""
-        from gspn_gen.sampling import class_grid, generate, save_image
+        from gspn_gen.sampling import class_grid, generate, has_null_class, save_image
 
         hp = self.hparams
         classes = list(range(min(hp.num_classes, hp.sample_max_classes)))
         labels = torch.tensor(classes).repeat_interleave(hp.sample_per_class)
-        images = generate(self, labels, seed=0, cfg_scale=hp.sample_cfg_scale, steps=hp.sample_steps)
+        cfg_scale = hp.sample_cfg_scale if has_null_class(self) else 1.0  # no null class: unguided
+        images = generate(self, labels, seed=0, cfg_scale=cfg_scale, steps=hp.sample_steps)
         grid = class_grid(images, labels.tolist(), hp.sample_per_class, hp.class_names)
         log_dir = self.trainer.log_dir or self.trainer.default_root_dir
         save_image(grid, f"{log_dir}/samples/step-{self.global_step:07d}.png")
