@@ -296,32 +296,24 @@ def draw_npz(args) -> None:
     rank0 = fabric.global_rank == 0
     module = load(args, fabric.device, announce=rank0)
     side = prepare(module, fabric.device, args)
-    labels = torch.arange(args.num_samples) % module.hparams.num_classes
     parts = Path(f"{args.out}.parts")
     settings = {k: getattr(args, k) for k in ("seed", "cfg_scale", "guidance_interval", "guide_channels", "sampler",
                                               "steps", "no_ema", "num_samples", "shard_size")}
     # what the checkpoint file holds, not where it is: a file replaced at the same path is another model
     settings["ckpt"] = fabric.broadcast(fingerprint(args.ckpt) if rank0 else None, src=0)
     settings = json.loads(json.dumps(settings))
-    key = json.dumps(settings, sort_keys=True)
-    shards = range(-(-args.num_samples // args.shard_size))
-    bounds = {k: (k * args.shard_size, min((k + 1) * args.shard_size, args.num_samples)) for k in shards}
     problem = None
     if rank0:
         if args.overwrite and manifest_differs(parts, settings):
             clear_parts(parts)  # shards of other settings: --overwrite discards them
-        done = sum(e - s for k, (s, e) in bounds.items() if shard_path(parts, k).exists())
-        size = image_bytes(side)
-        problem = room_problem(Path(args.out), (2 * args.num_samples - done) * (size + 8), args.num_samples * size,
-                               f"--num-samples {args.num_samples} at {side}x{side} ({format_bytes(size)} per "
-                               "sample, as shards and then as the assembled .npz)")
-        if problem:
-            fits = min(free_bytes(Path(args.out).absolute().parent) // (2 * (size + 8)),
-                       (available_memory() or 2**62) // size)
-            problem += f": at most about {fits} samples fit"
+        problem = npz_room_problem(args, parts, side)
     problem = fabric.broadcast(problem, src=0)
     if problem:
         fail(problem)
+    labels = torch.arange(args.num_samples) % module.hparams.num_classes
+    key = json.dumps(settings, sort_keys=True)
+    shards = range(-(-args.num_samples // args.shard_size))
+    bounds = {k: (k * args.shard_size, min((k + 1) * args.shard_size, args.num_samples)) for k in shards}
     if rank0:  # what a killed run left half-written
         remove_stale_temps(Path(args.out).absolute().parent, Path(args.out).name)
         remove_stale_temps(parts)
@@ -353,6 +345,20 @@ def draw_npz(args) -> None:
 
 
 SHARD_NAME = re.compile(r"shard-\d{5,}\.npz")
+
+
+def npz_room_problem(args, parts: Path, side: int) -> str | None:
+    """Whether the shards still to draw plus the assembled .npz fit on disk, and the batch in memory."""
+    size = image_bytes(side)
+    drawn = len(list(parts.glob("shard-*.npz"))) if parts.is_dir() else 0
+    todo = max(args.num_samples - drawn * args.shard_size, 0)
+    problem = room_problem(Path(args.out), (todo + args.num_samples) * (size + 8), args.num_samples * size,
+                           f"--num-samples {args.num_samples} at {side}x{side} ({format_bytes(size)} per sample, "
+                           "as shards and then as the assembled .npz)")
+    if problem is None:
+        return None
+    fits = min(free_bytes(Path(args.out).absolute().parent) // (2 * (size + 8)), (available_memory() or 2**62) // size)
+    return f"{problem}: at most about {fits} samples fit"
 
 
 def shard_path(parts: Path, k: int) -> Path:

@@ -1,10 +1,12 @@
 """SIGTERM and SIGINT end training at the next step boundary, with a resumable checkpoint and a non-zero exit.
 
 A scheduler's SIGTERM (preemption, `scancel`, `kill`) or a Ctrl-C never cuts a step in half: the signal
-is noted, the step finishes, `last.ckpt` is written and training ends with `TrainingStopped`, whose exit
+is noted, the step finishes, `last.ckpt` is written (once: by the checkpoint callback when it saves at
+this step anyway) and, before the next step begins, training ends with `TrainingStopped`, whose exit
 status is 128 + the signal number (143 for SIGTERM, 130 for SIGINT), so `train && sample` chains and
 schedulers see a stopped run, not a finished one. `--ckpt_path last` continues it exactly. Before the
-first step has begun there is nothing to save, and a signal stops at once (same exit status).
+first step has begun there is nothing to save, and a signal stops at once (same exit status); a signal
+during the last step lets the run finish as it would have.
 
 Under DDP every rank learns of a signal any rank received at the same step boundary (one all-reduce),
 so all ranks stop together; a rank that launched the others forwards the signal to them.
@@ -48,6 +50,7 @@ class GracefulStop(L.Callback):
     def __init__(self):
         self.signum: int | None = None
         self.phase = "setup"  # then "training", then "done"
+        self._stop: TrainingStopped | None = None  # raised at the start of the next step
         self._trainer: L.Trainer | None = None
         self._previous: dict[int, object] = {}
 
@@ -90,23 +93,36 @@ class GracefulStop(L.Callback):
         signum = self.signum or 0
         if trainer.world_size > 1:  # every rank stops at the same step
             signum = int(trainer.strategy.reduce(torch.tensor(signum, device=pl_module.device), reduce_op="max"))
-        if signum:
-            raise TrainingStopped(signum, trainer.global_step, save_last(trainer))
+        if signum and self._stop is None:
+            # The checkpoint holds this step; the stop itself waits until the step's metrics are logged.
+            self._stop = TrainingStopped(signum, trainer.global_step,
+                                         save_last(trainer, pl_module, outputs, batch, batch_idx))
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+        if self._stop is not None:
+            raise self._stop
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.phase = "done"
+        self.phase = "done"  # a signal during the last step: the run is complete all the same
 
 
-def save_last(trainer: L.Trainer) -> str:
-    """Write the run's last checkpoint now (where `--ckpt_path last` finds it); returns its path."""
+def save_last(trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> str:
+    """Make sure the run's last checkpoint holds this step (where `--ckpt_path last` finds it); its path.
+
+    The checkpoint callbacks save now what they would save at this step anyway (then skip it, having
+    saved); only when none writes a last checkpoint is one written here.
+    """
     callbacks = [cb for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint)]
+    for cb in callbacks:
+        cb.on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+    for cb in callbacks:
+        if cb.save_last and cb._last_global_step_saved == trainer.global_step and cb.last_model_path:
+            return cb.last_model_path
     chosen = next((cb for cb in callbacks if cb.save_last), callbacks[0] if callbacks else None)
     if chosen is None or chosen.dirpath is None:
         path = os.path.join(trainer.default_root_dir, "last.ckpt")
     else:
         path = os.path.join(chosen.dirpath, chosen.CHECKPOINT_NAME_LAST + chosen.FILE_EXTENSION)
-        if chosen._last_global_step_saved == trainer.global_step and chosen.last_model_path == path:
-            return path  # written at this very step already
         chosen.last_model_path = path
-    trainer.save_checkpoint(path)
+    trainer.save_checkpoint(path, weights_only=False)
     return path
