@@ -50,6 +50,7 @@ from gspn_gen.sampling import (
     save_image,
     save_npz,
 )
+from gspn_gen.stopping import Interrupted, exit_on_signals
 
 MAX_CFG_SCALE = 100.0
 
@@ -483,7 +484,15 @@ def run(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    run(parse_args(argv))
+    args = parse_args(argv)
+    try:
+        with exit_on_signals():
+            run(args)
+    except Interrupted as e:
+        resume = " (the same command continues from the shards drawn so far)" if args.out.lower().endswith(".npz") \
+            else ""
+        print(f"info: {e}{resume}", file=sys.stderr)
+        raise
 
 
 if __name__ == "__main__":

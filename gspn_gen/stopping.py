@@ -14,6 +14,7 @@ so all ranks stop together; a rank that launched the others forwards the signal 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 
@@ -24,12 +25,39 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
-class TrainingStopped(SystemExit):
+class Interrupted(SystemExit):
+    """A signal ended the process; the exit status (`code`) is 128 + the signal number."""
+
+    def __init__(self, signum: int):
+        super().__init__(128 + signum)
+        self.signum = signum
+
+    def __str__(self) -> str:
+        return f"stopped by {signal.Signals(self.signum).name}"
+
+
+@contextlib.contextmanager
+def exit_on_signals(error: type[Interrupted] = Interrupted):
+    """Within the block SIGTERM and SIGINT raise `error(signum)` at once: a clean exit with status 128 + signal
+    instead of a KeyboardInterrupt traceback or an unexplained kill (every writer is atomic, so nothing is
+    left half-written). The previous handlers come back afterwards."""
+    def handle(signum: int, frame) -> None:
+        raise error(signum)
+
+    previous = {signum: signal.signal(signum, handle) for signum in SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+class TrainingStopped(Interrupted):
     """Training stopped on a signal; `code` is 128 + the signal number, `checkpoint` the file written (or None)."""
 
     def __init__(self, signum: int, step: int | None = None, checkpoint: str | None = None):
-        super().__init__(128 + signum)
-        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+        super().__init__(signum)
+        self.step, self.checkpoint = step, checkpoint
 
     def __str__(self) -> str:
         name = signal.Signals(self.signum).name

@@ -66,7 +66,7 @@ from gspn_gen.distill import Distillation, DistillationError
 from gspn_gen.fileio import atomic_write, remove_stale_temps, write_bytes
 from gspn_gen.lit import GenerationModule, NonFiniteLossError
 from gspn_gen.runlock import LockHeld, RunLock, describe, dir_lock
-from gspn_gen.stopping import GracefulStop, TrainingStopped
+from gspn_gen.stopping import GracefulStop, TrainingStopped, exit_on_signals
 
 DEFAULT_DATA = "gspn_gen.data.datamodule.DigitsDataModule"
 DEFAULT_DIFFUSION = "gspn_gen.diffusion.GaussianDiffusion"
@@ -471,6 +471,7 @@ def main(args: list[str] | None = None) -> None:
     torch.set_float32_matmul_precision("high")
     try:
         with contextlib.ExitStack() as locks:  # the run directory's lock, released however this ends
+            locks.enter_context(exit_on_signals(TrainingStopped))  # until fit takes the signals over
             GenerationCLI(
                 GenerationModule,
                 L.LightningDataModule,

@@ -193,3 +193,21 @@ def test_a_run_that_would_train_nothing_is_refused(tmp_path, capsys, override):
     errors = error_lines(capsys)
     assert len(errors) == 1 and "nothing to train" in errors[0]
     assert not list(tmp_path.glob("*.ckpt"))
+
+
+def test_a_signal_before_the_first_step_stops_at_once(tmp_path, monkeypatch, capsys):
+    from gspn_gen.data.datamodule import DigitsDataModule
+
+    real_setup = DigitsDataModule.setup
+
+    def signalled(self, stage=None):
+        os.kill(os.getpid(), signal.SIGTERM)  # while the data is being read
+        return real_setup(self, stage)
+
+    monkeypatch.setattr(DigitsDataModule, "setup", signalled)
+    with pytest.raises(SystemExit) as exc:
+        fit(write_config(tmp_path, max_steps=2))
+    assert exc.value.code == 143
+    err = capsys.readouterr().err
+    assert "stopped by SIGTERM before the first training step" in err and "Traceback" not in err
+    assert not list(tmp_path.glob("*.ckpt")) and not dir_lock(tmp_path).exists()
