@@ -27,12 +27,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from gspn_gen.diffusion import KINDS, describe, from_description
 from gspn_gen.distill import Distillation
-from gspn_gen.fileio import atomic_write, remove_stale_temps
+from gspn_gen.fileio import publish, remove_stale_temps, staged_write
 from gspn_gen.lit import GenerationModule
 from gspn_gen.models.zoo import DATA_FIELDS
 
@@ -258,23 +259,75 @@ class SafeCheckpointIO(TorchCheckpointIO):
 
     Lightning's own writer stages the file in $TMPDIR and copies it over the target, which leaves a
     truncated checkpoint when killed on another filesystem. Reads ignore `weights_only=False`.
+
+    With `deferred`, a written checkpoint (complete and fsynced beside its target) is renamed into place,
+    and replaced checkpoints are removed, only at `commit()` (`CommitCheckpoints` calls it once the step's
+    metrics are logged): a run killed in between resumes from the previous checkpoint, so its log never
+    lacks the row of the step it resumes after.
     """
+
+    def __init__(self, deferred: bool = False):
+        super().__init__()
+        self.deferred = deferred
+        self._pending: dict[Path, Path] = {}  # target -> finished temp file
+        self._removals: list[str] = []
 
     def save_checkpoint(self, checkpoint: dict, path, storage_options: Any | None = None) -> None:
         if storage_options is not None:
             raise TypeError("SafeCheckpointIO does not take storage_options")
         remove_stale_temps(os.path.dirname(os.path.abspath(path)))
         try:
-            with atomic_write(path) as f:
+            with staged_write(path) as (f, tmp):
                 torch.save(checkpoint, f)
+            older = self._pending.pop(Path(path), None)
+            if older is not None:
+                older.unlink(missing_ok=True)
+            self._pending[Path(path)] = tmp
+            if not self.deferred:
+                self.commit()
         except OSError as e:
             raise CheckpointWriteError(
                 f"cannot write checkpoint {os.fspath(path)!r}: {e.strerror or e}; the previous checkpoint there "
                 "is left as it was"
             ) from None
 
+    def remove_checkpoint(self, path) -> None:
+        self._removals.append(os.fspath(path))
+        if not self.deferred:
+            self.commit()
+
+    def commit(self) -> None:
+        """Put the written checkpoints in place, then remove the ones they replace."""
+        pending, self._pending = self._pending, {}
+        for path, tmp in pending.items():
+            publish(tmp, path)
+        removals, self._removals = self._removals, []
+        for path in removals:
+            if Path(path) not in pending:
+                super().remove_checkpoint(path)
+
     def load_checkpoint(self, path, map_location: Any = None, weights_only: bool | None = None) -> dict:
         return read_checkpoint(os.fspath(path), map_location=map_location or "cpu")
+
+
+class CommitCheckpoints(L.Callback):
+    """Publishes a deferred SafeCheckpointIO's checkpoints at the start of the next step (the previous step's
+    metrics are logged by then), at the end of training, and when training ends on an error."""
+
+    def __init__(self, io: SafeCheckpointIO):
+        self.io = io
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.io.commit()
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.io.commit()
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        self.io.commit()  # the checkpoints written so far hold finished steps
+
+    def teardown(self, trainer, pl_module, stage) -> None:
+        self.io.commit()
 
 
 def main(argv: list[str] | None = None) -> None:

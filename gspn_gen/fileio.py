@@ -57,11 +57,10 @@ def fsync_dir(directory: str | os.PathLike) -> None:
 
 
 @contextlib.contextmanager
-def atomic_write(path: str | os.PathLike, mode: str = "wb", encoding: str | None = "utf-8") -> Iterator[IO]:
-    """Open a temp file beside `path` for writing ("wb" or "w"); on success it replaces `path` durably.
-
-    The parent directory is created if needed. The new file's permissions follow the umask, like `open`.
-    """
+def staged_write(path: str | os.PathLike, mode: str = "wb", encoding: str | None = "utf-8") -> Iterator[tuple[IO, Path]]:
+    """Open a temp file beside `path` for writing ("wb" or "w"), yielding (file, temp path); on success the temp
+    file is complete and fsynced but not yet in place: `publish(temp, path)` puts it there (on an error it is
+    removed). For a writer that must decide later when the new file becomes visible."""
     if mode not in ("wb", "w"):
         raise ValueError(f"atomic_write mode must be 'wb' or 'w', got {mode!r}")
     path = Path(path)
@@ -70,15 +69,35 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", encoding: str | None
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, mode, **({} if mode == "wb" else {"encoding": encoding, "newline": ""})) as f:
-            yield f
+            yield f, tmp
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
     except BaseException:  # also KeyboardInterrupt: never leave the temp file behind
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    fsync_dir(path.parent)
+
+
+def publish(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Rename a finished temp file over `path` durably; on an error the temp file is removed."""
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(Path(path).parent)
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "wb", encoding: str | None = "utf-8") -> Iterator[IO]:
+    """Open a temp file beside `path` for writing ("wb" or "w"); on success it replaces `path` durably.
+
+    The parent directory is created if needed. The new file's permissions follow the umask, like `open`.
+    """
+    with staged_write(path, mode, encoding) as (f, tmp):
+        yield f
+    publish(tmp, path)
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:

@@ -118,6 +118,8 @@ class GracefulStop(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
                            batch_idx: int) -> None:
+        if trainer.fit_loop._should_accumulate():  # mid gradient accumulation: not a step boundary
+            return
         signum = self.signum or 0
         if trainer.world_size > 1:  # every rank stops at the same step
             signum = int(trainer.strategy.reduce(torch.tensor(signum, device=pl_module.device), reduce_op="max"))

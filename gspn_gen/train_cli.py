@@ -53,6 +53,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from gspn_gen.checkpoints import (
     CheckpointError,
     CheckpointWriteError,
+    CommitCheckpoints,
     SafeCheckpointIO,
     check_state_dict,
     compare_hparams,
@@ -267,10 +268,13 @@ class GenerationCLI(LightningCLI):
             config["logger"] = [TensorBoardLogger(root, name="", version=""), ContinuingCSVLogger(root)]
         plugins = config.get("plugins") or []
         plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+        extra = [self.stopper]
         if not any(isinstance(p, CheckpointIO) for p in plugins):
-            plugins.append(SafeCheckpointIO())
+            io = SafeCheckpointIO(deferred=True)  # a checkpoint appears once its step is logged
+            plugins.append(io)
+            extra.insert(0, CommitCheckpoints(io))  # before the stopper, which may end the run at the same hook
         config["plugins"] = plugins
-        trainer = super()._instantiate_trainer(config, [*callbacks, self.stopper])
+        trainer = super()._instantiate_trainer(config, [*callbacks, *extra])
         for cb in trainer.checkpoint_callbacks:
             if isinstance(cb, ModelCheckpoint):
                 # A run directory holds one run (locked, fresh runs into a used one refused), so its

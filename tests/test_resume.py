@@ -211,3 +211,20 @@ def test_a_signal_before_the_first_step_stops_at_once(tmp_path, monkeypatch, cap
     err = capsys.readouterr().err
     assert "stopped by SIGTERM before the first training step" in err and "Traceback" not in err
     assert not list(tmp_path.glob("*.ckpt")) and not dir_lock(tmp_path).exists()
+
+
+def test_a_deferred_checkpoint_appears_only_when_committed(tmp_path):
+    """During fit a checkpoint is renamed into place at the next step, after its step's metrics row: a run
+    killed in between resumes from the previous checkpoint and its log lacks no row."""
+    from gspn_gen.checkpoints import SafeCheckpointIO
+
+    io = SafeCheckpointIO(deferred=True)
+    io.save_checkpoint({"step": 1}, tmp_path / "old.ckpt")
+    io.commit()
+    io.save_checkpoint({"step": 2}, tmp_path / "last.ckpt")
+    io.remove_checkpoint(tmp_path / "old.ckpt")
+    assert not (tmp_path / "last.ckpt").exists() and (tmp_path / "old.ckpt").exists()
+    assert len(list(tmp_path.glob(".last.ckpt.*.tmp"))) == 1  # complete, beside its target
+    io.commit()
+    assert torch.load(tmp_path / "last.ckpt", weights_only=True) == {"step": 2}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
