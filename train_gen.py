@@ -13,4 +13,8 @@ for _signum in (signal.SIGTERM, signal.SIGINT):
 from gspn_gen.train_cli import main
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:  # the work is over (done or stopped): a signal during the exit changes nothing
+        for _signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(_signum, signal.SIG_IGN)

@@ -364,6 +364,19 @@ def wait_for(condition, timeout: float, poll: float = 0.02) -> bool:
     return False
 
 
+def wait_for_step(root: Path, step: int, p: subprocess.Popen, timeout: float = 900) -> bool:
+    """Wait until the run in `root` has logged `step` steps (one metrics.csv row each) or has ended."""
+    path = root / "metrics.csv"
+
+    def reached() -> bool:
+        try:
+            return path.read_text().count("\n") - 1 >= step
+        except OSError:
+            return False
+
+    return wait_for(lambda: reached() or p.poll() is not None, timeout, poll=0.005)
+
+
 def load(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
@@ -482,8 +495,8 @@ def drill_kill_random(d: Drill, runs: int) -> tuple[int, list[str]]:
         tmp = d.tmpdir(f"kr{i}", other_fs=(i % 2 == 1) != d.other_fs_first)
         before = set(os.listdir(tmp))
         p = d.spawn("train", ["fit", "--config", str(tiny_config(root, d.steps))], tmpdir=tmp)
-        wait_for(lambda root=root, p=p: (root / "checkpoints" / "last.ckpt").exists() or p.poll() is not None, 600)
-        time.sleep(d.rng.uniform(0, ref["train_s"] * 0.9))
+        wait_for_step(root, d.rng.randint(1, d.steps - 1), p)
+        time.sleep(d.rng.uniform(0, ref["train_s"] / d.steps))
         if p.poll() is None:
             p.send_signal(signal.SIGKILL)
             p.wait()
@@ -576,8 +589,8 @@ def drill_kill_ddp(d: Drill, runs: int) -> tuple[int, list[str]]:
     for i in range(runs):
         root = d.work / f"kill_ddp-{i}"
         p = d.spawn("train", ["fit", "--config", str(tiny_config(root, d.steps, devices=2))], group=True)
-        wait_for(lambda root=root, p=p: (root / "checkpoints" / "last.ckpt").exists() or p.poll() is not None, 900)
-        time.sleep(d.rng.uniform(0, ref["train_s"] * 0.9))
+        wait_for_step(root, d.rng.randint(1, d.steps - 1), p)
+        time.sleep(d.rng.uniform(0, ref["train_s"] / d.steps))
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)
             p.wait()
@@ -613,9 +626,8 @@ def drill_signals(d: Drill, runs: int) -> tuple[int, list[str]]:
         if early:
             time.sleep(d.rng.uniform(0.5, max(ref["startup_s"] * 0.8, 0.6)))
         else:
-            wait_for(lambda root=root, p=p: (root / "checkpoints" / "last.ckpt").exists() or p.poll() is not None,
-                     600)
-            time.sleep(d.rng.uniform(0, ref["train_s"] * 0.7))
+            wait_for_step(root, d.rng.randint(1, d.steps - 1), p)
+            time.sleep(d.rng.uniform(0, ref["train_s"] / d.steps))
         if p.poll() is not None:  # finished first: no signal was sent
             p.wait()
             p.err_file.close()
@@ -1239,7 +1251,8 @@ KILL_DRILLS = ("kill_random", "kill_in_write", "kill_ddp")
 def acceptance(rows: list[dict], d: Drill) -> dict:
     """The counts the drill exists for, over all drills run."""
     details = [line.lower() for r in rows for line in r["details"]]
-    kill_resumes = [r for r in d.resumes if not r["root"].startswith("signal")]
+    kill_resumes = [r for r in d.resumes if r["root"].startswith("kill")  # those that interrupted training
+                    and (r["from_step"] is None or r["from_step"] < d.steps)]
     return {
         "random_step_kills": sum(r["runs"] for r in rows if r["drill"] in KILL_DRILLS),
         "kills_resumed_exactly": sum(r["exact"] for r in kill_resumes),
