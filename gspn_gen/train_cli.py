@@ -309,16 +309,16 @@ class GenerationCLI(LightningCLI):
                     pass
             except OSError as e:
                 fail(f"{name} {str(d)!r} is not a writable directory: {e.strerror or e}")
-        if self.trainer.is_global_zero:  # one training per run directory; other ranks belong to this one
-            for name, d in sorted(dirs.items(), key=lambda kv: kv[0]):
-                if os.path.realpath(d) in {os.path.realpath(v) for k, v in dirs.items() if k < name}:
-                    continue
+        locked = set()
+        for name, d in dirs.items() if self.trainer.is_global_zero else ():  # other ranks belong to rank 0's run
+            if os.path.realpath(d) not in locked:  # one training per run directory
+                locked.add(os.path.realpath(d))
                 lock = RunLock(dir_lock(d), f"{name} {str(d)!r}")
                 try:
                     self.locks.enter_context(lock)
                 except LockHeld as e:
-                    fail(f"{e}: two trainings cannot share a run directory; wait for that one to end, or train "
-                         "into another --trainer.default_root_dir")
+                    fail(f"{e}: two trainings cannot share a run directory; wait for that one to end, or "
+                         "train into another --trainer.default_root_dir")
                 if lock.stale:
                     info(f"{lock.path}: taken over from a training that ended without releasing it "
                          f"({describe(lock.stale)})")
