@@ -151,8 +151,10 @@ def info(message: str) -> None:
 class _AppendingWriter(ExperimentWriter):
     """Lightning's CSV writer, except that an existing metrics.csv is continued instead of deleted.
 
-    Rows of steps >= `keep_below` (logged after the checkpoint a run resumes from, so logged again by
-    it; all rows when a run starts from scratch) are dropped first: the log then reads as one unbroken run.
+    Rows the resumed run logs again are dropped first, so the log reads as one unbroken run: those of
+    training batches >= `keep_below` (a training row's step is its batch index) and those of later
+    states (an evaluation row's step is the number of steps taken: the one at `keep_below` describes
+    the checkpoint itself and stays); all rows when a run starts from scratch (`keep_below` 0).
     """
 
     def __init__(self, log_dir: str, keep_below: int | None = None):
@@ -176,15 +178,22 @@ class _AppendingWriter(ExperimentWriter):
         if self.keep_below is None:
             return
         rows = list(csv.DictReader(io.StringIO(data.decode())))
-        kept = [r for r in rows if not (r.get("step") or "").isdigit() or int(r["step"]) < self.keep_below]
+        kept = [r for r in rows if not self._logged_again(r)]
         if len(kept) < len(rows):
             info(f"{path}: {len(rows) - len(kept)} rows of steps >= {self.keep_below} dropped (this run logs "
-                 "those steps)" if self.keep_below else
+                 "those steps again)" if self.keep_below else
                  f"{path}: {len(rows)} rows of an earlier run that left no checkpoint replaced")
             with atomic_write(path, "w") as f:
                 writer = csv.DictWriter(f, fieldnames=header)
                 writer.writeheader()
                 writer.writerows(kept)
+
+    def _logged_again(self, row: dict) -> bool:
+        step = row.get("step") or ""
+        if not step.isdigit() or self.keep_below is None:
+            return False
+        training = any(v not in (None, "") for k, v in row.items() if k and k.startswith("train/"))
+        return int(step) > self.keep_below or (int(step) == self.keep_below and (training or not self.keep_below))
 
     def _rewrite_with_new_header(self, fieldnames: list[str]) -> None:
         with open(self.metrics_file_path, newline="") as f:

@@ -228,3 +228,17 @@ def test_a_deferred_checkpoint_appears_only_when_committed(tmp_path):
     io.commit()
     assert torch.load(tmp_path / "last.ckpt", weights_only=True) == {"step": 2}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+
+
+def test_a_resume_drops_exactly_the_rows_it_logs_again(tmp_path, capsys):
+    """Training rows carry their batch index, evaluation rows the steps taken: resuming from step 2 drops
+    training rows 2.. and evaluations after step 2, and keeps the evaluation of the checkpoint itself."""
+    from gspn_gen.train_cli import _AppendingWriter
+
+    (tmp_path / "metrics.csv").write_text("epoch,eval/fid,step,train/loss\n0,,0,1.0\n0,,1,0.9\n0,5.0,2,\n"
+                                          "1,,2,0.8\n1,,3,0.7\n1,4.0,4,\n")
+    _AppendingWriter(str(tmp_path), keep_below=2)
+    assert (tmp_path / "metrics.csv").read_text() == "epoch,eval/fid,step,train/loss\n0,,0,1.0\n0,,1,0.9\n0,5.0,2,\n"
+    assert "3 rows of steps >= 2 dropped" in capsys.readouterr().err
+    _AppendingWriter(str(tmp_path), keep_below=0)  # a fresh start replaces the log of a run that left no checkpoint
+    assert (tmp_path / "metrics.csv").read_text() == "epoch,eval/fid,step,train/loss\n"
