@@ -20,14 +20,16 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
 	touch $@
 
+# Training continues the run in $(DEMO_DIR) if there is one (a finished run trains nothing more); the
+# outputs are drawn again from its checkpoint and replace the previous ones.
 demo: install
-	$(PY) train_gen.py fit --config configs/experiments/demo_digits.yaml
+	$(PY) train_gen.py fit --config configs/experiments/demo_digits.yaml --ckpt_path last
 	$(PY) sample.py --ckpt $(DEMO_DIR)/checkpoints/last.ckpt --classes 0 1 2 3 4 5 6 7 8 9 --per-class 10 --steps 25 \
-		--cfg-scale 4 --out $(DEMO_DIR)/grid.png
+		--cfg-scale 4 --out $(DEMO_DIR)/grid.png --overwrite
 	$(PY) sample.py --ckpt $(DEMO_DIR)/checkpoints/last.ckpt --num-samples 1000 --cfg-scale $(DEMO_CFG) --steps 25 \
-		--out $(DEMO_DIR)/samples.npz
+		--out $(DEMO_DIR)/samples.npz --overwrite
 	$(PY) -m fid_eval --samples $(DEMO_DIR)/samples.npz --ref digits:val --extractor digits --device cpu \
-		--out $(DEMO_DIR)/metrics.json
+		--out $(DEMO_DIR)/metrics.json --overwrite
 	@echo "demo outputs: $(DEMO_DIR)/checkpoints/last.ckpt $(DEMO_DIR)/grid.png $(DEMO_DIR)/samples.npz $(DEMO_DIR)/metrics.json"
 
 test: install

@@ -83,7 +83,8 @@ def train(phase: str, out: Path, args: list[str]) -> dict:
     root.mkdir(parents=True, exist_ok=True)
     overlay = out / "every250.yaml"
     overlay.write_text(EVERY_250)
-    cmd = [*args, "--config", str(overlay), "--trainer.default_root_dir", str(root)]
+    # --ckpt_path last: a phase cut short continues where it stopped (exactly), a new one starts from scratch
+    cmd = [*args, "--config", str(overlay), "--trainer.default_root_dir", str(root), "--ckpt_path", "last"]
     print(f"[{phase}] training ...", flush=True)
     took = timed(cmd, root / "train.log")
     evals = read_evals(root)  # the FIDCallback's share is reported apart from the training time
@@ -102,7 +103,7 @@ def evaluate(ckpt: Path) -> dict:
         py = sys.executable
         print(f"  scoring {ckpt.relative_to(REPO) if ckpt.is_relative_to(REPO) else ckpt} ...", flush=True)
         timed([py, "sample.py", "--ckpt", str(ckpt), "--num-samples", "1000", "--cfg-scale", "4", "--steps", "25",
-               "--out", str(npz)], ckpt.with_suffix(".sample.log"))
+               "--out", str(npz), "--overwrite"], ckpt.with_suffix(".sample.log"))  # a cut-short run's: redrawn
         timed([py, "-m", "fid_eval", "--samples", str(npz), "--ref", "digits:val", "--extractor", "digits",
                "--device", "cpu", "--out", str(metrics)], ckpt.with_suffix(".fid.log"))
         npz.unlink()

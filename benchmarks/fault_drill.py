@@ -1,16 +1,36 @@
-"""Fault drill: kill -9, a full disk, replaced checkpoints, NaN files and malicious pickles, on the digits recipe.
+"""Fault drill: kills at random steps, signals, concurrent runs, overwrites, a full disk, replaced checkpoints,
+NaN files, huge requests and malicious pickles, on the digits recipe.
 
-    python benchmarks/fault_drill.py                     # every drill: ~13 CPU-minutes, 32 min on a busy 2-core box
+    python benchmarks/fault_drill.py                     # every drill: ~25 CPU-minutes, about an hour on a busy 2-core box
     python benchmarks/fault_drill.py --quick             # one run of each drill
     python benchmarks/fault_drill.py --only kill_in_write,pickles --work /tmp/drill
 
 Prints a table drill -> runs -> failures (with what failed) and writes
-benchmarks/results/fault-drill-<machine>-<date>.json. A run fails when its invariant does not hold:
+benchmarks/results/fault-drill-<machine>-<date>.json. The training recipe has 3 batches per epoch and a
+checkpoint every step, so kills and signals land mid-epoch as often as not. A run fails when its invariant
+does not hold:
 
   kill_random, kill_in_write   kill -9 at a random moment of training / half-way through a checkpoint write
                                (half of the runs with TMPDIR on another filesystem, /dev/shm): the newest
-                               checkpoint loads, `--ckpt_path last` resumes to exactly the weights of an
-                               unbroken run, metrics.csv keeps a row for every step, no temp file is left
+                               checkpoint loads, `--ckpt_path last` resumes to exactly the unbroken run's
+                               weights, EMA, optimiser state, LR schedule and data position, metrics.csv holds
+                               each step once with the unbroken run's losses, no temp file is left
+  kill_ddp                     the same with 2-process CPU DDP (the whole process group killed), against an
+                               unbroken DDP run
+  signals                      SIGTERM / SIGINT at a random moment of training (or of start-up): exit 143 / 130,
+                               no traceback, last.ckpt at the step the message names, an exact resume
+  concurrent                   two trainings into one run directory, two sample.py on one .npz, a stale lock
+                               of a killed training: one runs, the other exits 2 naming it; logs and
+                               checkpoints equal the unbroken run's
+  overwrite                    sample.py (.npz, .png), fid_eval --out and stats --out, import-dit --out, the
+                               sweep folder, a fresh training into a used run directory: refused, exit 2,
+                               the file untouched; with --overwrite replaced
+  symlinked_last               last.ckpt a symlink to an older checkpoint: the resume replaces the link by
+                               the file (exact), the target is untouched, no last-v1.ckpt
+  unwritable_out               outputs under a file, in /proc (and a read-only folder when not root): one
+                               error line, exit 2, before any sampling
+  huge_requests                --num-samples 1e9, a 1e8-image grid, --steps 100000, max_steps 0: refused with
+                               the numbers, nothing written
   full_disk                    a checkpoint write fails with ENOSPC half-way: exit 1, one error line naming
                                the path, the previous checkpoint intact, no temp file
   blown_up_weights             weights turn NaN / huge at a step: exit 1, one error line, the checkpoint left
@@ -28,15 +48,12 @@ benchmarks/results/fault-drill-<machine>-<date>.json. A run fails when its invar
   pickles                      a malicious pickle into every file input (checkpoints, --ckpt_path FILE and
                                last, sample shards, fid_eval npz object arrays, statistics .pt/.npz,
                                extractor weights): never executed, refused with one error line
-
-Every process is a real `train_gen.py` / `sample.py` / `python -m fid_eval` run; faults inside a process
-(a kill half-way through a write, ENOSPC, blown-up weights) are injected by a small driver that wraps
-`torch.save`, `np.savez`, `Path.unlink` or the optimizer step before calling the real entry point.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import datetime as dt
 import hashlib
 import json
@@ -157,20 +174,22 @@ def write_malicious_files(directory: Path, marker: Path) -> dict[str, Path]:
     return files
 
 
-def tiny_config(root: Path, steps: int, seed: int = 0) -> Path:
-    """The digits recipe at drill size: 2-layer GSPN-T/2 at 8x8, two batches per epoch, a checkpoint per epoch.
+BATCHES_PER_EPOCH = 3
 
-    Checkpoints fall on epoch ends because only there is a resume exact: Lightning does not replay the
-    shuffled order of a half-finished epoch. (`limit_train_batches: 1` would be read as 1.0, i.e. 100%.)
-    """
+
+def tiny_config(root: Path, steps: int, seed: int = 0, keep_steps: bool = False, devices: int = 1) -> Path:
+    """The digits recipe at drill size: 2-layer GSPN-T/2 at 8x8, three batches per epoch, last.ckpt every step
+    (with `keep_steps` also step=N.ckpt), one CPU process or `devices` DDP processes."""
+    checkpoint = {"save_top_k": -1, "filename": "{step}"} if keep_steps else {"save_top_k": 0}
     cfg = {
         "seed_everything": seed,
         "trainer": {
-            "accelerator": "cpu", "devices": 1, "max_steps": steps, "default_root_dir": str(root),
-            "limit_train_batches": 2, "limit_val_batches": 0, "log_every_n_steps": 1,
+            "accelerator": "cpu", "devices": devices, "max_steps": steps, "default_root_dir": str(root),
+            "limit_train_batches": BATCHES_PER_EPOCH, "limit_val_batches": 0, "log_every_n_steps": 1,
             "enable_progress_bar": False, "enable_model_summary": False, "gradient_clip_val": 1.0,
             "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                           "init_args": {"save_top_k": 0, "save_last": True, "every_n_train_steps": 2}}],
+                           "init_args": {**checkpoint, "save_last": True, "every_n_train_steps": 1}}],
+            **({"strategy": "ddp"} if devices > 1 else {}),
         },
         "model": {"model": "GSPN-T/2", "model_args": {"hidden_size": 32, "depth": 2, "num_heads": 2},
                   "lr": 1e-3, "warmup_steps": 2, "lr_schedule": "cosine", "ema_decay": 0.9},
@@ -196,12 +215,16 @@ class Drill:
         self.env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
                     "GSPN_FID_CACHE": str(work / "fid-cache")}  # never the user's statistics cache
         self._reference: dict | None = None
+        self._reference_ddp: dict | None = None
         self._samples: dict | None = None
+        self.resumes: list[dict] = []  # every resume after a kill or signal: from which step, exact or not
 
     # ------------------------------------------------------------ processes
     def command(self, entry: str, args: list[str], fault: str = "none") -> list[str]:
         if entry == "fid":
             return [sys.executable, "-m", "fid_eval", *args]
+        if entry == "convert":
+            return [sys.executable, "-m", "gspn_gen.checkpoints", *args]
         return [sys.executable, "-c", DRIVER, entry, *args] if fault != "none" else \
             [sys.executable, {"train": "train_gen.py", "sample": "sample.py"}[entry], *args]
 
@@ -211,10 +234,14 @@ class Drill:
         return subprocess.run(self.command(entry, args, fault), cwd=REPO, env=env, capture_output=True, text=True,
                               timeout=timeout, check=False)
 
-    def spawn(self, entry: str, args: list[str], tmpdir: Path | None = None) -> subprocess.Popen:
+    def spawn(self, entry: str, args: list[str], tmpdir: Path | None = None, group: bool = False) -> subprocess.Popen:
+        """Start a process (stderr to a file, read with `stderr_of`); `group`: in its own process group."""
         env = {**self.env, **({"TMPDIR": str(tmpdir)} if tmpdir else {})}
-        return subprocess.Popen(self.command(entry, args), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, text=True)
+        err = tempfile.TemporaryFile(mode="w+", dir=self.work)  # noqa: SIM115 - closed by the caller
+        p = subprocess.Popen(self.command(entry, args), cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=err,
+                             text=True, start_new_session=group)
+        p.err_file = err
+        return p
 
     def tmpdir(self, name: str, other_fs: bool) -> Path:
         base = self.other_fs if other_fs and self.other_fs else self.work
@@ -222,23 +249,32 @@ class Drill:
         return path
 
     # ------------------------------------------------------------ references
-    def reference(self) -> dict:
-        """An unbroken training run: its final weights and how long its steps take."""
-        if self._reference is None:
-            root = self.work / "reference"
-            start = time.perf_counter()
-            p = self.spawn("train", ["fit", "--config", str(tiny_config(root, self.steps))])
-            first = wait_for(lambda: (root / "checkpoints" / "last.ckpt").exists() or p.poll() is not None, 600)
-            first_at = time.perf_counter()
-            p.wait(600)
-            err = p.stderr.read()
-            if p.returncode != 0:
-                raise RuntimeError(f"reference training failed: {err[-2000:]}")
-            ckpt = load(root / "checkpoints" / "last.ckpt")
-            self._reference = {"root": root, "state": ckpt["state_dict"], "step": ckpt["global_step"],
-                               "train_s": max(time.perf_counter() - first_at, 0.5) if first else 1.0,
-                               "startup_s": first_at - start}
-        return self._reference
+    def reference(self, devices: int = 1) -> dict:
+        """An unbroken training run (one process, or `devices` DDP processes): its last checkpoint, its
+        per-step checkpoints (one process), its logged losses and how long its steps take."""
+        cached = self._reference if devices == 1 else self._reference_ddp
+        if cached is not None:
+            return cached
+        root = self.work / ("reference" if devices == 1 else f"reference-ddp{devices}")
+        start = time.perf_counter()
+        p = self.spawn("train", ["fit", "--config", str(tiny_config(root, self.steps, keep_steps=devices == 1,
+                                                                      devices=devices))])
+        first = wait_for(lambda: (root / "checkpoints" / "last.ckpt").exists() or p.poll() is not None, 900)
+        first_at = time.perf_counter()
+        p.wait(900)
+        if p.returncode != 0:
+            raise RuntimeError(f"reference training failed: {stderr_of(p)[-2000:]}")
+        ckpt = load(root / "checkpoints" / "last.ckpt")
+        # from the first checkpoint to the last one: when a kill or signal lands in training, not in the exit
+        trained = (root / "checkpoints" / "last.ckpt").stat().st_mtime - (time.time() - (time.perf_counter() - first_at))
+        ref = {"root": root, "ckpt": ckpt, "state": ckpt["state_dict"], "step": ckpt["global_step"],
+               "losses": logged_losses(root / "metrics.csv"),
+               "train_s": max(trained, 0.2) if first else 1.0, "startup_s": first_at - start}
+        if devices == 1:
+            self._reference = ref
+        else:
+            self._reference_ddp = ref
+        return ref
 
     def samples_reference(self) -> dict:
         """A checkpoint A, a different checkpoint B, and the .npz an unbroken sampling run draws from A."""
@@ -265,31 +301,29 @@ class Drill:
                 "--steps", "10", "--sampler", "ddpm", "--out", str(out)]
 
     # ------------------------------------------------------------ invariants
-    def check_resume(self, root: Path, tmpdir: Path | None, tmp_before: set) -> list[str]:
-        """After a kill: the newest checkpoint loads, the resume is exact, no row and no temp file is lost."""
+    def check_resume(self, root: Path, tmpdir: Path | None, tmp_before: set, devices: int = 1) -> list[str]:
+        """After a kill or signal: the newest checkpoint loads, `--ckpt_path last` resumes to exactly the unbroken
+        run's state and logged losses, each step is logged once, no temp file is left."""
         problems = []
         last = root / "checkpoints" / "last.ckpt"
+        start = None
         if last.exists():
             try:
-                load(last)
+                start = load(last)["global_step"]
             except Exception as e:  # noqa: BLE001 - any failure is what the drill counts
-                problems.append(f"last.ckpt unloadable after the kill: {type(e).__name__}")
+                problems.append(f"last.ckpt unloadable (corrupt) after the kill: {type(e).__name__}")
         proc = self.run("train", ["fit", "--config", str(root.parent / f"{root.name}.yaml"), "--ckpt_path", "last"],
                         tmpdir=tmpdir)
         if proc.returncode != 0:
             return problems + [f"resume exit {proc.returncode}: {last_lines(proc.stderr)}"]
-        ckpt = load(last)
-        ref = self.reference()
-        if ckpt["global_step"] != ref["step"]:
-            problems.append(f"resumed to step {ckpt['global_step']}, not {ref['step']}")
-        state = ckpt["state_dict"]
-        differ = [k for k, v in ref["state"].items() if k not in state or not torch.equal(v, state[k])]
-        if differ:
-            problems.append(f"resume not exact: {len(differ)} tensors differ (e.g. {differ[0]})")
-        steps = csv_steps(root / "metrics.csv")
-        lost = sorted(set(range(ref["step"])) - steps)
-        if lost:
-            problems.append(f"metrics.csv lost the rows of steps {lost[:8]}")
+        if "Traceback" in proc.stderr:
+            problems.append(f"traceback in the resume: {last_lines(proc.stderr, 1)}")
+        ref = self.reference(devices)
+        differ = training_state_problems(ref["ckpt"], load(last))
+        problems += differ
+        problems += log_problems(root / "metrics.csv", ref["losses"], since=0)
+        self.resumes.append({"root": root.name, "from_step": start, "devices": devices, "exact": not differ,
+                             "mid_epoch": start is not None and start % BATCHES_PER_EPOCH != 0})
         temps = [p.name for p in root.rglob("*") if TEMP_PATTERN.search(p.name)]
         if temps:
             problems.append(f"temp files left in the run: {temps[:3]}")
@@ -330,6 +364,19 @@ def wait_for(condition, timeout: float, poll: float = 0.02) -> bool:
     return False
 
 
+def wait_for_step(root: Path, step: int, p: subprocess.Popen, timeout: float = 900) -> bool:
+    """Wait until the run in `root` has logged `step` steps (one metrics.csv row each) or has ended."""
+    path = root / "metrics.csv"
+
+    def reached() -> bool:
+        try:
+            return path.read_text().count("\n") - 1 >= step
+        except OSError:
+            return False
+
+    return wait_for(lambda: reached() or p.poll() is not None, timeout, poll=0.005)
+
+
 def load(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
@@ -339,13 +386,64 @@ def npz_arrays(path: Path) -> dict:
         return {k: z[k] for k in z.files}
 
 
-def csv_steps(path: Path) -> set[int]:
+def csv_rows(path: Path) -> list[dict]:
     if not path.exists():
-        return set()
-    import csv
-
+        return []
     with open(path, newline="") as f:
-        return {int(row["step"]) for row in csv.DictReader(f) if row.get("step", "").isdigit()}
+        return list(csv.DictReader(f))
+
+
+def logged_losses(path: Path) -> dict[int, str]:
+    """Step -> train/loss as metrics.csv holds it (text: compared exactly)."""
+    return {int(r["step"]): r["train/loss"] for r in csv_rows(path) if r.get("train/loss") and r["step"].isdigit()}
+
+
+def log_problems(path: Path, want: dict[int, str], since: int = 0) -> list[str]:
+    """metrics.csv is whole (every row fits the header), logs each step once, and holds `want`'s losses
+    from step `since` on."""
+    rows = csv_rows(path)
+    problems = []
+    if any(None in r or None in r.values() for r in rows):
+        problems.append("metrics.csv corrupt: a row does not fit the header")
+    steps = [int(r["step"]) for r in rows if r.get("train/loss") and r.get("step", "").isdigit()]
+    repeated = sorted({s for s in steps if steps.count(s) > 1})
+    if repeated:
+        problems.append(f"metrics.csv logs steps {repeated[:5]} more than once")
+    got = logged_losses(path)
+    lost = sorted(s for s in want if s >= since and s not in got)
+    if lost:
+        problems.append(f"metrics.csv lost the rows of steps {lost[:8]}")
+    wrong = sorted(s for s in want if s >= since and s in got and got[s] != want[s])
+    if wrong:
+        problems.append(f"logged losses differ from the unbroken run at steps {wrong[:8]}")
+    return problems
+
+
+def training_state_problems(ref: dict, ckpt: dict) -> list[str]:
+    """How a checkpoint differs from the unbroken run's: step, weights and EMA, optimiser, schedule, data order."""
+    if ckpt["global_step"] != ref["global_step"]:
+        return [f"resumed to step {ckpt['global_step']}, not {ref['global_step']}"]
+    problems = []
+    state = ckpt["state_dict"]
+    differ = [k for k, v in ref["state_dict"].items() if k not in state or not torch.equal(v, state[k])]
+    if differ:
+        problems.append(f"resume not exact: {len(differ)} tensors differ (e.g. {differ[0]})")
+    theirs, ours = ref["optimizer_states"][0], ckpt["optimizer_states"][0]
+    opt = [(i, k) for i, st in theirs["state"].items() for k, v in st.items()
+           if not torch.equal(v, ours["state"].get(i, {}).get(k, torch.empty(0)))]
+    if opt or theirs["param_groups"] != ours["param_groups"]:
+        problems.append(f"resume not exact: optimiser state differs ({len(opt)} tensors)")
+    if ref["lr_schedulers"] != ckpt["lr_schedulers"]:
+        problems.append("resume not exact: LR schedule state differs")
+    loader = [c["loops"]["fit_loop"]["state_dict"].get("combined_loader") for c in (ref, ckpt)]
+    if loader[0] != loader[1]:
+        problems.append(f"data position differs: {loader[1]} instead of {loader[0]}")
+    return problems
+
+
+def stderr_of(p: subprocess.Popen) -> str:
+    p.err_file.seek(0)
+    return p.err_file.read()
 
 
 def last_lines(text: str, n: int = 2) -> str:
@@ -397,17 +495,28 @@ def drill_kill_random(d: Drill, runs: int) -> tuple[int, list[str]]:
         tmp = d.tmpdir(f"kr{i}", other_fs=(i % 2 == 1) != d.other_fs_first)
         before = set(os.listdir(tmp))
         p = d.spawn("train", ["fit", "--config", str(tiny_config(root, d.steps))], tmpdir=tmp)
-        wait_for(lambda root=root, p=p: (root / "checkpoints" / "last.ckpt").exists() or p.poll() is not None, 600)
-        time.sleep(d.rng.uniform(0, ref["train_s"] * 0.9))
-        if p.poll() is None:  # a run that finished first is not a kill and is not counted
-            landed += 1
+        wait_for_step(root, d.rng.randint(1, d.steps - 1), p)
+        time.sleep(d.rng.uniform(0, ref["train_s"] / d.steps))
+        if p.poll() is None:
             p.send_signal(signal.SIGKILL)
             p.wait()
+            p.err_file.close()
+            landed += _interrupted(root, d.steps)  # a kill after the last step interrupted nothing: not counted
             problems = d.check_resume(root, tmp, before)
             failures += [f"run {i} (TMPDIR {tmp.parent}): {msg}" for msg in problems]
         else:
             p.wait()
+            p.err_file.close()
     return landed, failures
+
+
+def _interrupted(root: Path, steps: int) -> bool:
+    """Whether the run in `root` stopped before its last step (its last.ckpt, if any, is of an earlier one)."""
+    last = root / "checkpoints" / "last.ckpt"
+    try:
+        return load(last)["global_step"] < steps if last.exists() else True
+    except Exception:  # noqa: BLE001 - unreadable: interrupted in the middle of writing it
+        return True
 
 
 def drill_kill_in_write(d: Drill, runs: int) -> tuple[int, list[str]]:
@@ -418,7 +527,7 @@ def drill_kill_in_write(d: Drill, runs: int) -> tuple[int, list[str]]:
         root = d.work / f"kill_in_write-{i}"
         tmp = d.tmpdir(f"kw{i}", other_fs=(i % 2 == 1) != d.other_fs_first)
         before = set(os.listdir(tmp))
-        k, frac = d.rng.randint(2, d.steps // 2 - 1), d.rng.uniform(0.05, 0.95)
+        k, frac = d.rng.randint(2, d.steps - 1), d.rng.uniform(0.05, 0.95)
         proc = d.run("train", ["fit", "--config", str(tiny_config(root, d.steps))], f"kill_save:{k}:{frac:.3f}",
                      tmpdir=tmp)
         problems = []
@@ -435,15 +544,15 @@ def drill_full_disk(d: Drill, runs: int) -> tuple[int, list[str]]:
     failures = []
     for i in range(runs):
         root = d.work / f"full_disk-{i}"
-        k = d.rng.randint(2, d.steps // 2 - 1)
+        k = d.rng.randint(2, d.steps - 1)
         proc = d.run("train", ["fit", "--config", str(tiny_config(root, d.steps))], f"enospc_save:{k}:0.5")
         problems = [p for p in [one_error_line(proc, 1, "No space left")] if p]
         if not problems and "last.ckpt" not in proc.stderr:
             problems.append("the error line does not name the checkpoint path")
         try:
             step = load(root / "checkpoints" / "last.ckpt")["global_step"]
-            if step != 2 * (k - 1):  # save k is the checkpoint of step 2k
-                problems.append(f"last.ckpt is from step {step}, expected {2 * (k - 1)}")
+            if step != k - 1:  # save k is the checkpoint of step k
+                problems.append(f"last.ckpt is from step {step}, expected {k - 1}")
         except Exception as e:  # noqa: BLE001
             problems.append(f"previous last.ckpt unloadable: {type(e).__name__}")
         temps = [p.name for p in root.rglob("*") if TEMP_PATTERN.search(p.name)]
@@ -473,6 +582,302 @@ def drill_blown_up_weights(d: Drill, runs: int) -> tuple[int, list[str]]:
     return runs, failures
 
 
+def drill_kill_ddp(d: Drill, runs: int) -> tuple[int, list[str]]:
+    """kill -9 of a 2-process DDP training (the whole process group) at a random moment, then a DDP resume."""
+    failures, landed = [], 0
+    ref = d.reference(devices=2)
+    for i in range(runs):
+        root = d.work / f"kill_ddp-{i}"
+        p = d.spawn("train", ["fit", "--config", str(tiny_config(root, d.steps, devices=2))], group=True)
+        wait_for_step(root, d.rng.randint(1, d.steps - 1), p)
+        time.sleep(d.rng.uniform(0, ref["train_s"] / d.steps))
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+            wait_for(lambda pid=p.pid: not _group_alive(pid), 30)
+            landed += _interrupted(root, d.steps)
+            failures += [f"run {i}: {msg}" for msg in d.check_resume(root, None, set(), devices=2)]
+        else:
+            p.wait()
+        p.err_file.close()
+    return landed, failures
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def drill_signals(d: Drill, runs: int) -> tuple[int, list[str]]:
+    """SIGTERM or SIGINT at a random moment of training (every third pair: of start-up): exit 143 / 130, no
+    traceback, last.ckpt at the step the message names, `--ckpt_path last` then resumes exactly."""
+    failures, landed = [], 0
+    ref = d.reference()
+    for i in range(2 * runs):
+        sig = (signal.SIGTERM, signal.SIGINT)[i % 2]
+        early = (i // 2) % 3 == 2
+        root = d.work / f"signal-{i}"
+        p = d.spawn("train", ["fit", "--config", str(tiny_config(root, d.steps))])
+        if early:
+            time.sleep(d.rng.uniform(0.5, max(ref["startup_s"] * 0.8, 0.6)))
+        else:
+            wait_for_step(root, d.rng.randint(1, d.steps - 1), p)
+            time.sleep(d.rng.uniform(0, ref["train_s"] / d.steps))
+        if p.poll() is not None:  # finished first: no signal was sent
+            p.wait()
+            p.err_file.close()
+            continue
+        p.send_signal(sig)
+        p.wait(600)
+        err = stderr_of(p)
+        p.err_file.close()
+        name = f"run {i} ({signal.Signals(sig).name}{', start-up' if early else ''})"
+        last = root / "checkpoints" / "last.ckpt"
+        step = load(last)["global_step"] if last.exists() else None
+        problems = []
+        if step == d.steps:  # the signal came as the finished run was exiting: nothing was stopped
+            if p.returncode not in (0, 128 + sig, -sig):
+                problems.append(f"exit {p.returncode} after the last step: {last_lines(err)}")
+        else:
+            landed += 1
+            if p.returncode == 0:
+                problems.append(f"exit-0 stop at step {step}")
+            elif p.returncode != 128 + sig:
+                problems.append(f"exit {p.returncode}, expected {128 + sig}: {last_lines(err)}")
+        if "Traceback" in err:
+            problems.append(f"traceback: {last_lines(err, 1)}")
+        said = re.search(r"after global step (\d+)", err)
+        if p.returncode == 128 + sig and said and int(said.group(1)) != step:
+            problems.append(f"the message names step {said.group(1)}, last.ckpt holds step {step}")
+        problems += d.check_resume(root, None, set())
+        failures += [f"{name}: {msg}" for msg in problems]
+    return landed, failures
+
+
+def drill_concurrent(d: Drill, runs: int) -> tuple[int, list[str]]:
+    """Two trainings into one run directory, two sample.py on one .npz (started together), and a training
+    over the stale lock of a killed one: one writer, the other refused in one line; nothing corrupted."""
+    failures = []
+    ref, s = d.reference(), d.samples_reference()
+    for i in range(runs):
+        root = d.work / f"concurrent-{i}"
+        config = str(tiny_config(root, d.steps))
+        procs = [d.spawn("train", ["fit", "--config", config]) for _ in range(2)]
+        for p in procs:
+            p.wait(900)
+        problems = _one_ran_one_refused(procs, "in use by another process")
+        if (root / "checkpoints" / "last.ckpt").exists():
+            problems += training_state_problems(ref["ckpt"], load(root / "checkpoints" / "last.ckpt"))
+        else:
+            problems.append("no last.ckpt: neither training finished")
+        problems += log_problems(root / "metrics.csv", ref["losses"])
+        failures += [f"run {i} (two trainings): {m}" for m in problems]
+
+        out = d.work / f"concurrent-{i}" / "samples.npz"
+        procs = [d.spawn("sample", d.sample_args(s["A"], out)) for _ in range(2)]
+        for p in procs:
+            p.wait(900)
+        problems = _one_ran_one_refused(procs, "in use by another process")
+        problems += d.check_samples(out) if out.exists() else ["no .npz: neither sampling run finished"]
+        failures += [f"run {i} (two sample.py): {m}" for m in problems]
+
+        stale = d.work / f"stale-{i}"
+        config = str(tiny_config(stale, 2))
+        victim = d.spawn("train", ["fit", "--config", config])
+        lock = stale / ".gspn-gen.lock"
+        wait_for(lambda lock=lock, victim=victim: (lock.exists() and lock.stat().st_size > 0) or victim.poll() is not None,
+                 600)
+        victim.send_signal(signal.SIGKILL)
+        victim.wait()
+        victim.err_file.close()
+        proc = d.run("train", ["fit", "--config", config, "--ckpt_path", "last"])
+        problems = [] if proc.returncode == 0 else [f"exit {proc.returncode}: {last_lines(proc.stderr)}"]
+        if "taken over from a training that ended without releasing it" not in proc.stderr:
+            problems.append("the stale lock was not reported")
+        if (stale / ".gspn-gen.lock").exists():
+            problems.append("the lock file stays after the run")
+        failures += [f"run {i} (stale lock): {m}" for m in problems]
+    return 3 * runs, failures
+
+
+def _one_ran_one_refused(procs: list[subprocess.Popen], expected: str) -> list[str]:
+    errs = [stderr_of(p) for p in procs]
+    for p in procs:
+        p.err_file.close()
+    codes = sorted(p.returncode for p in procs)
+    problems = [f"traceback: {last_lines(e, 1)}" for e in errs if "Traceback" in e]
+    if codes != [0, 2]:
+        return problems + [f"exit codes {codes}, expected one 0 and one 2: {[last_lines(e) for e in errs]}"]
+    refused = errs[[p.returncode for p in procs].index(2)]
+    lines = [line for line in refused.splitlines() if ERROR_LINE.match(line)]
+    if len(lines) != 1 or expected not in lines[0] or "pid " not in lines[0]:
+        problems.append(f"the refusal is not one line naming the holder: {last_lines(refused)}")
+    return problems
+
+
+def _official_dit(path: Path) -> Path:
+    """A random DiT-T/2 (8x8, 1000 classes) in the official DiT state-dict layout."""
+    from gspn_gen.models.zoo import build_model
+
+    if not path.exists():
+        torch.manual_seed(0)
+        model = build_model("DiT-T/2", input_size=8, depth=2)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({k.replace(".mixer.", ".attn."): v for k, v in model.state_dict().items()}, path)
+    return path
+
+
+def drill_overwrite(d: Drill, runs: int) -> tuple[int, list[str]]:
+    """Every command that writes a result, aimed at an existing one without --overwrite: refused, untouched."""
+    failures = []
+    s, ref = d.samples_reference(), d.reference()
+    base = d.work / "overwrite"
+    base.mkdir(exist_ok=True)
+    dit = _official_dit(base / "DiT-T-2.pt")
+    used = base / "used-run"
+    if not used.exists():
+        shutil.copytree(ref["root"], used)
+    fid = ["--extractor", "digits", "--device", "cpu", "--no-progress"]
+    cases = [
+        ("sample.py .npz", "sample", lambda out: d.sample_args(s["A"], out), "s.npz"),
+        ("sample.py .png", "sample", lambda out: ["--ckpt", str(s["A"]), "--classes", "1", "--steps", "1",
+                                                  "--out", str(out)], "g.png"),
+        ("fid_eval --out", "fid", lambda out: ["--samples", str(s["npz"]), "--ref", "digits:val", *fid,
+                                               "--out", str(out)], "r.json"),
+        ("fid_eval stats --out", "fid", lambda out: ["stats", "--input", "digits:val", *fid, "--out", str(out)],
+         "st.npz"),
+        ("import-dit --out", "convert", lambda out: ["import-dit", str(dit), "--out", str(out)], "dit.ckpt"),
+        ("sweep --out (a folder of other files)", "fid",
+         lambda out: ["sweep", "--ckpt", str(s["A"]), "--cfg-scales", "1", "--num-samples", "10", "--steps", "1",
+                      "--ref", "digits:val", "--extractor", "digits", "--device", "cpu", "--out", str(out.parent)],
+         "notes.txt"),
+    ]
+    for _ in range(runs):
+        for name, entry, argv, filename in cases:
+            folder = Path(tempfile.mkdtemp(prefix="ow-", dir=base))
+            target = folder / filename
+            target.write_bytes(b"a result of the user's")
+            proc = d.run(entry, argv(target))
+            problems = [p for p in [one_error_line(proc, 2, "overwrite")] if p]
+            if target.read_bytes() != b"a result of the user's":
+                problems.append("silent overwrite: the file was replaced")
+            if sorted(p.name for p in folder.iterdir()) != [filename]:
+                problems.append(f"left files: {sorted(p.name for p in folder.iterdir())}")
+            if entry != "fid" or "sweep" not in argv(target):  # with --overwrite it is replaced
+                proc = d.run(entry, [*argv(target), "--overwrite"])
+                if proc.returncode != 0 or target.read_bytes() == b"a result of the user's":
+                    problems.append(f"--overwrite did not replace it (exit {proc.returncode}: {last_lines(proc.stderr)})")
+            failures += [f"{name}: {p}" for p in problems]
+        before = tree_digest(used)
+        proc = d.run("train", ["fit", "--config", str(ref["root"].parent / "reference.yaml"),
+                               "--trainer.default_root_dir", str(used)])
+        problems = [p for p in [one_error_line(proc, 2, "--ckpt_path last")] if p]
+        if tree_digest(used) != before:
+            problems.append("silent overwrite: the used run directory changed")
+        failures += [f"fresh training into a used run directory: {p}" for p in problems]
+    return runs * (len(cases) + 1), failures
+
+
+def drill_symlinked_last(d: Drill, runs: int) -> tuple[int, list[str]]:
+    """last.ckpt is a symlink to an older checkpoint of the run: the resume replaces the link (exactly), never
+    writing through it or beside it (last-v1.ckpt)."""
+    failures = []
+    ref = d.reference()
+    for i in range(runs):
+        root = d.work / f"symlinked-{i}"
+        tiny_config(root, d.steps)
+        k = d.rng.randint(1, d.steps - 1)
+        ckpts = root / "checkpoints"
+        ckpts.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ref["root"] / "checkpoints" / f"step={k}.ckpt", ckpts / "kept.ckpt")
+        (ckpts / "last.ckpt").symlink_to("kept.ckpt")
+        kept = hashlib.sha256((ckpts / "kept.ckpt").read_bytes()).hexdigest()
+        last = ckpts / "last.ckpt"
+        proc = d.run("train", ["fit", "--config", str(root.parent / f"{root.name}.yaml"), "--ckpt_path", "last"])
+        problems = [] if proc.returncode == 0 else [f"exit {proc.returncode}: {last_lines(proc.stderr)}"]
+        if last.is_symlink():
+            problems.append("last.ckpt is still the link (stale)")
+        elif last.exists():
+            problems += training_state_problems(ref["ckpt"], load(last))
+        if hashlib.sha256((ckpts / "kept.ckpt").read_bytes()).hexdigest() != kept:
+            problems.append("the link's target was written through")
+        versioned = [p.name for p in ckpts.glob("last-v*.ckpt")]
+        if versioned:
+            problems.append(f"versioned copies beside it: {versioned}")
+        problems += log_problems(root / "metrics.csv", ref["losses"], since=k)
+        failures += [f"run {i} (from step {k}): {p}" for p in problems]
+    return runs, failures
+
+
+def drill_unwritable_out(d: Drill, runs: int) -> tuple[int, list[str]]:
+    """Outputs that cannot be written: one error line, exit 2, before any sample is drawn."""
+    failures = []
+    s = d.samples_reference()
+    base = d.work / "unwritable"
+    base.mkdir(exist_ok=True)
+    (base / "a_file").write_text("")
+    places = [base / "a_file", Path("/proc/gspn-gen-drill")]
+    if os.geteuid() != 0:  # root writes into read-only folders
+        (base / "read_only").mkdir(mode=0o555, exist_ok=True)
+        places.append(base / "read_only")
+    dit = _official_dit(d.work / "overwrite" / "DiT-T-2.pt")
+    cases = []
+    for place in places:
+        cases += [
+            (f"sample.py .npz in {place}", "sample", d.sample_args(s["A"], place / "s.npz")),
+            (f"sample.py .png in {place}", "sample", ["--ckpt", str(s["A"]), "--classes", "1", "--out",
+                                                      str(place / "g.png")]),
+            (f"fid_eval --out in {place}", "fid", ["--samples", str(s["npz"]), "--ref", "digits:val", "--extractor",
+                                                   "digits", "--device", "cpu", "--out", str(place / "r.json")]),
+            (f"import-dit --out in {place}", "convert", ["import-dit", str(dit), "--out", str(place / "d.ckpt")]),
+            (f"training into {place}", "train", ["fit", "--config", str(d.reference()["root"].parent / "reference.yaml"),
+                                                 "--trainer.default_root_dir", str(place / "run")]),
+        ]
+    for _ in range(runs):
+        for name, entry, args in cases:
+            proc = d.run(entry, args)
+            problem = one_error_line(proc, 2)
+            if problem:
+                failures.append(f"{name}: {problem}")
+            elif entry == "sample" and re.search(r"sampling.*img", proc.stderr):
+                failures.append(f"{name}: refused only after sampling")
+    return runs * len(cases), failures
+
+
+def drill_huge_requests(d: Drill, runs: int) -> tuple[int, list[str]]:
+    """Requests that cannot fit or make no sense: refused with the numbers before anything is written."""
+    failures = []
+    s, ref = d.samples_reference(), d.reference()
+    base = d.work / "huge"
+    cases = [
+        ("--num-samples 1e9", "sample", lambda f: ["--ckpt", str(s["A"]), "--num-samples", "1000000000", "--out",
+                                                   str(f / "s.npz")], "samples fit"),
+        ("a grid of 1e8 images", "sample", lambda f: ["--ckpt", str(s["A"]), "--classes", "1", "--per-class",
+                                                      "100000000", "--out", str(f / "g.png")], "needs about"),
+        ("--steps 100000", "sample", lambda f: ["--ckpt", str(s["A"]), "--num-samples", "8", "--steps", "100000",
+                                                "--out", str(f / "s.npz")], "at most 1000"),
+        ("--trainer.max_steps 0", "train", lambda f: ["fit", "--config", str(ref["root"].parent / "reference.yaml"),
+                                                      "--trainer.default_root_dir", str(f / "run"),
+                                                      "--trainer.max_steps", "0"], "nothing to train"),
+    ]
+    for i in range(runs):
+        for name, entry, argv, expected in cases:
+            folder = base / f"{i}-{name.split()[0].strip('-')}-{cases.index((name, entry, argv, expected))}"
+            folder.mkdir(parents=True, exist_ok=True)
+            proc = d.run(entry, argv(folder))
+            problem = one_error_line(proc, 2, expected)
+            written = [str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()]
+            failures += [f"{name}: {p}" for p in [problem] if p]
+            if written:
+                failures.append(f"{name}: wrote {written[:3]}")
+    return runs * len(cases), failures
+
+
 # ---------------------------------------------------------------- drills: sampling
 def _partial_sampling(d: Drill, ckpt: Path, out: Path, shards: int) -> bool:
     """Start sampling and kill -9 it once `shards` shards exist; False when it finished first (no kill)."""
@@ -483,6 +888,7 @@ def _partial_sampling(d: Drill, ckpt: Path, out: Path, shards: int) -> bool:
     killed = p.poll() is None
     p.send_signal(signal.SIGKILL)
     p.wait()
+    p.err_file.close()
     return killed
 
 
@@ -701,6 +1107,38 @@ def bad_input_cases(d: Drill) -> list[tuple[str, str, list[str], str]]:
     ]
     if not torch.cuda.is_available():
         cases.append(("--device cuda without GPU", "sample", [*grid, "--device", "cuda"], "cuda"))
+    crafted = load(s["A"])
+    crafted["hyper_parameters"]["codec"] = {"name": "jpeg"}
+    torch.save(crafted, files / "codec.ckpt")
+    crafted = load(s["A"])
+    crafted["hyper_parameters"]["model_args"] = {**crafted["hyper_parameters"]["model_args"], "gspn_backend": "bogus"}
+    torch.save(crafted, files / "backend.ckpt")
+    dit = _official_dit(d.work / "overwrite" / "DiT-T-2.pt")
+    (files / "DiT-truncated.pt").write_bytes(dit.read_bytes()[:4000])
+    nodrop = torch.load(dit, weights_only=True)
+    nodrop["y_embedder.embedding_table.weight"] = nodrop["y_embedder.embedding_table.weight"][:10]
+    torch.save(nodrop, files / "DiT-10rows.pt")
+    (files / "not_a_vae").mkdir(exist_ok=True)
+    distill = str(REPO / "configs" / "experiments" / "distill_dit-t4_to_gspn-t4_digits.yaml")
+    cases += [
+        ("sample.py: a checkpoint with an unknown codec", "sample", ["--ckpt", str(files / "codec.ckpt"), "--out",
+                                                                      str(files / "g.png")], "unknown codec"),
+        ("sample.py: a checkpoint with an unknown GSPN backend", "sample",
+         ["--ckpt", str(files / "backend.ckpt"), "--out", str(files / "g.png")], "bogus"),
+        ("sample.py --vae /missing/dir", "sample", [*grid, "--vae", "/missing/dir"], "does not exist"),
+        ("sample.py --steps 100000", "sample", [*grid, "--steps", "100000"], "at most 1000"),
+        ("import-dit of a truncated file", "convert", ["import-dit", str(files / "DiT-truncated.pt"), "--out",
+                                                       str(files / "t.ckpt")], "truncated"),
+        ("import-dit --vae /missing/dir", "convert", ["import-dit", str(dit), "--out", str(files / "v.ckpt"),
+                                                      "--vae", "/missing/dir"], "does not exist"),
+        ("import-dit --vae of a folder without a VAE", "convert",
+         ["import-dit", str(dit), "--out", str(files / "v.ckpt"), "--vae", str(files / "not_a_vae")], "config.json"),
+        ("import-dit of a table without a decidable null row", "convert",
+         ["import-dit", str(files / "DiT-10rows.pt"), "--out", str(files / "n.ckpt")], "--num-classes"),
+        ("a missing teacher beside student checkpoints only", "train",
+         ["fit", "--config", distill, "--model.distill.teacher", str(run / "checkpoints" / "gone.ckpt"),
+          "--trainer.default_root_dir", str(files / "distill")], "no readable teacher"),
+    ]
     ref = str(_fid_reference_stats(d))
     fid = ["--samples", str(s["npz"]), "--ref", ref, "--extractor", "digits", "--device", "cpu", "--no-progress",
            "--no-cache"]
@@ -785,8 +1223,15 @@ def drill_pickles(d: Drill, runs: int) -> tuple[int, list[str]]:
 
 
 DRILLS = {
-    "kill_random": (drill_kill_random, 12),
+    "kill_random": (drill_kill_random, 20),
     "kill_in_write": (drill_kill_in_write, 10),
+    "kill_ddp": (drill_kill_ddp, 2),
+    "signals": (drill_signals, 3),
+    "concurrent": (drill_concurrent, 2),
+    "overwrite": (drill_overwrite, 1),
+    "symlinked_last": (drill_symlinked_last, 2),
+    "unwritable_out": (drill_unwritable_out, 1),
+    "huge_requests": (drill_huge_requests, 1),
     "full_disk": (drill_full_disk, 3),
     "blown_up_weights": (drill_blown_up_weights, 2),
     "kill_sampling": (drill_kill_sampling, 5),
@@ -798,6 +1243,28 @@ DRILLS = {
     "bad_inputs": (drill_bad_inputs, 1),
     "pickles": (drill_pickles, 1),
 }
+
+
+KILL_DRILLS = ("kill_random", "kill_in_write", "kill_ddp")
+
+
+def acceptance(rows: list[dict], d: Drill) -> dict:
+    """The counts the drill exists for, over all drills run."""
+    details = [line.lower() for r in rows for line in r["details"]]
+    kill_resumes = [r for r in d.resumes if r["root"].startswith("kill")  # those that interrupted training
+                    and (r["from_step"] is None or r["from_step"] < d.steps)]
+    return {
+        "random_step_kills": sum(r["runs"] for r in rows if r["drill"] in KILL_DRILLS),
+        "kills_resumed_exactly": sum(r["exact"] for r in kill_resumes),
+        "kills_resumed_mid_epoch": sum(r["mid_epoch"] for r in kill_resumes),
+        "kills_resumed_from_steps": sorted({r["from_step"] for r in kill_resumes if r["from_step"] is not None}),
+        "signal_stops": next((r["runs"] for r in rows if r["drill"] == "signals"), 0),
+        "corrupted_logs_or_checkpoints": sum("corrupt" in x or "more than once" in x for x in details),
+        "silent_overwrites": sum("silent overwrite" in x or "written through" in x for x in details),
+        "tracebacks": sum("traceback" in x for x in details),
+        "exit_0_stops": sum("exit-0 stop" in x for x in details),
+        "failures": len(details),
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -842,12 +1309,14 @@ def main(argv: list[str] | None = None) -> dict:
         "platform": platform.platform(), "torch": torch.__version__,
         "date": dt.datetime.now().isoformat(timespec="seconds"),
         "tmpdir_other_fs": str(d.other_fs), "quick": args.quick, "seed": args.seed,
-        "settings": {"training": "GSPN-T/2 (width 32, depth 2) on 8x8 digits, batch 8, checkpoint every step",
+        "settings": {"training": f"GSPN-T/2 (width 32, depth 2) on 8x8 digits, batch 8, {BATCHES_PER_EPOCH} batches "
+                                 "per epoch, a checkpoint every step",
                      "steps": d.steps, "samples": d.samples, "shard_size": 4},
         "wall_s": round(time.perf_counter() - start, 1),
         "cpu_s": round(sum(u.ru_utime + u.ru_stime for u in usage), 1),
         "note": "shared 2-core machine: wall time is inflated by other users; runs and failures are what count",
-        "kills": sum(r["runs"] for r in rows if r["drill"] in ("kill_random", "kill_in_write")),
+        "kills": sum(r["runs"] for r in rows if r["drill"] in KILL_DRILLS),
+        "acceptance": acceptance(rows, d),
         "drills": rows,
     }
     path = args.json or REPO / "benchmarks" / "results" / f"fault-drill-{slug(cpu_name())}-{dt.date.today()}.json"

@@ -22,7 +22,7 @@ from pathlib import Path
 from fid_eval.errors import FidEvalError
 from fid_eval.evaluation import METRICS, PROTOCOLS
 from fid_eval.extractors import EXTRACTORS
-from fid_eval.fileio import write_json
+from fid_eval.fileio import OutputError, check_output, write_json
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -55,7 +55,8 @@ def _eval_parser() -> argparse.ArgumentParser:
                         "reference images, FID/sFID against the batch's stored statistics); torch-fidelity: "
                         "IS over 10 shuffled splits. Default: adm for Inception, torch-fidelity otherwise")
     _common(p)
-    p.add_argument("--out", type=Path, default=None, help="write the report as JSON here")
+    p.add_argument("--out", type=Path, default=None, help="write the report as JSON here (refused if it exists)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--num-samples", type=int, default=None, help="score only the first N samples")
     p.add_argument("--cache-dir", type=Path, default=None,
                    help="reference statistics cache (default $GSPN_FID_CACHE or ~/.cache/gspn_gen/fid_stats)")
@@ -73,7 +74,9 @@ def _stats_parser() -> argparse.ArgumentParser:
                                 description="Featurise images once and save their statistics "
                                             "(mu, sigma, mu_s, sigma_s, features, logits) for later --samples/--ref use.")
     p.add_argument("--input", required=True, help="folder, ADM .npz, or digits:train|val")
-    p.add_argument("--out", type=Path, required=True, help="statistics file to write (.npz or .pt)")
+    p.add_argument("--out", type=Path, required=True, help="statistics file to write (.npz or .pt; refused if it "
+                                                           "exists)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     _common(p)
     p.add_argument("--cache-dir", type=Path, default=None,
                    help="the statistics cache this reads and fills as well as writing --out "
@@ -121,8 +124,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fid_eval: error: --batch-size must be >= 1, got {args.batch_size}", file=sys.stderr)
         return 2
     try:
+        if argv[:1] != ["sweep"] and args.out is not None:
+            check_output(args.out, args.overwrite)  # before any work; the sweep checks its folder itself
         run(args)
-    except FidEvalError as e:
+    except (FidEvalError, OutputError) as e:
         print(f"fid_eval: error: {e}", file=sys.stderr)
         return 2
     return 0

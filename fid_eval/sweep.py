@@ -26,6 +26,7 @@ from fid_eval.errors import FidEvalError
 from fid_eval.evaluation import METRICS, PROTOCOLS, evaluate, parse_metrics, print_warnings, resolve_protocol
 from fid_eval.extractors import EXTRACTORS, build_extractor
 from fid_eval.fileio import atomic_write, write_json
+from gspn_gen.runlock import LOCK_NAME, LockHeld, RunLock, dir_lock
 
 MANIFEST = "sweep_settings.json"
 
@@ -63,6 +64,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--delete-samples", action="store_true",
                    help="delete each scale's samples.npz once it is scored (metrics.json stays)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars while scoring")
+    p.add_argument("--overwrite", action="store_true",
+                   help="OUT holds a sweep with other settings (or other files): replace it instead of refusing")
     return p.parse_args(argv)
 
 
@@ -70,17 +73,30 @@ def scale_name(scale: float) -> str:
     return f"cfg-{scale:g}"
 
 
-def check_manifest(out: Path, settings: dict) -> None:
-    """Record the sweep's settings once; refuse to resume a sweep made with other ones."""
+def check_manifest(out: Path, settings: dict, overwrite: bool = False) -> None:
+    """Record the sweep's settings once; a sweep made with other ones (or a folder holding other files)
+    is refused, or with `overwrite` its results are removed first."""
     path = out / MANIFEST
-    if not path.exists():
-        write_json(path, settings)
-        return
-    old = json.loads(path.read_text())
-    diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
-    if diff:
-        raise FidEvalError(f"{out} holds a sweep made with other settings {diff} (old, new): "
-                           "use another --out, or delete it to start over")
+    if path.exists():
+        try:
+            old = json.loads(path.read_text())
+        except ValueError:
+            old = {}
+        diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
+        if not diff:
+            return
+        if not overwrite:
+            raise FidEvalError(f"{out} holds a sweep made with other settings {diff} (old, new): use another "
+                               "--out, or pass --overwrite to replace it")
+    elif any(p.name != LOCK_NAME for p in out.iterdir()) and not overwrite:
+        raise FidEvalError(f"--out {out} holds files but no sweep ({MANIFEST}): use another --out, or pass "
+                           "--overwrite to write the sweep there")
+    for name in (MANIFEST, "sweep.json", "sweep.png"):
+        (out / name).unlink(missing_ok=True)
+    for folder in out.glob("cfg-*"):  # the results of the other settings
+        for name in ("metrics.json", "samples.npz"):
+            (folder / name).unlink(missing_ok=True)
+    write_json(path, settings)
 
 
 def sample_scale(args: argparse.Namespace, scale: float, path: Path) -> None:
@@ -99,6 +115,8 @@ def sample_scale(args: argparse.Namespace, scale: float, path: Path) -> None:
         argv += ["--guide-channels", str(args.guide_channels)]
     if args.vae is not None:
         argv += ["--vae", args.vae]
+    if args.overwrite:  # shards left by a sweep with other settings
+        argv += ["--overwrite"]
     if args.device is not None:
         argv += ["--accelerator", "cpu" if args.device == "cpu" else "gpu"]
     sample_cli.main(argv)
@@ -193,8 +211,19 @@ def run(args: argparse.Namespace) -> dict:
                 "guidance_interval": args.guidance_interval,
                 "guide_channels": args.guide_channels, "seed": args.seed, "ref": args.ref,
                 "metrics": metrics, "protocol": protocol, "extractor": args.extractor, "weights": args.weights}
-    args.out.mkdir(parents=True, exist_ok=True)
-    check_manifest(args.out, settings)
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise FidEvalError(f"--out {args.out}: cannot create it ({e.strerror or e})") from None
+    try:
+        with RunLock(dir_lock(args.out), f"--out {str(args.out)!r}"):  # one sweep per folder
+            return _sweep(args, settings, scales, metrics, protocol)
+    except LockHeld as e:
+        raise FidEvalError(f"{e}: wait for that sweep to end, or use another --out") from None
+
+
+def _sweep(args: argparse.Namespace, settings: dict, scales: list[float], metrics: list[str], protocol: str) -> dict:
+    check_manifest(args.out, settings, args.overwrite)
 
     extractor, rows = None, []
     for scale in scales:

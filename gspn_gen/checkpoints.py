@@ -23,15 +23,17 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from gspn_gen.diffusion import KINDS, describe, from_description
 from gspn_gen.distill import Distillation
-from gspn_gen.fileio import atomic_write, remove_stale_temps
+from gspn_gen.fileio import publish, remove_stale_temps, staged_write
 from gspn_gen.lit import GenerationModule
 from gspn_gen.models.zoo import DATA_FIELDS
 
@@ -49,8 +51,8 @@ class CheckpointWriteError(RuntimeError):
     """A checkpoint could not be written (e.g. the disk is full); the previous one is left as it was."""
 
 
-def _why_unreadable(path: str, err: Exception) -> str:
-    """The reason a checkpoint file could not be loaded, in words."""
+def why_unreadable(path: str, err: Exception) -> str:
+    """The reason a torch file could not be loaded, in words, with its size."""
     size = os.path.getsize(path)
     if size == 0:
         return "is empty (0 bytes; its write was interrupted)"
@@ -61,7 +63,7 @@ def _why_unreadable(path: str, err: Exception) -> str:
     if isinstance(err, pickle.UnpicklingError):
         return "holds pickled Python objects, not only tensors; refused (checkpoints are never unpickled)"
     first = (str(err).strip().splitlines() or [""])[0].split(". ")[0]
-    return f"is truncated or corrupt ({type(err).__name__}: {first})"
+    return f"is truncated or corrupt ({size} bytes; {type(err).__name__}: {first})"
 
 
 def _load(path: str, map_location: Any = "cpu", mmap: bool = False) -> dict:
@@ -73,14 +75,16 @@ def _load(path: str, map_location: Any = "cpu", mmap: bool = False) -> dict:
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:  # noqa: BLE001 - any failure to unpickle is a bad file for the user
-        raise CheckpointError(f"checkpoint {path!r} {_why_unreadable(path, e)}") from None
+        raise CheckpointError(f"checkpoint {path!r} {why_unreadable(path, e)}") from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
         raise CheckpointError(f"{path!r} is not a gspn-gen training checkpoint (no state_dict/hyper_parameters)")
     return ckpt
 
 
-def newest_readable(directory: str | os.PathLike, exclude: str | os.PathLike | None = None) -> str | None:
-    """The most recently written `*.ckpt` in `directory` that loads as a gspn-gen checkpoint, or None."""
+def newest_readable(directory: str | os.PathLike, exclude: str | os.PathLike | None = None,
+                    accept: Callable[[dict], bool] | None = None) -> str | None:
+    """The most recently written `*.ckpt` in `directory` that loads as a gspn-gen checkpoint (and that
+    `accept` accepts), or None."""
     exclude = os.path.abspath(exclude) if exclude else None
     try:
         candidates = [p for p in Path(directory).glob("*.ckpt") if p.is_file() and str(p.absolute()) != exclude]
@@ -88,23 +92,26 @@ def newest_readable(directory: str | os.PathLike, exclude: str | os.PathLike | N
         return None
     for p in sorted(candidates, key=lambda p: p.stat().st_mtime, reverse=True):
         try:
-            _load(str(p), mmap=True)
+            ckpt = _load(str(p), mmap=True)
         except CheckpointError:
             continue
-        return str(p)
+        if accept is None or accept(ckpt):
+            return str(p)
     return None
 
 
-def read_checkpoint(path: str, map_location: str | torch.device = "cpu", mmap: bool = False) -> dict:
-    """Load a checkpoint dict safely; errors are one line and name the newest readable checkpoint beside it."""
+def read_checkpoint(path: str, map_location: str | torch.device = "cpu", mmap: bool = False,
+                    accept: Callable[[dict], bool] | None = None, kind: str = "checkpoint") -> dict:
+    """Load a checkpoint dict safely; errors are one line and name the newest readable `kind` beside it
+    (a checkpoint that `accept` accepts: only files that could stand in for this one are offered)."""
     try:
         return _load(path, map_location, mmap)
     except CheckpointError as e:
         directory = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(directory):
             raise
-        other = newest_readable(directory, exclude=path)
-        hint = f"newest readable checkpoint there: {other}" if other else "no readable checkpoint in that directory"
+        other = newest_readable(directory, exclude=path, accept=accept)
+        hint = f"newest readable {kind} there: {other}" if other else f"no readable {kind} in that directory"
         raise CheckpointError(f"{e}; {hint}") from None
 
 
@@ -185,9 +192,11 @@ def nonfinite_tensors(state_dict: dict, prefix: str = "") -> list[str]:
             and v.is_floating_point() and not bool(torch.isfinite(v).all())]
 
 
-def load_module(path: str, device: str | torch.device = "cpu") -> GenerationModule:
-    """Rebuild the GenerationModule of a checkpoint with its weights (model and EMA), in eval mode."""
-    ckpt = read_checkpoint(path, mmap=True)
+def load_module(path: str, device: str | torch.device = "cpu", accept: Callable[[dict], bool] | None = None,
+                kind: str = "checkpoint") -> GenerationModule:
+    """Rebuild the GenerationModule of a checkpoint with its weights (model and EMA), in eval mode
+    (`accept`, `kind`: see read_checkpoint)."""
+    ckpt = read_checkpoint(path, mmap=True, accept=accept, kind=kind)
     module = build_module(path, ckpt["hyper_parameters"])
     check_state_dict(path, module, ckpt["state_dict"])
     module.load_state_dict(ckpt["state_dict"])
@@ -250,23 +259,75 @@ class SafeCheckpointIO(TorchCheckpointIO):
 
     Lightning's own writer stages the file in $TMPDIR and copies it over the target, which leaves a
     truncated checkpoint when killed on another filesystem. Reads ignore `weights_only=False`.
+
+    With `deferred`, a written checkpoint (complete and fsynced beside its target) is renamed into place,
+    and replaced checkpoints are removed, only at `commit()` (`CommitCheckpoints` calls it once the step's
+    metrics are logged): a run killed in between resumes from the previous checkpoint, so its log never
+    lacks the row of the step it resumes after.
     """
+
+    def __init__(self, deferred: bool = False):
+        super().__init__()
+        self.deferred = deferred
+        self._pending: dict[Path, Path] = {}  # target -> finished temp file
+        self._removals: list[str] = []
 
     def save_checkpoint(self, checkpoint: dict, path, storage_options: Any | None = None) -> None:
         if storage_options is not None:
             raise TypeError("SafeCheckpointIO does not take storage_options")
         remove_stale_temps(os.path.dirname(os.path.abspath(path)))
         try:
-            with atomic_write(path) as f:
+            with staged_write(path) as (f, tmp):
                 torch.save(checkpoint, f)
+            older = self._pending.pop(Path(path), None)
+            if older is not None:
+                older.unlink(missing_ok=True)
+            self._pending[Path(path)] = tmp
+            if not self.deferred:
+                self.commit()
         except OSError as e:
             raise CheckpointWriteError(
                 f"cannot write checkpoint {os.fspath(path)!r}: {e.strerror or e}; the previous checkpoint there "
                 "is left as it was"
             ) from None
 
+    def remove_checkpoint(self, path) -> None:
+        self._removals.append(os.fspath(path))
+        if not self.deferred:
+            self.commit()
+
+    def commit(self) -> None:
+        """Put the written checkpoints in place, then remove the ones they replace."""
+        pending, self._pending = self._pending, {}
+        for path, tmp in pending.items():
+            publish(tmp, path)
+        removals, self._removals = self._removals, []
+        for path in removals:
+            if Path(path) not in pending:
+                super().remove_checkpoint(path)
+
     def load_checkpoint(self, path, map_location: Any = None, weights_only: bool | None = None) -> dict:
         return read_checkpoint(os.fspath(path), map_location=map_location or "cpu")
+
+
+class CommitCheckpoints(L.Callback):
+    """Publishes a deferred SafeCheckpointIO's checkpoints at the start of the next step (the previous step's
+    metrics are logged by then), at the end of training, and when training ends on an error."""
+
+    def __init__(self, io: SafeCheckpointIO):
+        self.io = io
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.io.commit()
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.io.commit()
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        self.io.commit()  # the checkpoints written so far hold finished steps
+
+    def teardown(self, trainer, pl_module, stage) -> None:
+        self.io.commit()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -16,6 +16,7 @@ weights in every checkpoint; move them with `codec.to(device)`.
 
 from __future__ import annotations
 
+import json
 import os
 
 import torch
@@ -128,15 +129,41 @@ def sd_vae_spec(path: str, scale: float | None = None) -> dict:
     return {"name": "sd-vae", "path": path, "scale": DEFAULT_VAE_SCALE if scale is None else float(scale)}
 
 
+def _looks_local(path: str) -> bool:
+    """A local path rather than a hub id ("org/name")."""
+    return os.path.exists(path) or os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") != 1
+
+
+VAE_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+
+
+def check_vae_source(path: str) -> None:
+    """Without loading it: a local VAE directory exists and holds a diffusers AutoencoderKL (config and
+    weights); a hub id ("org/name") is accepted as given. CodecLoadError says what is wrong."""
+    if not _looks_local(path):
+        return
+    if not os.path.isdir(path):
+        raise CodecLoadError(f"VAE directory {path!r} does not exist")
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            config = json.load(f)
+    except (OSError, ValueError) as e:
+        raise CodecLoadError(f"{path!r} holds no readable config.json ({type(e).__name__}): not a VAE directory "
+                             "written by save_pretrained or huggingface-cli download") from None
+    kind = config.get("_class_name") if isinstance(config, dict) else None
+    if kind != "AutoencoderKL":
+        raise CodecLoadError(f"{path!r} holds a {kind or 'model without _class_name'}, not an AutoencoderKL VAE")
+    if not any(os.path.isfile(os.path.join(path, name)) for name in VAE_WEIGHTS):
+        raise CodecLoadError(f"{path!r} holds a VAE config but no weights ({' or '.join(VAE_WEIGHTS)})")
+
+
 def load_vae(path: str):
     """`AutoencoderKL.from_pretrained(path)` in eval mode, with errors that say how to fix them."""
     try:
         from diffusers import AutoencoderKL
     except ImportError as err:
         raise ImportError(f"the SD VAE codec needs diffusers: {VAE_INSTALL_HINT}") from err
-    looks_local = os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") > 1
-    if looks_local and not os.path.isdir(path):
-        raise CodecLoadError(f"VAE directory {path!r} does not exist")
+    check_vae_source(path)
     try:
         vae = AutoencoderKL.from_pretrained(path, low_cpu_mem_usage=False)  # no `accelerate` nag
     except Exception as err:  # diffusers/huggingface_hub raise many types (OSError, HTTP, validation)

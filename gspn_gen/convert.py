@@ -30,14 +30,16 @@ from __future__ import annotations
 
 import argparse
 import os
+import pickle
 import re
 import sys
 
 import torch
 
-from gspn_gen.checkpoints import CheckpointError, SafeCheckpointIO, init_args, module_kwargs
-from gspn_gen.codecs import sd_vae_spec
+from gspn_gen.checkpoints import CheckpointError, SafeCheckpointIO, init_args, module_kwargs, why_unreadable
+from gspn_gen.codecs import CodecLoadError, check_vae_source, sd_vae_spec
 from gspn_gen.diffusion import FlowMatching, GaussianDiffusion, describe
+from gspn_gen.fileio import OutputError, check_output
 from gspn_gen.lit import GenerationModule
 from gspn_gen.models.backbone import DiffusionBackbone
 from gspn_gen.models.mixer import GSPNMixer
@@ -62,23 +64,54 @@ _FAMILIES = {
 }
 
 
-def read_official(path: str) -> dict[str, torch.Tensor]:
-    """The state dict of an official DiT/SiT checkpoint file (its "ema" entry for a train.py file)."""
+def read_official(path: str) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """The state dict of an official DiT/SiT checkpoint file (its "ema" entry for a train.py file), and the
+    training arguments stored beside it as a plain dict ("args"), if any."""
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path!r} does not exist")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file for the user
+        if not isinstance(e, pickle.UnpicklingError):  # truncated, empty, not a torch file
+            raise CheckpointError(f"cannot import {path!r}: it {why_unreadable(path, e)}") from None
         raise CheckpointError(
-            f"cannot read {path!r} with weights_only=True ({type(e).__name__}); a DiT/SiT train.py checkpoint "
-            "also pickles its argparse arguments: on a machine you trust, re-save its 'ema' entry alone as a "
-            "plain state dict and import that file"
+            f"cannot read {path!r} with weights_only=True: it holds pickled Python objects; a DiT/SiT train.py "
+            "checkpoint also pickles its argparse arguments: on a machine you trust, re-save its 'ema' entry "
+            "alone as a plain state dict and import that file"
         ) from None
+    args = None
     if isinstance(obj, dict) and isinstance(obj.get("ema"), dict):
+        args = obj.get("args") if isinstance(obj.get("args"), dict) else None
         obj = obj["ema"]
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{path!r} is not a DiT/SiT state dict (expected a dict of tensors)")
-    return obj
+    return obj, args
+
+
+def label_classes(rows: int, num_classes: int | None, args: dict | None) -> tuple[int, bool]:
+    """(classes, has a null row) of a label table with `rows` rows.
+
+    A model trained with label dropout has one row more than classes, the last being the null class of
+    guidance; one trained without has none. Decided by `num_classes` (--num-classes), else by the
+    training args stored in the file, else for the official ImageNet files (1001 rows: 1000 classes and
+    the null class); otherwise the caller must say, and CheckpointError asks for --num-classes.
+    """
+    source = "--num-classes"
+    if num_classes is None and args is not None and isinstance(args.get("num_classes"), int):
+        num_classes, source = args["num_classes"], "the file's training args (num_classes)"
+    if num_classes is None:
+        if rows == 1001:
+            return 1000, True
+        raise CheckpointError(
+            f"the label table has {rows} rows: {rows - 1} classes and the null class of guidance, or {rows} "
+            f"classes of a model trained without label dropout; say which with --num-classes {rows - 1} or "
+            f"--num-classes {rows}")
+    if rows == num_classes + 1:
+        return num_classes, True
+    if rows == num_classes:
+        return num_classes, False
+    raise CheckpointError(f"{source} says {num_classes} classes, but the label table has {rows} rows "
+                          f"(expected {num_classes + 1} with a null class or {num_classes} without)")
 
 
 def check_layout(state: dict[str, torch.Tensor]) -> int:
@@ -101,8 +134,11 @@ def check_layout(state: dict[str, torch.Tensor]) -> int:
     return depth
 
 
-def infer_config(state: dict[str, torch.Tensor], family: str) -> dict:
-    """GenerationModule arguments (preset, overrides, process, data shape) read from the tensor shapes."""
+def infer_config(state: dict[str, torch.Tensor], family: str, num_classes: int | None = None,
+                 args: dict | None = None) -> dict:
+    """GenerationModule arguments (preset, overrides, process, data shape) read from the tensor shapes;
+    the class count as `label_classes` decides it. A model without a null row gets class_dropout_prob 0,
+    which is how sampling knows it cannot be guided."""
     depth = check_layout(state)
     width, in_channels, patch, _ = state["x_embedder.proj.weight"].shape
     out_channels = state["final_layer.linear.weight"].shape[0] // (patch * patch)
@@ -117,7 +153,10 @@ def infer_config(state: dict[str, torch.Tensor], family: str) -> dict:
     if not candidates:
         raise CheckpointError(f"no DiT preset of width {width} and patch size {patch} (see python -m gspn_gen.models.zoo)")
     name = next((n for n in candidates if MODELS[n]["depth"] == depth), candidates[0])
+    classes, has_null = label_classes(state["y_embedder.embedding_table.weight"].shape[0], num_classes, args)
     shape = {"depth": depth, "mlp_ratio": state["blocks.0.mlp.fc1.weight"].shape[0] / width}
+    if not has_null:
+        shape["class_dropout_prob"] = 0.0
     learn_sigma = out_channels == 2 * in_channels
     if family == "sit":
         learn_sigma = False  # SiT's forward drops the sigma half; import removes it from the weights
@@ -128,7 +167,7 @@ def infer_config(state: dict[str, torch.Tensor], family: str) -> dict:
         "model": name,
         "model_args": {k: v for k, v in shape.items() if MODELS[name][k] != v},
         "diffusion": describe(process(**process_args)),
-        "num_classes": state["y_embedder.embedding_table.weight"].shape[0] - 1,  # the last row is the null class
+        "num_classes": classes,
         "in_channels": in_channels,
         "input_size": side * patch,
     }
@@ -162,16 +201,21 @@ def official_to_ours(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {re.sub(r"^(blocks\.\d+)\.attn\.", r"\1.mixer.", k): v for k, v in state.items()}
 
 
-def import_official(src: str, out: str, family: str, vae: str = DEFAULT_VAE) -> dict:
+def import_official(src: str, out: str, family: str, vae: str = DEFAULT_VAE, num_classes: int | None = None) -> dict:
     """Write `out`, a checkpoint of ours, from the official DiT (family "dit") or SiT ("sit") file `src`.
 
     Returns the checkpoint's hyper-parameters. The layout is checked against a meta-device model of
-    the inferred preset, so a wrong shape is refused before anything is written.
+    the inferred preset, so a wrong shape is refused before anything is written. `num_classes`: see
+    `label_classes`; a table without a null row gets a zero row there (never used: such a model is
+    sampled unguided only).
     """
     if family not in _FAMILIES:
         raise ValueError(f"family must be one of {sorted(_FAMILIES)}, got {family!r}")
-    state = read_official(src)
-    hparams = {**infer_config(state, family), "codec": sd_vae_spec(vae), "class_names": None}
+    state, args = read_official(src)
+    hparams = {**infer_config(state, family, num_classes, args), "codec": sd_vae_spec(vae), "class_names": None}
+    table = state["y_embedder.embedding_table.weight"]
+    if table.shape[0] == hparams["num_classes"]:  # no null row: keep the layout of ours
+        state = {**state, "y_embedder.embedding_table.weight": torch.cat([table, table.new_zeros(1, table.shape[1])])}
     with torch.device("meta"):  # shapes only: nothing is allocated
         module = GenerationModule(**module_kwargs(hparams))
     hparams, net = init_args(dict(module.hparams)), module.model
@@ -244,25 +288,39 @@ def main(argv: list[str] | None = None) -> None:
         p = sub.add_parser(f"import-{family}", help=f"official {family.upper()} state dict -> our checkpoint")
         p.add_argument("src", help=f"the official file, e.g. {family.upper()}-XL-2-256x256.pt")
         p.add_argument("--out", required=True, help="the checkpoint to write (refused if it exists)")
+        p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
         p.add_argument("--vae", default=DEFAULT_VAE, metavar="ID_OR_DIR",
                        help=f"the SD VAE that decodes samples: hub id or local directory (default {DEFAULT_VAE}; "
                             "an offline machine needs a local copy); sample.py --vae can change it later")
+        p.add_argument("--num-classes", type=int, default=None, metavar="N",
+                       help="classes of the model: the label table holds N + 1 rows when it was trained with "
+                            "label dropout (the last is the null class of guidance), N without (then it is "
+                            "sampled unguided only); needed unless the file's training args or the official "
+                            "1001-row ImageNet table decide it")
     args = parser.parse_args(argv)
     family = args.command.split("-")[1]
-    if os.path.exists(args.out):
-        _fail(f"--out {args.out!r} exists; delete it or choose another path")
+    if args.num_classes is not None and args.num_classes < 1:
+        _fail(f"--num-classes must be >= 1, got {args.num_classes}")
     try:
-        hp = import_official(args.src, args.out, family, args.vae)
+        check_output(args.out, args.overwrite)
+        check_vae_source(args.vae)
+    except OutputError as e:
+        _fail(str(e))
+    except CodecLoadError as e:
+        _fail(f"--vae: {e}")
+    try:
+        hp = import_official(args.src, args.out, family, args.vae, args.num_classes)
     except CheckpointError as e:
         _fail(str(e))
     overrides = {k: v for k, v in hp["model_args"].items() if v is not None}
+    guidance = ("" if overrides.get("class_dropout_prob") != 0 else
+                " (trained without label dropout: no null class, sample it with --cfg-scale 1)")
     print(f"wrote {args.out}: {hp['model']}{' ' + str(overrides) if overrides else ''}, "
           f"{hp['diffusion']['class_path'].rsplit('.', 1)[-1]}, "
-          f"{hp['num_classes']} classes, {hp['in_channels']}x{hp['input_size']}x{hp['input_size']} latents, "
-          f"VAE {hp['codec']['path']}")
+          f"{hp['num_classes']} classes{guidance}, {hp['in_channels']}x{hp['input_size']}x{hp['input_size']} "
+          f"latents, VAE {hp['codec']['path']}")
 
 
 def _fail(message: str) -> None:
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
-

@@ -79,8 +79,13 @@ class Distiller:
         from gspn_gen.convert import convert_to_gspn
 
         self.settings = settings
-        source = load_module(settings.teacher)
+        source = load_module(settings.teacher, accept=lambda ckpt: fits_as_teacher(ckpt["hyper_parameters"], student),
+                             kind=f"teacher for {student.hparams.model}")
         check_compatible(source, student)
+        if source.model.y_embedder.dropout_prob == 0 < student.model.y_embedder.dropout_prob:
+            raise DistillationError(
+                f"teacher {settings.teacher!r} was trained without label dropout (no null class), so it cannot "
+                "teach the student's null class: set model.model_args.class_dropout_prob 0 for the student")
         # the codec from the file: `source.hparams` may be the student's while LightningCLI builds it
         theirs = codec_identity(read_checkpoint(settings.teacher, mmap=True)["hyper_parameters"].get("codec"))
         ours = codec_identity(student.hparams.get("codec"))
@@ -167,6 +172,27 @@ def check_compatible(teacher: GenerationModule, student: GenerationModule) -> No
     for name in ours:
         if theirs.get(name) != ours[name]:
             raise DistillationError(f"the teacher has {name}={theirs.get(name)!r} but the student {name}={ours[name]!r}")
+
+
+def fits_as_teacher(hparams: dict, student: GenerationModule) -> bool:
+    """Whether a checkpoint with these hyper-parameters could teach `student` (an attention model of its
+    width and depth, for the same data and process); read from a shapes-only build of its model."""
+    from gspn_gen.checkpoints import module_kwargs
+    from gspn_gen.convert import shared_keys
+    from gspn_gen.lit import GenerationModule
+    from gspn_gen.models.mixer import GSPNMixer
+
+    try:
+        with torch.device("meta"):
+            teacher = GenerationModule(**module_kwargs(hparams))
+        check_compatible(teacher, student)
+    except Exception:  # noqa: BLE001 - any checkpoint that cannot be built or does not fit is no teacher
+        return False
+    net, own = teacher.model, student.model
+    if len(net.blocks) != len(own.blocks) or any(isinstance(b.mixer, GSPNMixer) for b in net.blocks):
+        return False
+    theirs, ours = net.state_dict(), own.state_dict()
+    return all(theirs[k].shape == ours[k].shape for k in shared_keys(net, own))
 
 
 def noisy_input(diffusion, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -23,6 +23,7 @@ import torch
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import grad_norm, rank_zero_only, rank_zero_warn
 
+from gspn_gen.data.sampler import derive_seed, run_seed
 from gspn_gen.diffusion import FlowMatching, GaussianDiffusion, describe
 from gspn_gen.distill import Distillation, Distiller
 from gspn_gen.models.zoo import NO_OVERRIDES, ModelArgs, build_model, model_overrides
@@ -138,6 +139,7 @@ class GenerationModule(L.LightningModule):
         self._last_step_time: float | None = None
         self._last_grid_step = -1
         self._resumed = False  # set when Lightning restores a checkpoint into this module
+        self._run_seed: int | None = None  # seed of the training steps' random streams (on_train_batch_start)
 
     @property
     def null_class(self) -> int:
@@ -204,28 +206,26 @@ class GenerationModule(L.LightningModule):
         for b_ema, b in zip(self.ema.buffers(), self.model.buffers()):
             b_ema.copy_(b)
 
-    # Resume must continue the same random stream (noise, timesteps, shuffling), not restart the seed.
+    # The random stream of a training step (noise, timesteps, label dropout) is seeded from (run seed,
+    # rank, batch index), so a resumed run draws what the unbroken run drew at the same step, on every
+    # rank, whatever ran in between (data loading, sample grids, FID). The run seed travels in checkpoints.
+    def on_train_batch_start(self, batch, batch_idx) -> None:
+        torch.manual_seed(derive_seed(self._run_seed, self.trainer.global_rank, self.trainer.fit_loop.total_batch_idx))
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         self._check_weights()
         if self.distiller is not None:
             self.distiller.save(checkpoint)
-        checkpoint["rng_torch"] = torch.get_rng_state()
-        if torch.cuda.is_available():
-            checkpoint["rng_cuda"] = torch.cuda.get_rng_state()  # this rank's device only
+        checkpoint["train_seed"] = self._run_seed
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if self.distiller is not None:
             self.distiller.check(checkpoint)
-        if self._trainer is None:  # plain load_from_checkpoint: leave the caller's RNG alone
+        if self._trainer is None:  # plain load_from_checkpoint: not a resume
             return
         self._resumed = True
-        if "rng_torch" in checkpoint:
-            torch.set_rng_state(checkpoint["rng_torch"])
-        if "rng_cuda" in checkpoint and torch.cuda.is_available():
-            torch.cuda.set_rng_state(checkpoint["rng_cuda"])
-        if self.trainer.global_rank > 0:
-            # The checkpoint holds rank 0's stream; other ranks branch off it deterministically.
-            torch.manual_seed(int(torch.randint(2**62, (1,)).item()) + self.trainer.global_rank)
+        if checkpoint.get("train_seed") is not None:
+            self._run_seed = int(checkpoint["train_seed"])
 
     def _check_weights(self) -> None:
         """Stop before a checkpoint with NaN/inf or blown-up weights (model or EMA) could replace a good one."""
@@ -263,9 +263,8 @@ class GenerationModule(L.LightningModule):
             sched._last_lr = [group["lr"] for group in sched.optimizer.param_groups]
 
     def on_fit_start(self) -> None:
-        if self.trainer.world_size > 1 and self.trainer.ckpt_path is None:
-            # seed_everything gives every rank the same seed: give each rank its own noise stream.
-            torch.manual_seed(torch.initial_seed() + 1_000_003 * self.trainer.global_rank)
+        if self._run_seed is None:  # not restored from a checkpoint
+            self._run_seed = run_seed()
 
     def configure_optimizers(self):
         hp = self.hparams
@@ -282,12 +281,13 @@ class GenerationModule(L.LightningModule):
     @rank_zero_only
     def log_sample_grid(self) -> None:
         """Write a class grid from the EMA model to <log_dir>/samples/step-XXXXXXX.png (and TensorBoard)."""
-        from gspn_gen.sampling import class_grid, generate, save_image
+        from gspn_gen.sampling import class_grid, generate, has_null_class, save_image
 
         hp = self.hparams
         classes = list(range(min(hp.num_classes, hp.sample_max_classes)))
         labels = torch.tensor(classes).repeat_interleave(hp.sample_per_class)
-        images = generate(self, labels, seed=0, cfg_scale=hp.sample_cfg_scale, steps=hp.sample_steps)
+        cfg_scale = hp.sample_cfg_scale if has_null_class(self) else 1.0  # no null class: unguided
+        images = generate(self, labels, seed=0, cfg_scale=cfg_scale, steps=hp.sample_steps)
         grid = class_grid(images, labels.tolist(), hp.sample_per_class, hp.class_names)
         log_dir = self.trainer.log_dir or self.trainer.default_root_dir
         save_image(grid, f"{log_dir}/samples/step-{self.global_step:07d}.png")

@@ -1,13 +1,19 @@
 """`python sample.py`: class grids and large sample batches from a training checkpoint.
 
 Everything (preset, diffusion, codec, class names) is rebuilt from the checkpoint; EMA weights by default.
+Before the first sample is drawn the request is checked as a whole: the output (exists: refused without
+--overwrite, unless it is the resumable continuation of the same settings; writable), one writer per
+output (a lock beside it), the sampler, step count and guidance the checkpoint allows, the codec (VAE)
+and the network on this device, and the disk space and memory the result needs.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
+import re
 import sys
 import warnings
 import zipfile
@@ -16,20 +22,35 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from tqdm import tqdm
 
 from gspn_gen.checkpoints import CheckpointError, fingerprint, load_module, nonfinite_tensors
-from gspn_gen.codecs import CodecLoadError
-from gspn_gen.fileio import remove_stale_temps, write_json
+from gspn_gen.codecs import CodecLoadError, check_vae_source
+from gspn_gen.fileio import (
+    OutputError,
+    available_memory,
+    check_output,
+    format_bytes,
+    free_bytes,
+    remove_stale_temps,
+    write_json,
+)
 from gspn_gen.lit import GenerationModule
+from gspn_gen.runlock import LockHeld, RunLock, output_lock
 from gspn_gen.sampling import (
     IMAGE_FORMATS,
     NonFiniteSamplesWarning,
+    check_sampling,
     class_grid,
     generate,
+    grid_bytes,
+    image_bytes,
+    preflight,
     save_image,
     save_npz,
 )
+from gspn_gen.stopping import Interrupted, exit_on_signals
 
 MAX_CFG_SCALE = 100.0
 
@@ -75,6 +96,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-ema", action="store_true", help="use the raw training weights instead of the EMA")
     p.add_argument("--vae", default=None, metavar="ID_OR_DIR",
                    help="load the checkpoint's VAE from here instead (e.g. a local copy on an offline machine)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out (and discard OUT.parts/ shards drawn with other settings); "
+                        "without it an existing output is refused, except a .npz run resuming its own shards")
     p.add_argument("--shard-size", type=int, default=1000,
                    help=".npz: samples per resumable shard in OUT.parts/ (default 1000); a crashed run resumes "
                         "with the same command, skipping finished shards; a replaced checkpoint or other settings "
@@ -123,9 +147,10 @@ def load(args, device, announce: bool = True) -> GenerationModule:
         if codec.get("name") != "sd-vae":
             fail(f"--vae given, but this checkpoint's codec is {codec.get('name', 'identity')!r}, not a VAE")
         module.hparams.codec = {**codec, "path": args.vae}
-    known = module.diffusion.samplers
-    if args.sampler is not None and args.sampler not in known:
-        fail(f"--sampler {args.sampler!r}: this checkpoint's {module.diffusion.name} process has {', '.join(known)}")
+    try:
+        check_sampling(module, args.sampler, args.steps, args.cfg_scale, args.guide_channels)
+    except ValueError as e:
+        fail(str(e))
     prefix = "model." if args.no_ema else "ema."
     bad = nonfinite_tensors(module.state_dict(), prefix)
     if bad and announce:
@@ -173,13 +198,61 @@ def progress(total: int, desc: str, enabled: bool = True) -> tqdm:
     return tqdm(total=total, desc=desc, unit="img", file=sys.stderr, disable=not enabled, dynamic_ncols=True)
 
 
+@contextmanager
+def output_locked(out: Path):
+    """Hold OUT's lock for the block: one sample.py per output."""
+    try:
+        with RunLock(output_lock(out.absolute()), f"--out {str(out)!r}"):
+            yield
+    except LockHeld as e:
+        fail(f"{e}: wait for that sampling run to end, or choose another --out")
+
+
+def prepare(module, device, args) -> int:
+    """Load the codec and try the network on `device`; returns the decoded image side (errors end the run)."""
+    try:
+        return preflight(module, device)
+    except (ValueError, CodecLoadError, ImportError) as e:
+        fail(f"checkpoint {args.ckpt!r}: {e}")
+
+
+def room_problem(out: Path, disk: int, memory: int, what: str) -> str | None:
+    """Why `disk` more bytes on OUT's filesystem and `memory` bytes in memory do not fit (None when they do)."""
+    free = free_bytes(out.absolute().parent)
+    if disk > free:
+        return (f"{what} needs about {format_bytes(disk)} on disk, but {out.absolute().parent} has "
+                f"{format_bytes(free)} free")
+    available = available_memory()
+    if available is not None and memory > available:
+        return f"{what} needs about {format_bytes(memory)} of memory, but {format_bytes(available)} is available"
+    return None
+
+
 def write_grid(args) -> None:
-    module = load(args, resolve_device(args.device))
-    num_classes = module.hparams.num_classes
-    classes = args.classes if args.classes is not None else list(range(min(num_classes, 16)))
-    bad = [c for c in classes if not 0 <= c < num_classes]
-    if bad:
-        fail(f"class id(s) {bad} out of range: this checkpoint has classes 0..{num_classes - 1}")
+    out = Path(args.out)
+    try:
+        check_output(out, args.overwrite)
+    except OutputError as e:
+        fail(str(e))
+    with output_locked(out):
+        device = resolve_device(args.device)
+        module = load(args, device)
+        num_classes = module.hparams.num_classes
+        classes = args.classes if args.classes is not None else list(range(min(num_classes, 16)))
+        bad = [c for c in classes if not 0 <= c < num_classes]
+        if bad:
+            fail(f"class id(s) {bad} out of range: this checkpoint has classes 0..{num_classes - 1}")
+        side = prepare(module, device, args)
+        n = len(classes) * args.per_class
+        grid = grid_bytes(len(classes), args.per_class, side)
+        problem = room_problem(out, grid, n * image_bytes(side) + 2 * grid,
+                               f"a grid of {len(classes)} x {args.per_class} images of {side}x{side}")
+        if problem:
+            fail(f"{problem}; ask for fewer --classes or a smaller --per-class")
+        draw_grid(module, classes, args)
+
+
+def draw_grid(module, classes: list[int], args) -> None:
     labels = torch.tensor(classes).repeat_interleave(args.per_class)
     with nonfinite_report(len(labels)), progress(len(labels), "sampling") as bar:
         images = sample_range(module, labels, 0, len(labels), args, bar)
@@ -189,7 +262,24 @@ def write_grid(args) -> None:
 
 
 def write_npz(args) -> None:
-    """Shards of --shard-size samples, shard k on rank k mod world size; rank 0 checks and assembles one .npz."""
+    """Shards of --shard-size samples, shard k on rank k mod world size; rank 0 checks and assembles one .npz.
+
+    The process that launches the others (rank 0) checks the output and holds its lock throughout.
+    """
+    out = Path(args.out)
+    with contextlib.ExitStack() as stack:
+        if rank_zero_only.rank == 0:  # before the other ranks exist
+            parts = Path(f"{args.out}.parts")
+            try:
+                # a .npz with shards beside it is a run killed while assembling or cleaning up: it continues
+                check_output(out, args.overwrite or (parts / "settings.json").exists())
+            except OutputError as e:
+                fail(str(e))
+            stack.enter_context(output_locked(out))
+        draw_npz(args)
+
+
+def draw_npz(args) -> None:
     from lightning.fabric import Fabric
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
@@ -206,23 +296,31 @@ def write_npz(args) -> None:
     fabric.launch()
     rank0 = fabric.global_rank == 0
     module = load(args, fabric.device, announce=rank0)
-    labels = torch.arange(args.num_samples) % module.hparams.num_classes
+    side = prepare(module, fabric.device, args)
     parts = Path(f"{args.out}.parts")
-    if rank0:  # what a killed run left half-written
-        remove_stale_temps(Path(args.out).absolute().parent, Path(args.out).name)
-        remove_stale_temps(parts)
     settings = {k: getattr(args, k) for k in ("seed", "cfg_scale", "guidance_interval", "guide_channels", "sampler",
                                               "steps", "no_ema", "num_samples", "shard_size")}
     # what the checkpoint file holds, not where it is: a file replaced at the same path is another model
     settings["ckpt"] = fabric.broadcast(fingerprint(args.ckpt) if rank0 else None, src=0)
     settings = json.loads(json.dumps(settings))
-    key = json.dumps(settings, sort_keys=True)
+    problem = None
     if rank0:
+        if args.overwrite and manifest_differs(parts, settings):
+            clear_parts(parts)  # shards of other settings: --overwrite discards them
+        problem = npz_room_problem(args, parts, side)
+    problem = fabric.broadcast(problem, src=0)
+    if problem:
+        fail(problem)
+    labels = torch.arange(args.num_samples) % module.hparams.num_classes
+    key = json.dumps(settings, sort_keys=True)
+    shards = range(-(-args.num_samples // args.shard_size))
+    bounds = {k: (k * args.shard_size, min((k + 1) * args.shard_size, args.num_samples)) for k in shards}
+    if rank0:  # what a killed run left half-written
+        remove_stale_temps(Path(args.out).absolute().parent, Path(args.out).name)
+        remove_stale_temps(parts)
         write_manifest(parts, settings)
     fabric.barrier()
     check_manifest(parts, settings)  # on every rank, so a mismatch stops all of them
-    shards = range(-(-args.num_samples // args.shard_size))
-    bounds = {k: (k * args.shard_size, min((k + 1) * args.shard_size, args.num_samples)) for k in shards}
     todo = []
     for k in (k for k in shards if k % fabric.world_size == fabric.global_rank):
         path, (s, e) = shard_path(parts, k), bounds[k]
@@ -245,6 +343,23 @@ def write_npz(args) -> None:
     if rank0:
         assemble(parts, args, labels.numpy(), bounds, key)
         print(f"wrote {args.out} ({args.num_samples} samples, classes balanced, cfg {args.cfg_scale})")
+
+
+SHARD_NAME = re.compile(r"shard-\d{5,}\.npz")
+
+
+def npz_room_problem(args, parts: Path, side: int) -> str | None:
+    """Whether the shards still to draw plus the assembled .npz fit on disk, and the batch in memory."""
+    size = image_bytes(side)
+    drawn = len(list(parts.glob("shard-*.npz"))) if parts.is_dir() else 0
+    todo = max(args.num_samples - drawn * args.shard_size, 0)
+    problem = room_problem(Path(args.out), (todo + args.num_samples) * (size + 8), args.num_samples * size,
+                           f"--num-samples {args.num_samples} at {side}x{side} ({format_bytes(size)} per sample, "
+                           "as shards and then as the assembled .npz)")
+    if problem is None:
+        return None
+    fits = min(free_bytes(Path(args.out).absolute().parent) // (2 * (size + 8)), (available_memory() or 2**62) // size)
+    return f"{problem}: at most about {fits} samples fit"
 
 
 def shard_path(parts: Path, k: int) -> Path:
@@ -301,6 +416,25 @@ def assemble(parts: Path, args, labels: np.ndarray, bounds: dict, key: str) -> N
     parts.rmdir()
 
 
+def manifest_differs(parts: Path, settings: dict) -> bool:
+    """Whether OUT.parts/ holds a manifest of other settings (or an unreadable one)."""
+    try:
+        return json.loads((parts / "settings.json").read_text()) != settings
+    except FileNotFoundError:
+        return False
+    except (OSError, ValueError):
+        return True
+
+
+def clear_parts(parts: Path) -> None:
+    """Remove what sample.py keeps in OUT.parts/ (shards, manifest, temp files) and the folder if then empty."""
+    for entry in parts.iterdir():
+        if entry.name == "settings.json" or SHARD_NAME.fullmatch(entry.name) or entry.name.endswith(".tmp"):
+            entry.unlink()
+    if not any(parts.iterdir()):
+        parts.rmdir()
+
+
 def write_manifest(parts: Path, settings: dict) -> None:
     """Record the sampling settings beside the shards; a manifest without any shard drawn is replaced."""
     manifest = parts / "settings.json"
@@ -341,11 +475,24 @@ def run(args: argparse.Namespace) -> None:
     if args.guidance_interval and not 0 <= args.guidance_interval[0] <= args.guidance_interval[1] <= 1:
         fail(f"--guidance-interval LO HI needs 0 <= LO <= HI <= 1, got {args.guidance_interval}")
     resolve_device(args.device)
+    if args.vae:
+        try:
+            check_vae_source(args.vae)
+        except CodecLoadError as e:
+            fail(f"--vae: {e}")
     (write_npz if is_npz else write_grid)(args)
 
 
 def main(argv: list[str] | None = None) -> None:
-    run(parse_args(argv))
+    args = parse_args(argv)
+    try:
+        with exit_on_signals():
+            run(args)
+    except Interrupted as e:
+        resume = " (the same command continues from the shards drawn so far)" if args.out.lower().endswith(".npz") \
+            else ""
+        print(f"info: {e}{resume}", file=sys.stderr)
+        raise
 
 
 if __name__ == "__main__":

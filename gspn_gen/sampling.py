@@ -2,6 +2,11 @@
 
 Used by the training callback (periodic EMA grids) and by `sample.py`, so both draw the same way.
 Sample i's noise depends only on (seed, indices[i]) (gspn_gen.diffusion.rng), never on batching.
+
+Checks a request passes before its first sample is drawn (`check_sampling`, `preflight`,
+`image_bytes`): the sampler and step count the process allows, guidance only where the model has a
+trained null class, the codec (VAE) loads and the network runs on the device (its kernel backend
+included), and the size of what will be written.
 """
 
 from __future__ import annotations
@@ -14,10 +19,13 @@ import numpy as np
 import torch
 
 from gspn_gen.codecs import build_codec
-from gspn_gen.diffusion import PerSampleRNG, cfg_model_fn
+from gspn_gen.diffusion import GaussianDiffusion, PerSampleRNG, cfg_model_fn
 from gspn_gen.fileio import atomic_write
 
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}  # by lower-case extension
+# Flow matching integrates a continuous ODE/SDE; beyond this many steps a run only costs more (the
+# Gaussian process is bounded by its own number of timesteps).
+MAX_FLOW_STEPS = 1000
 
 
 class NonFiniteSamplesWarning(RuntimeWarning):
@@ -44,6 +52,7 @@ def generate(
     progress: bool = False,
 ) -> np.ndarray:
     """Sample images for `labels`; returns uint8 (N, H, W, 3) RGB (grey repeated to 3 channels)."""
+    check_guidance(module, cfg_scale)
     hp = module.hparams
     net = module.ema if use_ema else module.model
     was_training = net.training
@@ -63,6 +72,70 @@ def generate(
     if bad:
         warnings.warn(NonFiniteSamplesWarning(bad, n), stacklevel=2)
     return to_uint8(images)
+
+
+def has_null_class(module) -> bool:
+    """Whether the model learned a null class (trained with label dropout), which guidance needs."""
+    return module.model.y_embedder.dropout_prob > 0
+
+
+def check_guidance(module, cfg_scale: float) -> None:
+    """Guided (cfg != 1) and unconditional (cfg 0) sampling need a trained null class; ValueError if absent."""
+    if cfg_scale != 1 and not has_null_class(module):
+        raise ValueError(f"--cfg-scale {cfg_scale:g}: this model was trained without label dropout "
+                         "(class_dropout_prob 0), so it has no null class to guide with; sample with --cfg-scale 1")
+
+
+def check_sampling(module, sampler: str | None, steps: int | str | None, cfg_scale: float = 1.0,
+                   guide_channels: int | None = None) -> None:
+    """Everything about a sampling request that the module decides, before any work; ValueError says what."""
+    process = module.diffusion
+    if sampler is not None and sampler not in process.samplers:
+        raise ValueError(f"--sampler {sampler!r}: this checkpoint's {process.name} process has "
+                         f"{', '.join(process.samplers)}")
+    if steps is not None:
+        if isinstance(process, GaussianDiffusion):
+            limit = process.original_num_steps
+            if isinstance(steps, int) and steps > limit:
+                raise ValueError(f"--steps {steps}: this checkpoint's gaussian process has {limit} timesteps, "
+                                 f"so at most {limit} sampling steps")
+            try:
+                process.respaced(steps)
+            except (ValueError, TypeError) as e:
+                raise ValueError(f"--steps {steps}: {e}") from None
+        elif isinstance(steps, int) and steps > MAX_FLOW_STEPS:
+            raise ValueError(f"--steps {steps}: at most {MAX_FLOW_STEPS} integration steps (the default is "
+                             f"{process.sampling_steps})")
+    check_guidance(module, cfg_scale)
+    channels = module.hparams.in_channels
+    if guide_channels is not None and guide_channels > channels:
+        raise ValueError(f"--guide-channels {guide_channels} exceeds the model's {channels} latent channels")
+
+
+@torch.no_grad()
+def preflight(module, device: torch.device) -> int:
+    """Load the codec and run the network once on one input, so that a missing VAE, a kernel backend that
+    does not exist here or a model that does not fit the device fails now, not after hours of sampling.
+
+    Returns the side of the decoded images. Raises ValueError or CodecLoadError with the reason.
+    """
+    hp = module.hparams
+    codec = decoder(module, device)  # CodecLoadError: VAE missing, offline, not a VAE
+    if codec.channels is not None and codec.channels != hp.in_channels:
+        raise ValueError(f"the codec {codec.spec.get('path', codec.spec['name'])!r} has {codec.channels} latent "
+                         f"channels, the model {hp.in_channels}")
+    x = torch.zeros(1, hp.in_channels, hp.input_size, hp.input_size, device=device)
+    try:
+        module.ema.eval()(x, torch.zeros(1, device=device), torch.zeros(1, dtype=torch.long, device=device))
+    except Exception as e:  # noqa: BLE001 - a backend, device or config problem of this checkpoint
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"the model cannot run on {device}: {reason}") from None
+    return hp.input_size * codec.downsample
+
+
+def image_bytes(side: int) -> int:
+    """Bytes of one decoded sample as written (uint8 RGB)."""
+    return side * side * 3
 
 
 def decoder(module, device: torch.device):
@@ -94,8 +167,7 @@ def class_grid(
     from PIL import Image, ImageDraw
 
     n, h, w, _ = images.shape
-    scale = max(1, -(-min_cell // max(h, w)))
-    h, w = h * scale, w * scale
+    h, w = _cell(h, min_cell), _cell(w, min_cell)
     rows = n // per_class
     names = [str(class_names[labels[r * per_class]]) if class_names else str(labels[r * per_class])
              for r in range(rows)]
@@ -109,6 +181,16 @@ def class_grid(
             tile = Image.fromarray(images[r * per_class + c]).resize((w, h), Image.NEAREST)
             canvas.paste(tile, (label_w + pad + c * (w + pad), y0))
     return np.asarray(canvas)
+
+
+def _cell(side: int, min_cell: int) -> int:
+    return side * max(1, -(-min_cell // side))
+
+
+def grid_bytes(rows: int, per_class: int, side: int, pad: int = 2, min_cell: int = 32, label_w: int = 200) -> int:
+    """Upper bound of the bytes of a `class_grid` canvas (uint8 RGB) of `rows` x `per_class` images of `side`."""
+    cell = _cell(side, min_cell) + pad
+    return (label_w + per_class * cell + pad) * (rows * cell + pad) * 3
 
 
 def save_image(image: np.ndarray, path: str) -> None:

@@ -24,11 +24,13 @@ Checkpoints are written crash-safe (`checkpoints.SafeCheckpointIO`) and logs are
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import inspect
 import io
 import os
 import re
+import signal
 import sys
 import tempfile
 import typing
@@ -41,14 +43,17 @@ from jsonargparse import ArgumentError
 from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from gspn_gen.checkpoints import (
     CheckpointError,
     CheckpointWriteError,
+    CommitCheckpoints,
     SafeCheckpointIO,
     check_state_dict,
     compare_hparams,
@@ -61,6 +66,8 @@ from gspn_gen.diffusion import KINDS
 from gspn_gen.distill import Distillation, DistillationError
 from gspn_gen.fileio import atomic_write, remove_stale_temps, write_bytes
 from gspn_gen.lit import GenerationModule, NonFiniteLossError
+from gspn_gen.runlock import LockHeld, RunLock, describe, dir_lock
+from gspn_gen.stopping import GracefulStop, TrainingStopped, exit_on_signals
 
 DEFAULT_DATA = "gspn_gen.data.datamodule.DigitsDataModule"
 DEFAULT_DIFFUSION = "gspn_gen.diffusion.GaussianDiffusion"
@@ -142,7 +149,17 @@ def info(message: str) -> None:
 
 
 class _AppendingWriter(ExperimentWriter):
-    """Lightning's CSV writer, except that an existing metrics.csv is continued instead of deleted."""
+    """Lightning's CSV writer, except that an existing metrics.csv is continued instead of deleted.
+
+    Rows the resumed run logs again are dropped first, so the log reads as one unbroken run: those of
+    training batches >= `keep_below` (a training row's step is its batch index) and those of later
+    states (an evaluation row's step is the number of steps taken: the one at `keep_below` describes
+    the checkpoint itself and stays); all rows when a run starts from scratch (`keep_below` 0).
+    """
+
+    def __init__(self, log_dir: str, keep_below: int | None = None):
+        self.keep_below = keep_below
+        super().__init__(log_dir)
 
     def _check_log_dir_exists(self) -> None:
         path = Path(self.metrics_file_path)
@@ -154,10 +171,29 @@ class _AppendingWriter(ExperimentWriter):
             data = data[: data.rfind(b"\n") + 1]
             write_bytes(path, data)
         header = next(csv.reader(io.StringIO(data.decode())), [])
-        if header:
-            self.metrics_keys = header
-        else:
+        if not header:
             path.unlink()
+            return
+        self.metrics_keys = header
+        if self.keep_below is None:
+            return
+        rows = list(csv.DictReader(io.StringIO(data.decode())))
+        kept = [r for r in rows if not self._logged_again(r)]
+        if len(kept) < len(rows):
+            info(f"{path}: {len(rows) - len(kept)} rows of steps >= {self.keep_below} dropped (this run logs "
+                 "those steps again)" if self.keep_below else
+                 f"{path}: {len(rows)} rows of an earlier run that left no checkpoint replaced")
+            with atomic_write(path, "w") as f:
+                writer = csv.DictWriter(f, fieldnames=header)
+                writer.writeheader()
+                writer.writerows(kept)
+
+    def _logged_again(self, row: dict) -> bool:
+        step = row.get("step") or ""
+        if not step.isdigit() or self.keep_below is None:
+            return False
+        training = any(v not in (None, "") for k, v in row.items() if k and k.startswith("train/"))
+        return int(step) > self.keep_below or (int(step) == self.keep_below and (training or not self.keep_below))
 
     def _rewrite_with_new_header(self, fieldnames: list[str]) -> None:
         with open(self.metrics_file_path, newline="") as f:
@@ -169,23 +205,34 @@ class _AppendingWriter(ExperimentWriter):
 
 
 class ContinuingCSVLogger(CSVLogger):
-    """CSVLogger whose metrics.csv survives a resume (rows are appended) and is written at every log step."""
+    """CSVLogger whose metrics.csv survives a resume (rows are appended) and is written at every log step.
+
+    `resume_step` (set before fit: the resumed checkpoint's step, 0 for a fresh run) drops the rows
+    that the run will log again.
+    """
 
     def __init__(self, save_dir, name: str = "", version: str = "", flush_logs_every_n_steps: int = 1, **kwargs):
         super().__init__(save_dir, name=name, version=version, flush_logs_every_n_steps=flush_logs_every_n_steps,
                          **kwargs)
+        self.resume_step: int | None = None
 
     @property
     @rank_zero_experiment
     def experiment(self) -> _AppendingWriter:
         if self._experiment is None:
             self._fs.makedirs(self.root_dir, exist_ok=True)
-            self._experiment = _AppendingWriter(log_dir=self.log_dir)
+            self._experiment = _AppendingWriter(log_dir=self.log_dir, keep_below=self.resume_step)
         return self._experiment
 
 
 class GenerationCLI(LightningCLI):
-    """Links the datamodule's shape/codec into the model, logs to TensorBoard + CSV, checks resumes."""
+    """Links the datamodule's shape/codec into the model, logs to TensorBoard + CSV, checks resumes, holds
+    the run directory's lock (in `locks`) and stops gracefully on SIGTERM/SIGINT (gspn_gen.stopping)."""
+
+    def __init__(self, *args, locks: contextlib.ExitStack, **kwargs):
+        self.locks = locks
+        self.stopper = GracefulStop()
+        super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser) -> None:
         for src, dst in (("num_classes", "num_classes"), ("channels", "in_channels"), ("size", "input_size"),
@@ -230,19 +277,36 @@ class GenerationCLI(LightningCLI):
             config["logger"] = [TensorBoardLogger(root, name="", version=""), ContinuingCSVLogger(root)]
         plugins = config.get("plugins") or []
         plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+        extra = [self.stopper]
         if not any(isinstance(p, CheckpointIO) for p in plugins):
-            plugins.append(SafeCheckpointIO())
+            io = SafeCheckpointIO(deferred=True)  # a checkpoint appears once its step is logged
+            plugins.append(io)
+            extra.insert(0, CommitCheckpoints(io))  # before the stopper, which may end the run at the same hook
         config["plugins"] = plugins
-        return super()._instantiate_trainer(config, callbacks)
+        trainer = super()._instantiate_trainer(config, [*callbacks, *extra])
+        for cb in trainer.checkpoint_callbacks:
+            if isinstance(cb, ModelCheckpoint):
+                # A run directory holds one run (locked, fresh runs into a used one refused), so its
+                # checkpoints are replaced in place: last.ckpt is always the newest, never last-v1.ckpt.
+                # A symlinked last.ckpt is replaced by the file, its target left alone.
+                cb._enable_version_counter = False
+        return trainer
+
+    def before_fit(self) -> None:
+        self.stopper.install()
+        self.locks.callback(self.stopper.uninstall)
 
     # ------------------------------------------------------------- before anything is written
     def prepare_run(self, cfg) -> None:
-        """Validate the checkpoint to resume and the output directories; nothing is written before this."""
+        """Validate the checkpoint to resume and the output directories, and lock them; nothing is written
+        before this but the directories themselves."""
         if cfg.get("weights_only") is False:
             fail("--weights_only false is not accepted: checkpoints are only ever read as tensors and plain "
                  "containers (weights_only=True), never unpickled; drop the option")
-        if cfg.get("ckpt_path"):
-            cfg["ckpt_path"] = self.check_resume(str(cfg["ckpt_path"]))
+        if self.trainer.max_steps == 0 or self.trainer.max_epochs == 0:
+            name = "max_steps" if self.trainer.max_steps == 0 else "max_epochs"
+            fail(f"--trainer.{name} 0: nothing to train and no checkpoint would be written; give a positive "
+                 f"number (or -1 for no limit)")
         dirs = {"trainer.default_root_dir": self.trainer.default_root_dir}
         for cb in self.trainer.checkpoint_callbacks:
             if getattr(cb, "dirpath", None):
@@ -254,11 +318,49 @@ class GenerationCLI(LightningCLI):
                     pass
             except OSError as e:
                 fail(f"{name} {str(d)!r} is not a writable directory: {e.strerror or e}")
-            if self.trainer.is_global_zero:
+        locked = set()
+        for name, d in dirs.items() if self.trainer.is_global_zero else ():  # other ranks belong to rank 0's run
+            if os.path.realpath(d) not in locked:  # one training per run directory
+                locked.add(os.path.realpath(d))
+                lock = RunLock(dir_lock(d), f"{name} {str(d)!r}")
+                try:
+                    self.locks.enter_context(lock)
+                except LockHeld as e:
+                    fail(f"{e}: two trainings cannot share a run directory; wait for that one to end, or "
+                         "train into another --trainer.default_root_dir")
+                if lock.stale:
+                    info(f"{lock.path}: taken over from a training that ended without releasing it "
+                         f"({describe(lock.stale)})")
+        step = 0
+        if cfg.get("ckpt_path"):
+            cfg["ckpt_path"], step = self.check_resume(str(cfg["ckpt_path"]))
+        if cfg.get("ckpt_path") in (None, "last"):
+            self.refuse_used_directory()
+        for logger in self.trainer.loggers:
+            if isinstance(logger, ContinuingCSVLogger):
+                logger.resume_step = step
+        if self.trainer.is_global_zero:
+            for d in dirs.values():
                 remove_stale_temps(d)
 
-    def check_resume(self, path: str) -> str:
-        """The checkpoint file a resume will load, after checking it fits this run; errors end the run."""
+    def refuse_used_directory(self) -> None:
+        """A run starting from scratch may not write over the checkpoints of an earlier run."""
+        found = set()
+        for cb in self.trainer.checkpoint_callbacks:
+            if hasattr(cb, "_find_last_checkpoints"):
+                found |= cb._find_last_checkpoints(self.trainer)
+        if found:
+            newest = max(found, key=os.path.getmtime)
+            try:
+                what = f"step {read_checkpoint(newest, mmap=True).get('global_step', '?')}"
+            except CheckpointError:
+                what = "unreadable"
+            fail(f"{newest} ({what}) holds an earlier run and this one starts from scratch: continue it with "
+                 "--ckpt_path last, or train into another --trainer.default_root_dir (or delete it)")
+
+    def check_resume(self, path: str) -> tuple[str, int | None]:
+        """(the checkpoint file a resume will load, its global step), after checking it fits this run;
+        errors end the run."""
         if path == "last":
             found = set()
             for cb in self.trainer.checkpoint_callbacks:
@@ -266,10 +368,10 @@ class GenerationCLI(LightningCLI):
                     found |= cb._find_last_checkpoints(self.trainer)
             if not found:
                 info("--ckpt_path last: no last checkpoint yet, starting from scratch")
-                return path
+                return path, 0
             path = max(found, key=os.path.getmtime)
         elif path in ("best", "hpc") or path.startswith("registry"):
-            return path  # resolved by Lightning; still read through SafeCheckpointIO
+            return path, None  # resolved by Lightning; still read through SafeCheckpointIO
         try:
             ckpt = read_checkpoint(path, mmap=True)
             try:
@@ -293,7 +395,11 @@ class GenerationCLI(LightningCLI):
             remove_stale_temps(os.path.dirname(os.path.abspath(path)))
         for line in changed + self._config_changes():
             info(f"resume with changed {line}")
-        return path
+        step = int(ckpt.get("global_step", 0))
+        if 0 < self.trainer.max_steps <= step:
+            info(f"{path} is at global step {step}, trainer.max_steps is {self.trainer.max_steps}: nothing to train "
+                 "(raise --trainer.max_steps to train on)")
+        return path, step
 
     def _config_changes(self) -> list[str]:
         """trainer/data settings that differ from the run's saved config.yaml (allowed on resume)."""
@@ -377,16 +483,19 @@ def main(args: list[str] | None = None) -> None:
     """Run the CLI (`args` as on the command line; default sys.argv[1:])."""
     torch.set_float32_matmul_precision("high")
     try:
-        GenerationCLI(
-            GenerationModule,
-            L.LightningDataModule,
-            subclass_mode_data=True,
-            # errors raise instead of printing the whole usage, so main() can say them in one line
-            parser_kwargs={"parser_mode": "omegaconf", "exit_on_error": False},
-            save_config_kwargs={"overwrite": True},
-            auto_configure_optimizers=False,
-            args=args,
-        )
+        with contextlib.ExitStack() as locks:  # the run directory's lock, released however this ends
+            locks.enter_context(exit_on_signals(TrainingStopped))  # until fit takes the signals over
+            GenerationCLI(
+                GenerationModule,
+                L.LightningDataModule,
+                subclass_mode_data=True,
+                # errors raise instead of printing the whole usage, so main() can say them in one line
+                parser_kwargs={"parser_mode": "omegaconf", "exit_on_error": False},
+                save_config_kwargs={"overwrite": True},
+                auto_configure_optimizers=False,
+                args=args,
+                locks=locks,
+            )
     except ArgumentError as e:
         print(f"error: {_one_line(str(e))}  (see: python train_gen.py fit --help)", file=sys.stderr)
         sys.exit(2)
@@ -396,6 +505,12 @@ def main(args: list[str] | None = None) -> None:
     except (NonFiniteLossError, CheckpointWriteError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except TrainingStopped as e:
+        info(str(e))
+        sys.exit(e.code)
+    except SIGTERMException:  # Lightning's own, should a SIGTERM reach it before training starts
+        info("stopped by SIGTERM")
+        sys.exit(128 + signal.SIGTERM)
 
 
 if __name__ == "__main__":

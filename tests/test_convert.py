@@ -36,7 +36,7 @@ def official_layout(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k.replace(".mixer.", ".attn."): v.clone() for k, v in model.state_dict().items()}
 
 
-def run_import(command: str, src: Path, out: Path, vae: str = "/nonexistent/vae") -> None:
+def run_import(command: str, src: Path, out: Path, vae: str = "stabilityai/sd-vae-ft-ema") -> None:  # recorded only
     checkpoints.main([command, str(src), "--out", str(out), "--vae", vae])
 
 
@@ -147,3 +147,69 @@ def test_conversion_refuses_a_different_shape():
         convert_to_gspn(teacher, build_model("GSPN-S/2", input_size=8, depth=3, fixed_pos_embed=True))
     with pytest.raises(ValueError, match="shape"):
         convert_to_gspn(teacher, build_model("GSPN-S/4", input_size=8, depth=2, fixed_pos_embed=True))
+
+
+def test_the_null_class_is_detected_not_assumed(tmp_path, capsys, tiny_vae):
+    """A DiT trained without label dropout has no null row: it imports with all its classes and samples
+    unguided only. Which it is comes from --num-classes (or the official 1001-row table), never a guess."""
+    model = randomised("DiT-T/2", input_size=8, depth=2, num_classes=10)
+    state = official_layout(model)
+    state["y_embedder.embedding_table.weight"] = state["y_embedder.embedding_table.weight"][:10]  # no null row
+    torch.save(state, tmp_path / "nodrop.pt")
+    with pytest.raises(SystemExit) as exc:
+        run_import("import-dit", tmp_path / "nodrop.pt", tmp_path / "a.ckpt", vae=tiny_vae)
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and len(err.splitlines()) == 1
+    assert "label table has 10 rows" in err and "--num-classes 9 or --num-classes 10" in err
+    checkpoints.main(["import-dit", str(tmp_path / "nodrop.pt"), "--out", str(tmp_path / "a.ckpt"), "--vae",
+                      tiny_vae, "--num-classes", "10"])
+    assert "no null class" in capsys.readouterr().out
+    hp = read_checkpoint(str(tmp_path / "a.ckpt"))["hyper_parameters"]
+    assert hp["num_classes"] == 10 and hp["model_args"]["class_dropout_prob"] == 0.0
+    module = load_module(str(tmp_path / "a.ckpt"))
+    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([3.0, 500.0]), torch.tensor([0, 9])
+    with torch.no_grad():
+        assert torch.equal(module.ema(x, t, y), model(x, t, y))  # class 9 is a class, not "unconditional"
+    args = ["--ckpt", str(tmp_path / "a.ckpt"), "--classes", "9", "--per-class", "1", "--steps", "1"]
+    with pytest.raises(SystemExit) as exc:
+        sample_cli.main([*args, "--out", str(tmp_path / "g.png")])  # default --cfg-scale 4
+    assert exc.value.code == 2 and "no null class to guide with" in capsys.readouterr().err
+    sample_cli.main([*args, "--cfg-scale", "1", "--out", str(tmp_path / "g.png")])
+    # 10 rows read as 9 classes and the null class, when that is what the model was
+    checkpoints.main(["import-dit", str(tmp_path / "nodrop.pt"), "--out", str(tmp_path / "b.ckpt"), "--vae",
+                      tiny_vae, "--num-classes", "9"])
+    hp = read_checkpoint(str(tmp_path / "b.ckpt"))["hyper_parameters"]
+    assert hp["num_classes"] == 9 and "class_dropout_prob" not in {k for k, v in hp["model_args"].items() if v}
+    with pytest.raises(SystemExit):
+        checkpoints.main(["import-dit", str(tmp_path / "nodrop.pt"), "--out", str(tmp_path / "c.ckpt"),
+                          "--vae", tiny_vae, "--num-classes", "4"])
+    assert "expected 5 with a null class or 4 without" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("truncated", "is truncated or corrupt ("),
+    ("empty", "is empty (0 bytes"),
+    ("exists", "exists; pass --overwrite"),
+    ("vae missing", "--vae: VAE directory '/missing/dir' does not exist"),
+    ("vae not a vae", "holds no readable config.json"),
+])
+def test_import_messages_say_what_happened(tmp_path, capsys, case, expected):
+    src, out = tmp_path / "DiT.pt", tmp_path / "out.ckpt"
+    torch.save(official_layout(randomised("DiT-T/2", input_size=8, depth=2)), src)
+    vae = {"vae missing": "/missing/dir", "vae not a vae": str(tmp_path)}.get(case, "stabilityai/sd-vae-ft-ema")
+    if case == "truncated":
+        src.write_bytes(src.read_bytes()[:5000])
+    elif case == "empty":
+        src.write_bytes(b"")
+    elif case == "exists":
+        out.write_bytes(b"mine")
+    with pytest.raises(SystemExit) as exc:
+        run_import("import-dit", src, out, vae=vae)
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and len(err.splitlines()) == 1 and expected in err, err
+    if case == "truncated":
+        assert "5000 bytes" in err and "argparse" not in err  # not blamed on pickled train.py arguments
+    assert (out.read_bytes() == b"mine") if case == "exists" else not out.exists()
+    if case == "exists":
+        checkpoints.main(["import-dit", str(src), "--out", str(out), "--overwrite"])
+        assert read_checkpoint(str(out))["hyper_parameters"]["num_classes"] == 1000

@@ -139,3 +139,32 @@ def test_resume_with_other_settings_is_refused_and_old_distillation_checkpoints_
     assert compare_hparams(upgrade_hparams(old, recorded), saved) == ([], [])
     with pytest.raises(distill.DistillationError, match="not the one"):
         student.on_load_checkpoint({"distillation": recorded})
+
+
+def test_a_missing_teacher_hint_names_only_checkpoints_that_could_teach(tmp_path, capsys):
+    """The newest file beside a missing teacher is a GSPN student (no teacher); only the DiT is offered."""
+    make_teacher(tmp_path / "dit.ckpt")
+    student = GenerationModule(model="GSPN-T/2", model_args=TINY, input_size=8, diffusion=GaussianDiffusion())
+    torch.save({"state_dict": student.state_dict(), "hyper_parameters": dict(student.hparams)},
+               tmp_path / "gspn.ckpt")  # written last: the newest readable checkpoint
+    with pytest.raises(SystemExit) as exc:
+        train_cli.main(["fit", "--config", str(write_config(tmp_path / "run", tmp_path / "gone.ckpt", 1))])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "gone.ckpt' does not exist" in err and str(tmp_path / "dit.ckpt") in err and "gspn.ckpt" not in err
+    (tmp_path / "dit.ckpt").unlink()
+    with pytest.raises(SystemExit):
+        train_cli.main(["fit", "--config", str(write_config(tmp_path / "run2", tmp_path / "gone.ckpt", 1))])
+    assert "no readable teacher for GSPN-T/2 in that directory" in capsys.readouterr().err
+
+
+def test_a_teacher_without_a_null_class_cannot_teach_label_dropout(tmp_path):
+    path = make_teacher(tmp_path / "dit.ckpt")
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["hyper_parameters"]["model_args"] = {**TINY, "class_dropout_prob": 0.0}
+    torch.save(ckpt, path)
+    with pytest.raises(distill.DistillationError, match="without label dropout"):
+        GenerationModule(model="GSPN-T/2", model_args=TINY, input_size=8, diffusion=GaussianDiffusion(),
+                         distill=Distillation(teacher=str(path)))
+    GenerationModule(model="GSPN-T/2", model_args={**TINY, "class_dropout_prob": 0.0}, input_size=8,
+                     diffusion=GaussianDiffusion(), distill=Distillation(teacher=str(path)))

@@ -5,6 +5,8 @@ serve live beside this file (digits.py, latents.py, images.py).
 Every datamodule yields batches `(x, y)` of shape (B, C, H, W) with int64 labels -- pixels in [-1, 1],
 or scaled latents -- and exposes `num_classes`, `channels`, `size`, `class_names` and `codec` before
 `setup()` so that LightningCLI can link them into the model's arguments (the checkpoint then knows them).
+Training loaders are resumable at any step (gspn_gen.data.sampler): the shuffled order, this rank's
+share of it and the random flips are functions of (seed, epoch, position), saved with each checkpoint.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from gspn_gen.data import digits as digits_data
 from gspn_gen.data.latents import LatentShards, read_meta
+from gspn_gen.data.sampler import train_loader
 
 IDENTITY_CODEC = {"name": "identity"}
 
@@ -49,14 +52,7 @@ class _PixelDataModule(L.LightningDataModule):
         self.val_set: Dataset | None = None
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(
-            self.train_set,
-            batch_size=self.batch_size,
-            shuffle=True,
-            drop_last=len(self.train_set) >= self.batch_size,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
+        return train_loader(self.train_set, self.batch_size, self.num_workers, self.trainer)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_set, batch_size=self.batch_size, num_workers=self.num_workers)
@@ -251,15 +247,8 @@ class LatentDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         self.setup()
-        if len(self.dataset) < self.batch_size:
-            raise ValueError(f"{self.root!r} holds {len(self.dataset)} latents, fewer than batch_size={self.batch_size}")
-        # A plain shuffled loader: under DDP Lightning swaps in a DistributedSampler (use_distributed_sampler).
-        return DataLoader(
-            self.dataset,
-            batch_size=self.batch_size,
-            shuffle=True,
-            drop_last=True,
-            num_workers=self.num_workers,
-            pin_memory=torch.cuda.is_available(),
-            persistent_workers=self.num_workers > 0,
-        )
+        try:  # the flips come with the order (one seed per position), so a resume repeats them too
+            return train_loader(self.dataset, self.batch_size, self.num_workers, self.trainer, seeds=True,
+                                pin_memory=torch.cuda.is_available())
+        except ValueError as e:
+            raise ValueError(f"{self.root!r}: {e}") from None

@@ -39,7 +39,11 @@ def read_meta(root: str) -> dict:
 
 
 class LatentShards(Dataset):
-    """Item i -> (latent float32 (C, h, w), label): the image's latent or, at random, its mirror's."""
+    """Item i -> (latent float32 (C, h, w), label): the image's latent or, at random, its mirror's.
+
+    The item may be an (index, seed) pair (gspn_gen.data.sampler): the seed then decides the flip, so
+    the choice follows the data order instead of the worker's random state.
+    """
 
     def __init__(self, root: str, shards: list[dict], random_flip: bool = True):
         self.paths = [os.path.join(root, s["file"]) for s in shards]
@@ -63,12 +67,16 @@ class LatentShards(Dataset):
     def __len__(self) -> int:
         return self.starts[-1]
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, item: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
+        index, seed = item if isinstance(item, tuple) else (item, None)
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} latents")
         shard = bisect.bisect_right(self.starts, index) - 1
         if shard not in self.handles:
             self.handles[shard] = safe_open(self.paths[shard], framework="pt")  # mmap; keeps no fd open
-        flip = int(torch.randint(2, ())) if self.random_flip else 0
+        if not self.random_flip:
+            flip = 0
+        else:
+            flip = int(torch.randint(2, ())) if seed is None else seed & 1
         latent = self.handles[shard].get_slice("latents")[index - self.starts[shard], flip]  # (C, h, w) fp16
         return latent.float(), int(self.labels[index])

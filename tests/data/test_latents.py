@@ -1,16 +1,17 @@
-"""LatentDataModule: metadata before setup, memory-mapped shards, flips, workers, DDP sampler swap."""
+"""LatentDataModule: metadata before setup, memory-mapped shards, flips, workers, resumable DDP shares."""
 
 import json
 import pickle
+from types import SimpleNamespace
 
 import pytest
 import torch
-from lightning.pytorch.utilities.data import _update_dataloader
 from safetensors.torch import load_file
-from torch.utils.data import DistributedSampler, RandomSampler
+from torch.utils.data import DistributedSampler
 
 from gspn_gen.data.datamodule import LatentDataModule
 from gspn_gen.data.latents import LatentShards
+from gspn_gen.data.sampler import EpochSampler
 from tests import helpers
 
 
@@ -52,7 +53,7 @@ def test_batches_match_the_stored_latents(extracted):
     _, latents, labels = stored(extracted)
     dm = LatentDataModule(str(extracted), batch_size=8, num_workers=2)
     loader = dm.train_dataloader()
-    assert isinstance(loader.sampler, RandomSampler) and loader.drop_last
+    assert isinstance(loader.sampler, EpochSampler) and loader.drop_last
     batches = list(loader)
     assert len(batches) == len(latents) // 8
     for x, y in batches:
@@ -63,14 +64,22 @@ def test_batches_match_the_stored_latents(extracted):
     pickle.dumps(dm.dataset)  # handles opened above must not break pickling for workers
 
 
-def test_lightning_can_swap_in_a_distributed_sampler(extracted):
-    # What Lightning does under DDP (use_distributed_sampler=True): rebuild our loader with its sampler.
-    loader = LatentDataModule(str(extracted), batch_size=4, num_workers=0).train_dataloader()
-    shares = []
+def test_ddp_ranks_take_disjoint_shares_with_flips_that_follow_the_order(extracted):
+    """Each rank's loader serves its share of one shuffled order (a DistributedSampler, so Lightning keeps
+    it); the flips come with the order, so an epoch read twice, or resumed, is the same batches."""
+    _, latents, _ = stored(extracted)
+    shares, flips = [], []
     for rank in range(2):
-        sampler = DistributedSampler(loader.dataset, num_replicas=2, rank=rank, shuffle=True, seed=0)
-        dl = _update_dataloader(loader, sampler)
-        assert dl.sampler is sampler and dl.batch_size == 4 and dl.drop_last
-        shares.append(list(sampler))
-        assert len(list(dl)) == len(sampler) // 4
-    assert set(shares[0] + shares[1]) == set(range(len(loader.dataset)))
+        dm = LatentDataModule(str(extracted), batch_size=4, num_workers=0)
+        dm.trainer = SimpleNamespace(world_size=2, global_rank=rank)
+        loader = dm.train_dataloader()
+        assert isinstance(loader.sampler, DistributedSampler) and len(loader) == (len(latents) // 2) // 4
+        items = list(loader.sampler)
+        shares.append([i for i, _ in items])
+        first, again = list(loader), list(loader)
+        assert all(torch.equal(a[0], b[0]) for a, b in zip(first, again))
+        for (index, seed), x in zip(items, torch.cat([x for x, _ in first])):
+            assert torch.equal(x, latents[index, seed & 1])  # the flip the order's seed chose
+            flips.append(seed & 1)
+    assert not set(shares[0]) & set(shares[1]) and len(shares[0]) == len(shares[1]) == len(latents) // 2
+    assert set(flips) == {0, 1}

@@ -108,3 +108,16 @@ def test_misleading_comparisons_warn_on_stderr_and_in_json(tmp_path, capsys):
     assert "the reference hold 20 images, fewer than the 64 feature dimensions" in warnings[0]
     assert "samples are 32x32 images but the reference is 16x16" in warnings[1]
     assert err.count("fid_eval: warning:") == 2
+
+
+def test_an_existing_out_is_kept_unless_overwrite(tmp_path, capsys):
+    for argv in (["--samples", "digits:val", "--ref", "digits:train"], ["stats", "--input", "digits:val"]):
+        out = tmp_path / ("r.json" if argv[0] != "stats" else "s.npz")
+        out.write_text("mine")
+        rc = main([*argv, "--extractor", "digits", "--device", "cpu", "--no-progress", "--out", str(out)])
+        err = capsys.readouterr().err
+        assert rc == 2 and err.startswith("fid_eval: error:") and "exists; pass --overwrite" in err
+        assert out.read_text() == "mine"
+    rc = main(["--samples", "digits:val", "--ref", "digits:train", "--extractor", "digits", "--device", "cpu",
+               "--no-progress", "--metrics", "fid", "--no-cache", "--out", str(tmp_path / "r.json"), "--overwrite"])
+    assert rc == 0 and "fid" in json.loads((tmp_path / "r.json").read_text())["metrics"]

@@ -59,6 +59,20 @@ def test_sweep_writes_json_png_and_best_scale_then_resumes(checkpoint, tmp_path,
     assert _sweep(checkpoint, tmp_path, "--cfg-scales", "1", "--seed", "5") == 2
     err = capsys.readouterr().err
     assert "holds a sweep made with other settings" in err and "'seed': (0, 5)" in err and err.count("\n") == 1
+    assert "--overwrite" in err
+
+    # --overwrite replaces that sweep: the other settings' results go, none is read back as this one's.
+    assert _sweep(checkpoint, tmp_path, "--cfg-scales", "1", "--seed", "5", "--overwrite") == 0
+    summary = json.loads((tmp_path / "sweep.json").read_text())
+    assert summary["settings"]["seed"] == 5 and [r["cfg_scale"] for r in summary["scales"]] == [1.0]
+    assert not (tmp_path / "cfg-3" / "metrics.json").exists() and not (tmp_path / "cfg-3" / "samples.npz").exists()
+
+
+def test_sweep_refuses_a_folder_of_other_files(checkpoint, tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("mine")
+    assert _sweep(checkpoint, tmp_path, "--cfg-scales", "1") == 2
+    assert "holds files but no sweep" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
 
 
 def test_sweep_refuses_bad_scales(checkpoint, tmp_path, capsys):
