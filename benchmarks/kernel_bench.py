@@ -181,7 +181,7 @@ def plan_rows(regs: dict, archs=PLAN_ARCHS, shapes=PLAN_SHAPES) -> list[dict]:
 
 def print_plans(rows: list[dict]) -> None:
     print(f"{'arch':5} {'N x H x W':>11} {'dtype':5} {'variant':8} {'pass':4} {'thr':>4} {'CTAs':>6} {'regs':>4} "
-          f"{'smem KB':>7} {'CTA/SM':>12} {'flight KB':>9} {'bytes/fl':>8} {'DRAM/fl':>7} {'model':>6} bound")
+          f"{'smem KB':>7} {'CTA/SM':>12} {'in flight/needed KB':>19} {'bytes/fl':>8} {'DRAM/fl':>7} {'model':>6} bound")
     for r in rows:
         d = r["design"]
         head = f"{r['arch']:5} {r['N']:>3}x{r['H']}x{r['W']:<4} {r['dtype']:5} {r['variant']:8} {r['pass']:4}"
@@ -190,14 +190,18 @@ def print_plans(rows: list[dict]) -> None:
                   "per block: the PyTorch backend runs this pass")
             continue
         regs = f"{d['regs']}" + ("" if r["registers_from"] == "ptxas" else "*")
+        flight = " ".join(f"{f // 1024}/{n // 1024}" for f, n in zip(d["inflight_sm_by_phase"],
+                                                                    d.get("needed_sm_by_phase", [0] * 2)))
         print(f"{head} {d['threads']:>4} {d['ctas']:>6} {regs:>4} {d['smem'] / 1024:>7.1f} "
-              f"{d['ctas_per_sm']:>2} ({d['ctas_per_sm_limit']:9}) {d['inflight_sm'] / 1024:>9.0f} "
+              f"{d['ctas_per_sm']:>2} ({d['ctas_per_sm_limit']:9}) {flight:>19} "
               f"{d['bytes_x_floor']:>8.3f} {d['dram_x_floor']:>7.3f} {100 * d.get('modelled_of_copy_bw', 0):>5.0f}% "
               f"{d.get('bound', '-')}")
 
 
 def main_plans(path) -> dict:
-    """Print the plans table and write it (with the model's constants and the device table) to `path`."""
+    """Print the plans table and write it (with the model's constants and the device table) to `path`. In
+    flight / needed: per phase (forward; backward pass 1 and pass 2), the load bytes in flight per SM by
+    design and what Little's law needs for the phase's share of loads at the copy bandwidth."""
     regs, note = registers()
     rows = plan_rows(regs)
     print_plans(rows)

@@ -427,7 +427,8 @@ def design(N: int, C: int, Cg: int, H: int, W: int, dtype: torch.dtype, backward
     phases = _phase_loads(p, e, backward, Cg / C)
     inflight = k * min(f for _, f in phases)
     out = {"threads": p.threads, "ctas": grid, "regs": regs_p, "smem": p.smem, "ctas_per_sm": k,
-           "ctas_per_sm_limit": limiter, "inflight_sm": inflight, "scan_lanes_sm": k * max(g.nscan for g in p.geo),
+           "ctas_per_sm_limit": limiter, "inflight_sm": inflight, "inflight_sm_by_phase": [k * f for _, f in phases],
+           "scan_lanes_sm": k * max(g.nscan for g in p.geo),
            "bytes": bytes_, "dram_bytes": dram, "l2_reads": l2_reads, "floor": floor, "bytes_x_floor": bytes_ / floor,
            "dram_x_floor": dram / floor, "plan": _plan_summary(p)}
     if not (device.copy_bw and device.clock_ghz):
@@ -436,6 +437,13 @@ def design(N: int, C: int, Cg: int, H: int, W: int, dtype: torch.dtype, backward
     plane_dirs = 4 * N * C
     t_dram = dram / device.copy_bw
     t_little = sum(loads * plane_dirs * DRAM_LATENCY_S / (device.sms * k * f) for loads, f in phases)
+    # Little's law per phase: the load bytes in flight per SM that keep the copy bandwidth busy given the
+    # phase's share of loads in its traffic (forward and backward pass 1 nearly all loads; pass 2 loads x
+    # and lam and stores the gradients)
+    loads = [ld * plane_dirs for ld, _ in phases]
+    traffic_by_phase = [dram] if len(phases) == 1 else [loads[0], dram - loads[0]]
+    out["needed_sm_by_phase"] = [int(min(1.0, ld / tr) * device.copy_bw * DRAM_LATENCY_S / device.sms)
+                                 for ld, tr in zip(loads, traffic_by_phase)]
     steps = (H + W) / 2                                    # steps of one pass, the two line kinds on average
     ipp = INSTR_PER_POSITION[("mix", key)]
     warps = max(g.nscan for g in p.geo) // 32              # scan warps per CTA

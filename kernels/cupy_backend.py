@@ -286,6 +286,7 @@ def _kernels(device_index: int, variant: str) -> dict:
     return found
 
 
+@functools.cache
 def _precondition() -> str | None:
     """Why no CUDA kernel can run in this process at all (CuPy, a CUDA device), or None."""
     try:

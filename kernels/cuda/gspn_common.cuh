@@ -772,7 +772,7 @@ __device__ void write_sum_portable(const Args& a, const Cta& c, int group, typen
   if (c.tid == 0) {
     while (acquire_load(meta + 1) < 3) backoff();
 #pragma unroll
-    for (int k = 0; k < 3; ++k) sst(c.ticket + 1 + k, meta[2 + k]);
+    for (int k = 0; k < 3; ++k) sst(c.ticket + 1 + k, acquire_load(meta + 2 + k));
   }
   __syncthreads();
   const int dir0 = sld(c.ticket + 1), dir1 = sld(c.ticket + 2);

@@ -20,7 +20,7 @@ def test_gpu_check_script_steps():
         pytest.skip("bash is not installed")
     assert subprocess.run(["bash", "-n", str(SCRIPT)], check=False).returncode == 0
     text = SCRIPT.read_text()
-    steps = re.findall(r"^\s*step (\w+) (\S+) (.*)$", text, flags=re.M)
+    steps = re.findall(r"^\s*step (\w+) (\S+) (.*)$", text, flags=re.MULTILINE)
     assert [name for name, _, _ in steps] == ["install", "smoke", "bench", "tests", "memcheck", "e2e"]
     limits = {name: limit for name, limit, _ in steps}
     assert limits == {"install": "30", "smoke": "90", "bench": "75", "tests": "80", "memcheck": "60",

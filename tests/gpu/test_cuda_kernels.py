@@ -58,8 +58,7 @@ MIX_CASES = [
     ((1, 2, 1, 200, 3), 7, F32),            # column lines of 200
     ((1, 2, 2, 3, 250), None, F32),         # row lines of 250 (the fp32 case once off by fast math)
     ((1, 2, 2, 3, 250), None, BF16),
-    ((2, 16, 16, 64, 64), None, BF16),      # benchmark-like
-    ((2, 16, 16, 64, 64), 5, F32),
+    ((2, 16, 16, 64, 64), 5, BF16),         # benchmark-like
     ((1, 4, 4, 128, 128), None, BF16),      # the largest bf16 target
 ]
 
@@ -80,7 +79,7 @@ def test_portable_variant_equals_cluster(shape, chunk, dtype):
     assert all(torch.equal(a, b) for a, b in zip(cluster, portable))
 
 
-@pytest.mark.parametrize("shape, chunk, dtype", [MIX_CASES[i] for i in (2, 6, 10, 13)])
+@pytest.mark.parametrize("shape, chunk, dtype", [MIX_CASES[i] for i in (2, 6, 10, 12)])
 def test_portable_variant_matches_oracle(shape, chunk, dtype):
     testing.check_mix(testing.backend_mix(backend(Launch(), "portable")), shape, dtype, chunk, DEV,
                       seed=7 * sum(shape))
@@ -108,8 +107,7 @@ LAUNCH_CASES = [
     ((1, 4, 1, 6, 6), 2, BF16, Launch(loaders=32, scan_lanes=16, tile=4, smem=96 * 1024)),
     ((2, 8, 2, 16, 16), None, F16, Launch(loaders=64, scan_lanes=32, tile=4, stages=2)),
     ((1, 4, 2, 64, 64), 5, BF16, Launch(loaders=128, scan_lanes=64, tile=32, stages=3, smem=113 * 1024)),
-    ((1, 2, 2, 104, 104), None, F32, Launch()),   # the largest fp32 square on H100 / H200
-    ((1, 2, 2, 128, 128), None, BF16, Launch()),  # the largest bf16 square on H100 / H200
+    ((1, 2, 2, 104, 104), None, F32, Launch()),   # the largest fp32 square on H100 / H200 (bf16: 128, above)
 ]
 
 
