@@ -9,7 +9,7 @@ JSON as soon as it is measured (a run cut short keeps what it did):
            with each kernel's registers and local memory (a failure is recorded and the variant skipped);
   check    each variant, forward and backward of gspn_mix and gspn_scan at three small odd shapes (bf16,
            fp32, fp16; compact gates; chunks), against the PyTorch backend in fp32 on the same GPU
-           (relative L2 error per output, cuda_trial.TOLERANCE), and the variants bitwise equal;
+           (relative L2 error per output, cupy_backend.TRIAL_TOLERANCE), and the variants bitwise equal;
   copy     the device-to-device copy bandwidth;
   time     gspn_mix forward and backward of each variant at the target shapes (bf16 32x16², 8x32², 4x64²,
            1x128², fp32 4x64², C = 1152): milliseconds, bytes by design through DRAM / time / copy bandwidth,
@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 import torch
-from gspn_gen.kernels import cuda_plan, cuda_trial, cupy_backend
+from gspn_gen.kernels import cuda_plan, cupy_backend
 from gspn_gen.kernels.testing import copy_bandwidth, mix_inputs, time_ms
 
 from gspn_gen.fileio import write_json
@@ -96,12 +96,12 @@ def check_step(report: Report, index: int, variants: list[str]) -> None:
                 return
             row = {"step": "check", "variant": variant, "shape": shape, "dtype": NAMES[dtype], "chunk": chunk}
             try:
-                errors, outputs[variant] = cuda_trial.compare(variant, index, shape, dtype, chunk, seed=sum(shape))
+                errors, outputs[variant] = cupy_backend.compare(variant, index, shape, dtype, chunk, seed=sum(shape))
                 row["errors"] = errors
             except Exception as err:  # noqa: BLE001  (launch and driver errors come in several types)
                 report.add({**row, "error": str(err)[:2000]}, f"check {variant} {shape}: {cupy_backend._first_line(err)}")
                 continue
-            bad = {k: v for k, v in errors.items() if not v <= cuda_trial.TOLERANCE[dtype]}
+            bad = {k: v for k, v in errors.items() if not v <= cupy_backend.TRIAL_TOLERANCE[dtype]}
             print(f"check {variant:8} {NAMES[dtype]} {shape} chunk {chunk}: worst relative error "
                   f"{max(errors.values()):.2e}" + (f"  OFF: {bad}" if bad else ""), flush=True)
             report.add(row, f"check {variant} {shape} {NAMES[dtype]}: {bad}" if bad else None)

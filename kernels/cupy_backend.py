@@ -11,10 +11,10 @@ of each group sums the others' fp32 partial planes from a global scratch). They 
 results. gspn_scan needs no cluster and is the same kernel in both.
 
 Choosing a variant, once per process and device, before the first launch: every variant the device
-supports (cluster, then portable) gets a trial in a fresh Python process (``cuda_trial.py``: compile
-everything, launch one gspn_mix and one gspn_scan forward and backward, synchronise, compare with the
-PyTorch backend), so that a fault poisons that process and not the caller's; the first to pass is
-compiled and tried once more here, then used. Each failure is one warning naming the reason and what
+supports (cluster, then portable) gets a trial in a fresh Python process (``python -m`` this module: compile
+everything, launch one gspn_mix and one gspn_scan forward and backward on small odd-shaped bf16 maps,
+synchronise, compare with the PyTorch backend, ``compare``), so that a fault poisons that process and
+not the caller's; the first to pass is compiled and tried once more here, then used. Each failure is one warning naming the reason and what
 is used instead; when none passes, ``ops.py`` runs the PyTorch backend. ``GSPN_BACKEND=cuda-cluster`` or
 ``cuda-portable`` forces a variant; ``GSPN_CUDA_TRIAL=inprocess`` skips the separate process (for a GPU
 that admits one process only).
@@ -60,9 +60,15 @@ from .cuda_plan import (  # noqa: F401
     mix_traffic,
     plan,
 )
+from .testing import mix_inputs, scan_inputs
+from .torch_backend import mix_backward as torch_mix_backward
+from .torch_backend import mix_forward as torch_mix_forward
+from .torch_backend import scan_backward as torch_scan_backward
+from .torch_backend import scan_forward as torch_scan_forward
 
-__all__ = ["INSTALL_HINT", "MAX_LINE", "VARIANTS", "Launch", "bound", "mix_backward", "mix_forward", "mix_traffic",
-           "scan_backward", "scan_forward", "supports", "unavailable_reason", "variant"]
+__all__ = ["INSTALL_HINT", "MAX_LINE", "TRIAL_TOLERANCE", "VARIANTS", "Launch", "bound", "compare", "mix_backward",
+           "mix_forward", "mix_traffic", "scan_backward", "scan_forward", "supports", "trial_main", "unavailable_reason",
+           "variant"]
 
 INSTALL_HINT = "pip install 'gspn-gen[cuda13]' (or 'gspn-gen[cuda12]' for a CUDA 12 driver)"
 _DTYPE_TAGS = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
@@ -306,11 +312,10 @@ def _precondition() -> str | None:
 
 
 def _trial_subprocess(variant: str, device_index: int) -> str | None:
-    """The trial in a fresh Python process (cuda_trial.py): None when it passed, else the reason."""
-    code = "from gspn_gen.kernels import cuda_trial; cuda_trial.main()"
+    """The trial in a fresh Python process (trial_main): None when it passed, else the reason."""
     try:
-        done = subprocess.run([sys.executable, "-c", code, variant, str(device_index)], capture_output=True, text=True,
-                              timeout=TRIAL_TIMEOUT_S, check=False)
+        done = subprocess.run([sys.executable, "-m", __name__, variant, str(device_index)], capture_output=True,
+                              text=True, timeout=TRIAL_TIMEOUT_S, check=False)
     except subprocess.TimeoutExpired:
         return f"the trial process did not finish within {TRIAL_TIMEOUT_S} s"
     except OSError as err:
@@ -336,15 +341,13 @@ def _trial(variant: str, device_index: int) -> str | None:
         reason = _trial_subprocess(variant, device_index)
         if reason is not None:
             return reason
-    from . import cuda_trial
-
     if torch.cuda.is_current_stream_capturing():
         try:  # no synchronisation inside a capture: compile and load only (the trial process vouched)
             _kernels(device_index, variant)
         except Exception as err:  # noqa: BLE001
             return f"the kernels failed to compile: {_first_line(err)}"
         return None
-    return cuda_trial.run(variant, device_index)
+    return _trial_inprocess(variant, device_index)
 
 
 def _forced_variant() -> str | None:
@@ -392,6 +395,71 @@ def variant(device_index: int | None = None) -> str | None:
     if _precondition() is not None:
         return None
     return _selection(torch.cuda.current_device() if device_index is None else device_index)[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# The trial: compile, launch, synchronise, compare
+
+
+TRIAL_SHAPE = (2, 6, 3, 11, 24)   # N, C, Cg, H, W: odd H, compact gates, 16-byte vectors along W
+TRIAL_CHUNK = 5
+# Relative L2 error of the kernels' results against the PyTorch backend in fp32 on the same inputs: the
+# rounding of the result dtype (bf16 keeps 8 bits, fp16 11) plus what the scan accumulates over a line.
+TRIAL_TOLERANCE = {torch.bfloat16: 0.02, torch.float16: 0.004, torch.float32: 2e-5}
+MIX_NAMES = ("y", "dx", "dgate_logits", "dlam", "du")
+SCAN_NAMES = ("h", "scan dx", "scan dlam", "dg_up", "dg_mid", "dg_down")
+
+
+def _relative_error(got: torch.Tensor | None, want: torch.Tensor) -> float:
+    if got is None or not torch.isfinite(got).all():
+        return float("inf")
+    got, want = got.double(), want.double()
+    return ((got - want).norm() / want.norm().clamp_min(1e-30)).item()
+
+
+def compare(variant: str, device_index: int, shape, dtype: torch.dtype, chunk: int | None,
+            seed: int = 11) -> tuple[dict, list]:
+    """gspn_mix and gspn_scan, forward and backward, by the kernels of `variant` against the PyTorch backend
+    in fp32 on the same GPU: ({output name: relative L2 error}, the kernels' outputs); the error is inf for a
+    non-finite or missing output (fresh outputs are NaN under torch's deterministic fill, so an unwritten
+    element fails)."""
+    device = torch.device("cuda", device_index)
+    with torch.cuda.device(device):
+        (x, logits, lam, u), dy = mix_inputs(*shape, dtype, device, seed=seed)
+        ours = [mix_forward(x, logits, lam, u, chunk, variant=variant),
+                *mix_backward(dy, x, logits, lam, u, chunk, (True,) * 4, variant=variant)]
+        (xs, lams, *gates), dh = scan_inputs(*shape, dtype, device, seed=seed + 1)
+        ours += [scan_forward(xs, lams, *gates, chunk, variant=variant),
+                 *scan_backward(dh, xs, lams, *gates, chunk, (True,) * 5, variant=variant)]
+        torch.cuda.synchronize(device)
+        f32 = [t.float() for t in (x, logits, lam, u, dy, xs, lams, *gates, dh)]
+        want = [torch_mix_forward(*f32[:4], chunk), *torch_mix_backward(f32[4], *f32[:4], chunk, (True,) * 4),
+                torch_scan_forward(*f32[5:10], chunk), *torch_scan_backward(f32[10], *f32[5:10], chunk, (True,) * 5)]
+    return {name: _relative_error(got, exp) for name, got, exp in zip(MIX_NAMES + SCAN_NAMES, ours, want)}, ours
+
+
+def _trial_inprocess(variant: str, device_index: int) -> str | None:
+    """None when `variant` compiles, launches and matches the PyTorch backend on the device; else why not."""
+    try:
+        _kernels(device_index, variant)
+    except Exception as err:  # noqa: BLE001  (NVRTC and loader errors come in several types)
+        return f"the kernels failed to compile: {_first_line(err)}"
+    try:
+        errors, _ = compare(variant, device_index, TRIAL_SHAPE, torch.bfloat16, TRIAL_CHUNK)
+    except Exception as err:  # noqa: BLE001  (launch and driver errors come in several types)
+        return f"a trial launch failed: {_first_line(err)}"
+    for name, err in errors.items():
+        if not err <= TRIAL_TOLERANCE[torch.bfloat16]:
+            return f"{name} is off the PyTorch backend by {err:.3g} (relative, bf16 {TRIAL_SHAPE}, chunk {TRIAL_CHUNK})"
+    return None
+
+
+def trial_main(argv: list[str] | None = None) -> None:
+    """The trial process, `python -m gspn_gen.kernels.cupy_backend VARIANT DEVICE`: one JSON line,
+    {"ok": true} or {"ok": false, "reason": "..."}."""
+    variant, device_index = (argv if argv is not None else sys.argv[1:])[:2]
+    reason = _trial_inprocess(variant, int(device_index))
+    print(json.dumps({"ok": reason is None, "reason": reason}), flush=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -616,3 +684,6 @@ def bound(variant_: str) -> SimpleNamespace:
                               for name in ("mix_forward", "mix_backward", "scan_forward", "scan_backward")},
                            variant=variant_)
 
+
+if __name__ == "__main__":
+    trial_main()

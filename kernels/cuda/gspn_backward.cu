@@ -97,8 +97,8 @@ __device__ void write_backward_tile(const Args& a, const Cta& c, int vt, int buf
   const unsigned char* du = c.smem + ostage_at(a, g, buf, 1);
   void* maps[2] = {a.dlam, MIX ? a.du : nullptr};
   store_tile<D, false, 2>(a, c, maps, c.map_off, c.nplanes, s0, n, li, nl, [&](int j, int p, int ss, int m, float* v) {
-    t_runs<D, COL>(dlam, g, ss, j * g.Ps + p, m, v);
-    if (MIX) t_runs<D, COL>(du, g, ss, j * g.Ps + p, m, v + VM);
+    runs<D, COL, false>(dlam, g, ss, j * g.Ps + p, m, v);
+    if (MIX) runs<D, COL, false>(du, g, ss, j * g.Ps + p, m, v + VM);
   });
   if (!a.dgate[0]) return;
   void* gates[3] = {a.dgate[0], a.dgate[1], a.dgate[2]};
@@ -107,7 +107,7 @@ __device__ void write_backward_tile(const Args& a, const Cta& c, int vt, int buf
   if (a.gmode == 0) {  // final per-channel gate gradients, rounded by the lanes
     store_tile<D, false, 3>(a, c, gates, c.gate_off, c.ngp, s0, n, li, nl, [&](int j, int p, int ss, int m, float* v) {
 #pragma unroll
-      for (int k = 0; k < 3; ++k) t_runs<D, COL>(o[k], g, ss, j * g.Ps + p, m, v + k * VM);
+      for (int k = 0; k < 3; ++k) runs<D, COL, false>(o[k], g, ss, j * g.Ps + p, m, v + k * VM);
     });
     return;
   }
@@ -115,7 +115,7 @@ __device__ void write_backward_tile(const Args& a, const Cta& c, int vt, int buf
     void* scr[3] = {a.scratch, a.scratch + a.scr_k, a.scratch + 2 * a.scr_k};
     store_tile<D, true, 3>(a, c, scr, c.scr_off, c.nplanes, s0, n, li, nl, [&](int j, int p, int ss, int m, float* v) {
 #pragma unroll
-      for (int k = 0; k < 3; ++k) f_runs<D, COL>(o[k], g, ss, j * g.Ps + p, m, v + k * VM);
+      for (int k = 0; k < 3; ++k) runs<D, COL, true>(o[k], g, ss, j * g.Ps + p, m, v + k * VM);
     });
     return;
   }

@@ -491,21 +491,15 @@ __device__ __forceinline__ void f_run(const unsigned char* arr, const Geo& g, in
     for (int e = 0; e < N; ++e) out[e] = COL ? f_get<true>(arr, g, s + e, q) : f_get<false>(arr, g, s, q + e);
   }
 }
-// The same for a run of n = 1 or VM elements (the store loop's vector width).
-template <class D, bool COL>
-__device__ __forceinline__ void t_runs(const unsigned char* arr, const Geo& g, int s, int q, int n, float* out) {
+// The same for a run of n = 1 or VM elements (the store loop's vector width) of a T (FP32 = false) or fp32
+// array.
+template <class D, bool COL, bool FP32>
+__device__ __forceinline__ void runs(const unsigned char* arr, const Geo& g, int s, int q, int n, float* out) {
+  constexpr int VM = 16 / sizeof(typename D::T);
   if (n == 1) {
-    t_run<D, COL, 1>(arr, g, s, q, out);
+    if constexpr (FP32) f_run<D, COL, 1>(arr, g, s, q, out); else t_run<D, COL, 1>(arr, g, s, q, out);
   } else {
-    t_run<D, COL, 16 / sizeof(typename D::T)>(arr, g, s, q, out);
-  }
-}
-template <class D, bool COL>
-__device__ __forceinline__ void f_runs(const unsigned char* arr, const Geo& g, int s, int q, int n, float* out) {
-  if (n == 1) {
-    f_run<D, COL, 1>(arr, g, s, q, out);
-  } else {
-    f_run<D, COL, 16 / sizeof(typename D::T)>(arr, g, s, q, out);
+    if constexpr (FP32) f_run<D, COL, VM>(arr, g, s, q, out); else t_run<D, COL, VM>(arr, g, s, q, out);
   }
 }
 

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from gspn_gen.kernels import cuda_trial, cupy_backend, ops
+from gspn_gen.kernels import cupy_backend, ops
 
 
 @pytest.fixture
@@ -34,7 +34,7 @@ def fake_gpu(monkeypatch):
         return state.inprocess.get(variant)
 
     monkeypatch.setattr(cupy_backend, "_trial_subprocess", subprocess_trial)
-    monkeypatch.setattr(cuda_trial, "run", inprocess_trial)
+    monkeypatch.setattr(cupy_backend, "_trial_inprocess", inprocess_trial)
     monkeypatch.delenv("GSPN_BACKEND", raising=False)
     monkeypatch.delenv("GSPN_CUDA_TRIAL", raising=False)
     for cached in (cupy_backend._trial, cupy_backend._selection):
@@ -140,9 +140,10 @@ def test_trial_process_verdicts(monkeypatch):
 
 
 def test_trial_main_prints_one_json_line(monkeypatch, capsys):
-    monkeypatch.setattr(cuda_trial, "run", lambda variant, index: None if variant == "portable" else "no clusters")
-    cuda_trial.main(["portable", "0"])
-    cuda_trial.main(["cluster", "0"])
+    monkeypatch.setattr(cupy_backend, "_trial_inprocess",
+                        lambda variant, index: None if variant == "portable" else "no clusters")
+    cupy_backend.trial_main(["portable", "0"])
+    cupy_backend.trial_main(["cluster", "0"])
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert lines == [{"ok": True, "reason": None}, {"ok": False, "reason": "no clusters"}]
 
