@@ -60,9 +60,8 @@ keep() {  # copy a finished step's files to benchmarks/results (missing ones are
 
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv,noheader || true
 python3 -c 'import sys, torch; print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda)' || true
-gpu="$(python3 -c 'import torch; from gspn_gen.report import slug; print(slug(torch.cuda.get_device_name()))' 2>/dev/null || echo gpu)"
-
 step install 30 python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . || true
+gpu="$(python3 -c 'import torch; from gspn_gen.report import slug; print(slug(torch.cuda.get_device_name()))' 2>/dev/null || echo gpu)"
 
 step smoke 90 python3 benchmarks/gpu_smoke.py --json "$out/smoke-$gpu.json" --max-seconds 80
 smoke=$?

@@ -82,10 +82,10 @@ ARCHS = {
 }
 
 # Registers per thread the planner assumes for gspn_mix's kernels when it has no compiled kernel to ask: the
-# most ptxas (NVRTC 13) gives over sm_80, sm_86, sm_89 and sm_90, every dtype and variant (forward 61 / 72 /
-# 72 / 106, backward 124 / 120 / 128 / 168 for R = 1 / 2 / 4 / 8; kernel_bench.py --plans lists them, the
-# compile test checks them). On a GPU the planner uses the loaded kernels' own counts.
-ASSUMED_REGS = {"fwd": {1: 64, 2: 72, 4: 72, 8: 112}, "bwd": {1: 128, 2: 128, 4: 128, 8: 176}}
+# most ptxas (NVRTC 13) gives over sm_80, sm_89 and sm_90, every dtype and variant (forward 58 / 69 / 91 / 112,
+# backward 126 / 128 / 130 / 171 for R = 1 / 2 / 4 / 8; kernel_bench.py --plans lists them, the compile test
+# checks them, sm_86 included). On a GPU the planner uses the loaded kernels' own counts.
+ASSUMED_REGS = {"fwd": {1: 64, 2: 72, 4: 96, 8: 120}, "bwd": {1: 128, 2: 128, 4: 136, 8: 176}}
 
 
 @dataclass(frozen=True)
@@ -376,12 +376,12 @@ def mix_traffic(N: int, C: int, Cg: int, H: int, W: int, dtype: torch.dtype, lau
 # Design figures and the bandwidth model
 
 # Warp instructions the model counts. A scan lane issues per position and step (per direction, per pass)
-# about: forward 120 (three sigmoids of an FMA-built exp and an IEEE division, ~27 each; the normalisation,
-# ~15; the step; shared-memory reads and conversions), backward 110 (pass 1: sigmoids, normalisation,
-# adjoint) + 160 (pass 2: sigmoids, normalisation, step, gradients, output conversions); estimated from the
-# source, a lead until a GPU run calibrates it. Loaders: ~4 instructions per 128 bytes copied (a copy and
-# its address arithmetic), ~25 per 512 bytes stored (reads of the output tile, packing, the store).
-INSTR_PER_POSITION = {("mix", "fwd"): (120,), ("mix", "bwd"): (110, 160)}
+# about: forward 105 (the three gates, ~80: three FMA-built exps, their fractions and one IEEE division,
+# gspn_line.cuh; the step; shared-memory reads and conversions), backward 95 (pass 1: gates, adjoint) +
+# 155 (pass 2: gates with 1 - sigmoid, one more division; step, gradients, output conversions); estimated
+# from the source, a lead until a GPU run calibrates it. Loaders: ~4 instructions per 128 bytes copied (a
+# copy and its address arithmetic), ~25 per 512 bytes stored (reads of the output tile, packing, the store).
+INSTR_PER_POSITION = {("mix", "fwd"): (105,), ("mix", "bwd"): (95, 155)}
 LOAD_INSTR_PER_BYTE = 4 / 128
 STORE_INSTR_PER_BYTE = 25 / 512
 STEP_LATENCY_CYCLES = 40     # dependency chain of one step after its independent work (shuffle, FMAs)

@@ -78,10 +78,9 @@ __device__ __forceinline__ void summed_gate_grads(const Args& a, const Geo& g, c
 #pragma unroll
     for (int e = 0; e < N; ++e) {
       const int pos = COL ? p : p + e;
-      const float s0v = gspn_sigmoid(z[0][e]), s1v = gspn_sigmoid(z[1][e]), s2v = gspn_sigmoid(z[2][e]);
-      float w0, w1, w2;
-      gspn_normalise(s0v, s1v, s2v, pos > 0, pos < g.P - 1, true, w0, w1, w2);
-      gspn_logit_grads(s0v, s1v, s2v, w0, w1, w2, S[0][e], S[1][e], S[2][e], v[e], v[VM + e], v[2 * VM + e]);
+      float w0, w1, w2, q0, q1, q2;
+      gspn_gates<float, true>(z[0][e], z[1][e], z[2][e], pos > 0, pos < g.P - 1, true, w0, w1, w2, q0, q1, q2);
+      gspn_logit_grads(q0, q1, q2, w0, w1, w2, S[0][e], S[1][e], S[2][e], v[e], v[VM + e], v[2 * VM + e]);
     }
   }
 }
@@ -150,9 +149,14 @@ __device__ __forceinline__ void scan_backward_tile(const Args& a, const Cta& c, 
     const int s = s0 + ss;
     const bool first = walk.first(s);
     walk.advance();
-    float s0v[R], s1v[R], s2v[R], w0[R], w1[R], w2[R], dyv[R], av[R];
-    lane_gates<D, R, MIX, COL>(res, res + g.res_arr, res + 2 * g.res_arr, g, s, ln.qg, active, p0, s0v, s1v, s2v, w0,
-                               w1, w2);
+    float s0v[R], s1v[R], s2v[R], w0[R], w1[R], w2[R], dyv[R], av[R];  // pass 2: s0v..s2v = 1 - sigmoids
+    if (pass1) {
+      lane_gates<D, R, MIX, COL>(res, res + g.res_arr, res + 2 * g.res_arr, g, s, ln.qg, active, p0, s0v, s1v, s2v,
+                                 w0, w1, w2);
+    } else {
+      lane_gates<D, R, MIX, COL, true>(res, res + g.res_arr, res + 2 * g.res_arr, g, s, ln.qg, active, p0, s0v, s1v,
+                                       s2v, w0, w1, w2);
+    }
     read_lane<D, R, COL>(res + 3 * g.res_arr, g, s, q0, active, dyv);
     if (pass1) {
       float uv[R];
@@ -317,12 +321,11 @@ __global__ void gspn_gate_grad(const __grid_constant__ Args a) {
     if (mix) {
       const int i = (int)(px / a.W), jj = (int)(px - (long long)i * a.W);
       const int p = d < 2 ? i : jj, P = d < 2 ? a.H : a.W;
-      const float s0 = gspn_sigmoid(D::load(gload((const T*)a.gate[0] + go)));
-      const float s1 = gspn_sigmoid(D::load(gload((const T*)a.gate[1] + go)));
-      const float s2 = gspn_sigmoid(D::load(gload((const T*)a.gate[2] + go)));
-      float w0, w1, w2;
-      gspn_normalise(s0, s1, s2, p > 0, p < P - 1, true, w0, w1, w2);
-      gspn_logit_grads(s0, s1, s2, w0, w1, w2, S[0], S[1], S[2], out[0], out[1], out[2]);
+      float w0, w1, w2, q0, q1, q2;
+      gspn_gates<float, true>(D::load(gload((const T*)a.gate[0] + go)), D::load(gload((const T*)a.gate[1] + go)),
+                              D::load(gload((const T*)a.gate[2] + go)), p > 0, p < P - 1, true, w0, w1, w2, q0, q1,
+                              q2);
+      gspn_logit_grads(q0, q1, q2, w0, w1, w2, S[0], S[1], S[2], out[0], out[1], out[2]);
     }
 #pragma unroll
     for (int k = 0; k < 3; ++k) gstore((T*)a.dgate[k] + go, D::make(out[k]));

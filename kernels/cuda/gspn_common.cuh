@@ -552,8 +552,9 @@ __device__ __forceinline__ void exchange(const Args& a, const Cta& c, const Lane
 }
 
 // Gates of R positions from three staged arrays: normalised sigmoids of the logits (MIX) or the given
-// gates; 0 for missing neighbours and for positions past the line.
-template <class D, int R, bool MIX, bool COL>
+// gates; 0 for missing neighbours and for positions past the line. With WITH_Q (MIX), s0..s2 come back
+// holding 1 - sigmoid of the logits, for the gradient of the normalisation.
+template <class D, int R, bool MIX, bool COL, bool WITH_Q = false>
 __device__ __forceinline__ void lane_gates(const unsigned char* g0, const unsigned char* g1, const unsigned char* g2,
                                            const Geo& g, int s, int qg, bool active, int p0, float* s0, float* s1,
                                            float* s2, float* w0, float* w1, float* w2) {
@@ -565,10 +566,8 @@ __device__ __forceinline__ void lane_gates(const unsigned char* g0, const unsign
     const int pos = p0 + r;
     const bool valid = active && pos < g.P;
     if (MIX) {
-      s0[r] = gspn_sigmoid(s0[r]);
-      s1[r] = gspn_sigmoid(s1[r]);
-      s2[r] = gspn_sigmoid(s2[r]);
-      gspn_normalise(s0[r], s1[r], s2[r], pos > 0, pos < g.P - 1, valid, w0[r], w1[r], w2[r]);
+      gspn_gates<float, WITH_Q>(s0[r], s1[r], s2[r], pos > 0, pos < g.P - 1, valid, w0[r], w1[r], w2[r], s0[r], s1[r],
+                                s2[r]);
     } else {
       w0[r] = valid ? s0[r] : 0.f;
       w1[r] = valid ? s1[r] : 0.f;

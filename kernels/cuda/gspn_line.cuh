@@ -13,12 +13,15 @@
 
 // exp(x) in fp32 to about 1 ulp, from FMAs and integer bit arithmetic only, so the GPU, the CPU
 // (where the compiler vectorises it) and the emulation compute the same function. x = n ln2 + r with
-// |r| <= ln2 / 2 (two-part ln2, Cody-Waite), exp(r) by a degree-6 polynomial (Cephes' expf), 2^n
-// built in the exponent bits. The argument is clamped to [-87.3, 88] so 2^n stays a normal number;
-// NaN stays NaN (both comparisons are false).
+// |r| <= ln2 / 2 (two-part ln2, Cody-Waite), exp(r) by a degree-6 polynomial (Cephes' expf), 2^n built
+// in the exponent bits. The argument is clamped to [-87.3, 88] so that 2^n stays a normal number
+// (results below 1.2e-38 come out as about 1.2e-38; fp32 sigmoids round to 0 there anyway); NaN stays
+// NaN. The clamps are bit selects: with a conditional expression GCC splits the loop on the constant
+// results and then cannot vectorise it for AVX2.
 __device__ __forceinline__ float gspn_expf(float x) {
-  x = x > 88.f ? 88.f : x;
-  x = x < -87.3f ? -87.3f : x;
+  const unsigned int hi = 0u - (unsigned int)(x > 88.f), lo = 0u - (unsigned int)(x < -87.3f);
+  x = __uint_as_float((__float_as_uint(x) & ~hi) | (__float_as_uint(88.f) & hi));
+  x = __uint_as_float((__float_as_uint(x) & ~lo) | (__float_as_uint(-87.3f) & lo));
   const float shift = 12582912.f;  // 1.5 * 2^23: adding it rounds to an integer held in the low mantissa bits
   const float t = x * 1.44269504088896341f + shift;
   const float n = t - shift;
@@ -31,23 +34,54 @@ __device__ __forceinline__ float gspn_expf(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.f;
-  // bits of t are 0x4B400000 + n; 2^n has exponent bits n + 127 (unsigned arithmetic: no overflow UB)
-  const unsigned int scale = (__float_as_uint(t) - 0x4B400000u + 127u) << 23;
-  return p * __uint_as_float(scale);
+  // bits of t are 0x4B400000 + n; 2^n has the exponent bits n + 127 (in [1, 255) after the clamps)
+  return p * __uint_as_float((__float_as_uint(t) - 0x4B400000u + 127u) << 23);
 }
 
-// sigmoid(z) = 1 / (1 + exp(-z)) with an IEEE division (exp overflow is clamped, so no inf arises).
-__device__ __forceinline__ float gspn_sigmoid(float z) { return 1.f / (1.f + gspn_expf(-z)); }
-
-// Normalised gates of one position from its three sigmoids: the weights of the existing neighbours
-// sum to 1; missing ones, and positions past the line (valid = false), get 0.
+// The sigmoid as a fraction, from e = exp(-|z|) <= 1 so nothing overflows: sigmoid(z) = num / den and
+// 1 - sigmoid(z) = rem / den, with den = 1 + e and (num, rem) = (1, e) for z >= 0, (e, 1) below. Both
+// keep full relative accuracy (to 1.2e-38). For fp32 the exp is gspn_expf; host
+// includers computing in fp64 declare `double gspn_expf(double)` before including this header.
 template <class F>
-__device__ __forceinline__ void gspn_normalise(F s0, F s1, F s2, bool up, bool down, bool valid, F& w0, F& w1,
-                                               F& w2) {
-  const F inv = F(1) / (s1 + (up ? s0 : F(0)) + (down ? s2 : F(0)));
-  w0 = valid && up ? s0 * inv : F(0);
-  w1 = valid ? s1 * inv : F(0);
-  w2 = valid && down ? s2 * inv : F(0);
+__device__ __forceinline__ void gspn_sigmoid_frac(F z, F& num, F& rem, F& den) {
+  const bool neg = z < F(0);
+  const F e = gspn_expf(neg ? z : -z);
+  num = neg ? e : F(1);
+  rem = neg ? F(1) : e;
+  den = F(1) + e;
+}
+
+// sigmoid(z) with an IEEE division.
+__device__ __forceinline__ float gspn_sigmoid(float z) {
+  float num, rem, den;
+  gspn_sigmoid_frac(z, num, rem, den);
+  return num / den;
+}
+
+// Normalised gates of one position from its three logits (Stability-Context Condition) with one
+// division: w_k = s_k / sum of the existing s_k' = t_k / (t_0 + t_1 + t_2), t_k = num_k times the
+// other two denominators (0 for a missing neighbour). Missing neighbours, and positions past the
+// line (valid = false), get 0. With WITH_Q (the backward), also q_k = 1 - sigmoid(z_k) = rem_k / den_k,
+// through one more division shared by the three.
+template <class F, bool WITH_Q>
+__device__ __forceinline__ void gspn_gates(F z0, F z1, F z2, bool up, bool down, bool valid, F& w0, F& w1, F& w2,
+                                           F& q0, F& q1, F& q2) {
+  F n0, r0, d0, n1, r1, d1, n2, r2, d2;
+  gspn_sigmoid_frac(z0, n0, r0, d0);
+  gspn_sigmoid_frac(z1, n1, r1, d1);
+  gspn_sigmoid_frac(z2, n2, r2, d2);
+  const F d12 = d1 * d2, d02 = d0 * d2, d01 = d0 * d1;
+  const F t0 = up ? n0 * d12 : F(0), t1 = n1 * d02, t2 = down ? n2 * d01 : F(0);
+  const F inv = F(1) / (t0 + t1 + t2);
+  w0 = valid ? t0 * inv : F(0);
+  w1 = valid ? t1 * inv : F(0);
+  w2 = valid ? t2 * inv : F(0);
+  if (WITH_Q) {
+    const F inv_d = F(1) / (d0 * d12);
+    q0 = r0 * d12 * inv_d;
+    q1 = r1 * d02 * inv_d;
+    q2 = r2 * d01 * inv_d;
+  }
 }
 
 // One step of the scan at one position: the input term plus the gated states of the previous line
@@ -65,14 +99,14 @@ __device__ __forceinline__ F gspn_adjoint(F own, F c0_below, F c1, F c2_above) {
   return own + (c0_below + c1 + c2_above);
 }
 
-// Gradient of the normalisation: with D_k = dL/dw_k, w_k = s_k / S, s_k = sigmoid(z_k),
-// dL/dz_k = w_k (1 - s_k) (D_k - sum_k' D_k' w_k') for an existing neighbour k, 0 for a missing one
+// Gradient of the normalisation: with D_k = dL/dw_k, w_k = s_k / S, s_k = sigmoid(z_k), q_k = 1 - s_k,
+// dL/dz_k = w_k q_k (D_k - sum_k' D_k' w_k') for an existing neighbour k, 0 for a missing one
 // (w_k = 0 there).
 template <class F>
-__device__ __forceinline__ void gspn_logit_grads(F s0, F s1, F s2, F w0, F w1, F w2, F D0, F D1, F D2, F& d0,
-                                                 F& d1, F& d2) {
+__device__ __forceinline__ void gspn_logit_grads(F q0, F q1, F q2, F w0, F w1, F w2, F D0, F D1, F D2, F& d0, F& d1,
+                                                 F& d2) {
   const F dot = D0 * w0 + D1 * w1 + D2 * w2;
-  d0 = w0 * (F(1) - s0) * (D0 - dot);
-  d1 = w1 * (F(1) - s1) * (D1 - dot);
-  d2 = w2 * (F(1) - s2) * (D2 - dot);
+  d0 = w0 * q0 * (D0 - dot);
+  d1 = w1 * q1 * (D1 - dot);
+  d2 = w2 * q2 * (D2 - dot);
 }
