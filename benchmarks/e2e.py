@@ -355,7 +355,8 @@ def profile_classes(fn, model: torch.nn.Module, device: torch.device) -> tuple[d
 
 
 def parse_preset(spec: str) -> tuple[str, dict]:
-    """"NAME" or "NAME:key=value,...", e.g. GSPN-XL/2:recompute=false -> (name, model_args overrides)."""
+    """"NAME" or "NAME:key=value,...", e.g. GSPN-XL/2:recompute=false or GSPN-XL/2:gspn_backend=cuda-portable
+    -> (name, model_args overrides); values are booleans, None, numbers or else strings."""
     name, _, rest = spec.partition(":")
     overrides = {}
     for item in filter(None, rest.split(",")):
@@ -366,10 +367,12 @@ def parse_preset(spec: str) -> tuple[str, dict]:
         if lowered in ("true", "false", "none"):
             overrides[key.strip()] = {"true": True, "false": False, "none": None}[lowered]
         else:
-            try:
-                overrides[key.strip()] = int(text)
-            except ValueError:
-                overrides[key.strip()] = float(text)
+            for convert in (int, float, str.strip):
+                try:
+                    overrides[key.strip()] = convert(text)
+                    break
+                except ValueError:
+                    continue
     return name, overrides
 
 
@@ -602,7 +605,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--train", nargs="+", type=_px_batch, help="training cells PXxBATCH (default 256x32 512x8)")
     parser.add_argument("--resolutions", nargs="+", type=_positive_int,
                         help="forward image sides in px (default 256 512 1024 2048)")
-    parser.add_argument("--sample", nargs="+", type=_px_batch, help="guided sampling cells PXxBATCH (default 256x16 512x4)")
+    parser.add_argument("--sample", nargs="*", type=_px_batch,
+                        help="guided sampling cells PXxBATCH (default 256x16 512x4); none given: no sampling")
     parser.add_argument("--sample-steps", type=_positive_int, help="DDIM steps per sample (default 50)")
     parser.add_argument("--profile", nargs="*", type=_px_batch,
                         help="op-class profile sizes PXxBATCH for the first GSPN preset (default: the first "

@@ -1,22 +1,25 @@
 #!/usr/bin/env bash
-# The GPU check of the GSPN CUDA kernels, one command on a machine with an H100/H200:
+# The GPU check of the GSPN CUDA kernels, one command on a machine with an NVIDIA GPU (sm_80+; the cluster
+# variant needs sm_90, H100/H200):
 #
 #   bash benchmarks/gpu_check.sh
 #
-# Steps, each under its own time limit and all within GSPN_CHECK_SECONDS (default 360) in total:
-#   1. install this checkout into the machine's Python (no dependencies, no network);
-#   2. preflight (benchmarks/gpu_preflight.py): GPU visible, sm_90, CuPy, NVRTC compiles a kernel; then
-#      every kernel compiled (registers and local memory printed) -- a failure here stops the check;
-#   3. the CUDA tests (tests/gpu) with GSPN_REQUIRE_CUDA=1, so a skipped GPU test fails the check, and -x;
-#   4. the kernel benchmark (benchmarks/kernel_bench.py) at the four bf16 target shapes and 4x64x64 in fp32 (JSON + PNG plot);
-#   5. the end-to-end benchmark (benchmarks/e2e.py) with whatever time is left, at most 170 s;
-#   6. compute-sanitizer memcheck and racecheck over small runs of every kernel path (last: slow, and
-#      the step most likely to hit its limit);
-#   7. with GSPN_TUNE=1 and time left: the benchmark's launch-settings sweep.
-# Everything goes to $OUT (benchmarks/results/gpu-check-<date> when OUT is unset): gpu_check.log, the
-# pytest JUnit XML, the benchmark JSON and plot, the end-to-end JSON; those results are also copied to
-# benchmarks/results/.
-# Exit status: 0 only when every step ran and passed.
+# Steps, in this order, each under its own time limit and all within GSPN_CHECK_SECONDS (default 360):
+#   1. install    this checkout into the machine's Python (no dependencies, no network)            <= 30 s
+#   2. smoke      benchmarks/gpu_smoke.py (torch + CuPy only): compile every variant, check forward and
+#                 backward at three small shapes against the PyTorch backend, time the target shapes
+#                 and the copy bandwidth; its JSON is written after every row                       <= 90 s
+#                 (no usable GPU: the check stops here)
+#   3. bench      benchmarks/kernel_bench.py: both variants, the per-column baseline and SDPA at the
+#                 four bf16 target shapes and 4x64x64 in fp32, beside the design figures (JSON + plot) <= 75 s
+#   4. tests      tests/gpu with GSPN_REQUIRE_CUDA=1 (a skipped GPU test fails) and --maxfail=5      <= 80 s
+#   5. memcheck   compute-sanitizer memcheck over tests/gpu/sanitizer_smoke.py --reduced          <= 60 s
+#   6. e2e        benchmarks/e2e.py with the time left: GSPN-XL/2 (cluster), DiT-XL/2 and GSPN-XL/2 on
+#                 the portable variant, training 256 px x 32 and 512 px x 8, forward at 256-2048 px
+# Everything goes to $OUT (benchmarks/results/gpu-check-<date> when OUT is unset): gpu_check.log, smoke.json,
+# the benchmark JSON and plot, the tests' JUnit XML, the end-to-end JSON; each step's files are copied to
+# benchmarks/results/ as soon as the step ends, whatever the later steps do.
+# Exit status: 0 only when every step ran and passed; 3 when the smoke step found no usable GPU.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-benchmarks/results/gpu-check-$(date +%F)}"
@@ -25,6 +28,7 @@ exec > >(tee "$out/gpu_check.log") 2>&1
 export PYTHONUNBUFFERED=1
 budget="${GSPN_CHECK_SECONDS:-360}"
 failed=0
+passed=()
 
 left() { echo $((budget - SECONDS)); }
 
@@ -45,48 +49,53 @@ step() {  # step NAME LIMIT_SECONDS COMMAND...: run under min(LIMIT, time left -
         echo "== $name: did not finish within ${limit}s"
     fi
     echo "== $name: exit $rc (at ${SECONDS}s)"
-    [ "$rc" -eq 0 ] || failed=1
+    if [ "$rc" -eq 0 ]; then passed+=("$name"); else failed=1; fi
     return "$rc"
+}
+
+keep() {  # copy a finished step's files to benchmarks/results (missing ones are fine)
+    for f in "$@"; do [ -e "$f" ] && cp -f "$f" benchmarks/results/; done
+    return 0
 }
 
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv,noheader || true
 python3 -c 'import sys, torch; print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda)' || true
+step install 30 python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . || true
+gpu="$(python3 -c 'import torch; from gspn_gen.report import slug; print(slug(torch.cuda.get_device_name()))' 2>/dev/null || echo gpu)"
 
-step install 60 python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . || true
-if ! step preflight 150 python3 benchmarks/gpu_preflight.py; then
-    echo "== gpu_check: stopped at the preflight (see the error above), ${SECONDS}s"
+step smoke 90 python3 benchmarks/gpu_smoke.py --json "$out/smoke-$gpu.json" --max-seconds 80
+smoke=$?
+keep "$out/smoke-$gpu.json"
+if [ "$smoke" -eq 3 ]; then
+    echo "== gpu_check: stopped, no usable GPU (see the smoke step), ${SECONDS}s"
     exit 3
 fi
 
-step tests 120 env GSPN_REQUIRE_CUDA=1 python3 -m pytest -x -q -p no:cacheprovider \
-    --junitxml="$out/pytest-gpu.xml" tests/gpu
+step bench 75 python3 benchmarks/kernel_bench.py --max-seconds 55 --json "$out/kernels-$gpu.json"
+keep "$out/kernels-$gpu.json" "$out/kernels-$gpu.png"
 
-name="kernels-$(python3 -c 'import torch; from gspn_gen.report import slug; print(slug(torch.cuda.get_device_name()))')"
-step bench 90 python3 benchmarks/kernel_bench.py --max-seconds 60 --json "$out/$name.json"
-cp -f "$out/$name.json" "$out/$name.png" benchmarks/results/ 2>/dev/null
-
-# End-to-end benchmark: owned by benchmarks/e2e.py; keep this line in step with its command line.
-e2e_limit=$(($(left) - 60))
-if [ "$e2e_limit" -gt 170 ]; then e2e_limit=170; fi
-e2e_measure=$((e2e_limit - 30))
-if [ "$e2e_measure" -lt 5 ]; then e2e_measure=5; fi
-step e2e "$e2e_limit" python3 benchmarks/e2e.py --max-seconds "$e2e_measure" --json "$out"
-cp -f "$out"/e2e-*.json benchmarks/results/ 2>/dev/null
+step tests 80 env GSPN_REQUIRE_CUDA=1 python3 -m pytest -q -p no:cacheprovider --maxfail=5 \
+    --junitxml="$out/pytest-gpu-$gpu.xml" tests/gpu
+keep "$out/pytest-gpu-$gpu.xml"
 
 sanitizer="$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -n 1)"
 if [ -n "$sanitizer" ]; then
-    step memcheck 30 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$sanitizer" --tool memcheck --error-exitcode 3 \
-        python3 tests/gpu/sanitizer_smoke.py
-    step racecheck 30 "$sanitizer" --tool racecheck --error-exitcode 3 python3 tests/gpu/sanitizer_smoke.py
+    step memcheck 60 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$sanitizer" --tool memcheck --error-exitcode 3 \
+        python3 tests/gpu/sanitizer_smoke.py --reduced
 else
-    echo "== compute-sanitizer not found: memcheck and racecheck did not run"
+    echo "== memcheck: compute-sanitizer not found, memcheck did not run"
     failed=1
 fi
 
-if [ "${GSPN_TUNE:-0}" = 1 ] && [ "$(left)" -gt 60 ]; then
-    step tune $(($(left) - 10)) python3 benchmarks/kernel_bench.py --no-baselines --tune --max-seconds 10 \
-        --tune-seconds $(($(left) - 40)) --shapes 4x64x64 1x128x128 --json "$out/$name-tune.json"
-fi
+# End-to-end benchmark (benchmarks/e2e.py) with the time left: the eager cells of the DESIGN.md targets,
+# GSPN-XL/2 and DiT-XL/2 first, then GSPN-XL/2 on the portable variant; no sampling, profile or compiled pass.
+e2e_limit=$(($(left) - 10))
+e2e_measure=$((e2e_limit - 25))
+if [ "$e2e_measure" -lt 5 ]; then e2e_measure=5; fi
+step e2e "$e2e_limit" python3 benchmarks/e2e.py --presets GSPN-XL/2 DiT-XL/2 GSPN-XL/2:gspn_backend=cuda-portable \
+    --train 256x32 512x8 --resolutions 256 512 1024 2048 --sample --profile --no-compile --steps 3 \
+    --max-seconds "$e2e_measure" --json "$out"
+keep "$out"/e2e-*.json "$out"/e2e-*.png
 
-echo "== gpu_check done in ${SECONDS}s of ${budget}s: $([ "$failed" -eq 0 ] && echo passed || echo FAILED)"
+echo "== gpu_check done in ${SECONDS}s of ${budget}s: passed ${passed[*]:-nothing}; $([ "$failed" -eq 0 ] && echo passed || echo FAILED)"
 exit "$failed"

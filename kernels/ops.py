@@ -1,12 +1,14 @@
 """Public GSPN ops (DESIGN.md §3): inputs are checked once here, then run by one backend.
 
 Backends, each with the same four functions (mix_forward, mix_backward, scan_forward, scan_backward):
-  "cuda"       the CuPy kernels (`cupy_backend.py`): CUDA tensors in float32, float16 or bfloat16;
+  "cuda"       the CuPy kernels (`cupy_backend.py`): CUDA tensors in float32, float16 or bfloat16, in the
+               variant that passed its trial on the device ("cuda-cluster", sm_90; "cuda-portable", sm_80+);
   "cpu"        the compiled CPU kernel (`cpu_backend.py`, built on first use): CPU tensors, any float dtype;
   "torch"      the pure-PyTorch path (`torch_backend.py`): any device and float dtype, the last fallback;
   "reference"  the oracle (`reference.py`): short and slow, for checking the others;
   "auto"       "cuda" for CUDA tensors the kernels support when CuPy works there, "cpu" for CPU tensors
-               when the CPU kernel builds here, else "torch" (a fall is announced once, with its reason).
+               when the CPU kernel builds here, else "torch" (a fall is announced once, with its reason);
+               the environment variable GSPN_BACKEND (any name above) replaces "auto".
 
 `gspn_mix` and `gspn_scan` are torch.library custom ops (`gspn_gen::gspn_mix`, `gspn_gen::gspn_scan`) with
 a fake (meta) implementation, so torch.compile traces models through them without a graph break, and a
@@ -30,7 +32,8 @@ __all__ = ["available_backends", "gspn_mix", "gspn_scan"]
 
 _DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _CUDA_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_BACKENDS = ("auto", "cuda", "cpu", "torch", "reference")
+_BACKENDS = ("auto", "cuda", "cuda-cluster", "cuda-portable", "cpu", "torch", "reference")
+_CUDA_NAMES = {"cuda": None, "cuda-cluster": "cluster", "cuda-portable": "portable"}  # name -> variant
 
 
 class BackendFallbackWarning(RuntimeWarning):
@@ -114,11 +117,18 @@ class _Oracle:
 
 
 def _module(name: str):
-    if name == "cuda":
-        return _cuda_backend()[0]
+    if name in _CUDA_NAMES:
+        module = _cuda_backend()[0] if name == "cuda" else _cupy_backend()
+        return module if name == "cuda" else module.bound(_CUDA_NAMES[name])
     if name == "cpu":
         return _cpu_backend()[0]
     return torch_backend if name == "torch" else _Oracle
+
+
+def _cupy_backend():
+    from . import cupy_backend
+
+    return cupy_backend
 
 
 @torch.compiler.assume_constant_result
@@ -145,34 +155,50 @@ def _resolve_cpu(backend: str, x: Tensor) -> str:
     return "torch"
 
 
-def _resolve(backend: str, x: Tensor, cg: int) -> str:
-    """The backend that runs x: "cuda", "cpu", "torch" or "reference"."""
+def _resolve(backend: str, x: Tensor, cg: int, backward: bool = True) -> str:
+    """The backend that runs x: a name of _BACKENDS other than "auto". backward: whether the kernels must
+    also run the op's backward (a plan for both), or its forward only (no gradient needed)."""
     if backend not in _BACKENDS:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    if backend == "auto" and os.environ.get("GSPN_BACKEND", "auto") not in ("", "auto"):
+        backend = os.environ["GSPN_BACKEND"]
+        if backend not in _BACKENDS:
+            raise ValueError(f"the environment variable GSPN_BACKEND must be one of {_BACKENDS}, got {backend!r}")
     if backend in ("torch", "reference"):
         return backend
     if backend == "cpu" or (backend == "auto" and x.device.type == "cpu"):
         return _resolve_cpu(backend, x)
     on_gpu = x.device.type == "cuda"
+    shape = (*x.shape[:2], cg, *x.shape[2:])
     if backend == "auto":
         if not on_gpu or x.dtype not in _CUDA_DTYPES:
             return "torch"
-        module = _cuda_backend()[0]
-        return "cuda" if module is not None and module.supports(*x.shape[:2], cg, *x.shape[2:], x.dtype) else "torch"
+        module, reason = _cuda_backend()
+        if module is None:
+            _announce("CUDA", reason)
+            return "torch"
+        return "cuda" if module.supports(*shape, x.dtype, backward=backward) else "torch"
     if not on_gpu:
-        raise ValueError(f"backend='cuda' needs CUDA tensors, got x on {x.device}; "
+        raise ValueError(f"backend={backend!r} needs CUDA tensors, got x on {x.device}; "
                          "move the inputs to a GPU or use backend='auto'")
     if x.dtype not in _CUDA_DTYPES:
-        raise ValueError(f"backend='cuda' supports float32, float16 and bfloat16, got x of dtype {x.dtype}; "
+        raise ValueError(f"backend={backend!r} supports float32, float16 and bfloat16, got x of dtype {x.dtype}; "
                          "use backend='torch' for float64")
     module, reason = _cuda_backend()
-    if module is None:
-        raise RuntimeError(f"backend='cuda' is unavailable: {reason}")
-    if not module.supports(*x.shape[:2], cg, *x.shape[2:], x.dtype):
-        raise ValueError(f"backend='cuda' does not support x of shape {tuple(x.shape)} in {x.dtype} (the map "
-                         "does not fit the kernels' shared-memory plan, see gspn_gen.kernels.cupy_backend); "
+    variant = _CUDA_NAMES[backend]
+    if module is not None and variant is not None:
+        reason = module.unavailable_reason(variant)
+    if module is None or reason is not None:
+        raise RuntimeError(f"backend={backend!r} is unavailable: {reason}")
+    if not module.supports(*shape, x.dtype, variant_=variant, backward=backward):
+        raise ValueError(f"backend={backend!r} does not support x of shape {tuple(x.shape)} in {x.dtype} (the map "
+                         "does not fit the kernels' shared-memory plan, see gspn_gen.kernels.cuda_plan); "
                          "use backend='auto' to run it with the PyTorch backend")
-    return "cuda"
+    return backend
+
+
+def _needs_backward(*tensors: Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -305,7 +331,8 @@ def gspn_scan(x: Tensor, lam: Tensor, g_up: Tensor, g_mid: Tensor, g_down: Tenso
         g_up, g_mid, g_down: (N, Cg, H, W) gates of the neighbours at rows i-1, i, i+1 of the
             previous column; Cg divides C and gate channel j serves x channels j*k .. j*k+k-1, k = C/Cg.
         chunk: None for a global scan, or K >= 1 to restart the recursion at every w % K == 0.
-        backend: "auto", "cuda", "cpu", "torch" or "reference" (module docstring).
+        backend: "auto", "cuda", "cuda-cluster", "cuda-portable", "cpu", "torch" or "reference" (module
+            docstring).
 
     Returns:
         h: (N, C, H, W), in x's dtype (accumulated in fp32, or fp64 for fp64 inputs).
@@ -321,7 +348,7 @@ def gspn_scan(x: Tensor, lam: Tensor, g_up: Tensor, g_mid: Tensor, g_down: Tenso
     _check_gate_channels("g_up", g_up.shape[1], c)
     _check_like_x({"lam": lam, **gates}, x)
     chunk = _check_chunk(chunk)
-    name = _resolve(backend, x, g_up.shape[1])
+    name = _resolve(backend, x, g_up.shape[1], _needs_backward(x, lam, g_up, g_mid, g_down))
     return _scan_op(*(t.contiguous() for t in (x, lam, g_up, g_mid, g_down)), chunk, name)
 
 
@@ -342,7 +369,8 @@ def gspn_mix(x: Tensor, gate_logits: Tensor, lam: Tensor, u: Tensor, chunk: int 
         u: (N, 4, C, H, W) output weight per direction.
         chunk: None for global scans, or K >= 1: every scan restarts at the line blocks
             [0, K), [K, 2K), ... along its axis (the same blocks for both directions of an axis).
-        backend: "auto", "cuda", "cpu", "torch" or "reference" (module docstring).
+        backend: "auto", "cuda", "cuda-cluster", "cuda-portable", "cpu", "torch" or "reference" (module
+            docstring).
 
     Returns:
         y: (N, C, H, W), in x's dtype (accumulated in fp32, or fp64 for fp64 inputs). Backward keeps only
@@ -359,5 +387,5 @@ def gspn_mix(x: Tensor, gate_logits: Tensor, lam: Tensor, u: Tensor, chunk: int 
         _check_shape(name, t, (n, 4, c, height, width), "(N, 4, C, H, W)")
     _check_like_x({"gate_logits": gate_logits, "lam": lam, "u": u}, x)
     chunk = _check_chunk(chunk)
-    name = _resolve(backend, x, cg)
+    name = _resolve(backend, x, cg, _needs_backward(x, gate_logits, lam, u))
     return _mix_op(*(t.contiguous() for t in (x, gate_logits, lam, u)), chunk, name)

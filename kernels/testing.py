@@ -1,4 +1,5 @@
-"""Random inputs for the GSPN ops and the tolerance rule every backend is held to (tests and benchmarks).
+"""Random inputs for the GSPN ops, the tolerance rule every backend is held to, and GPU timing (tests and
+benchmarks).
 
 Tolerance (flash-attention's rule, DESIGN.md §3 "Correctness bar"): against the float64 oracle
 (`reference.py`), a backend's largest error on each output and gradient must be at most twice the
@@ -8,12 +9,16 @@ to the tensor's scale (for tensors the low-precision oracle gets exactly right).
 
 from __future__ import annotations
 
+import functools
+import statistics
+import time
+
 import torch
 
 from .reference import gspn_mix_reference, gspn_scan_reference, stability_gates
 
 __all__ = ["FLOOR", "MIX_NAMES", "SCAN_NAMES", "assert_matches", "backend_mix", "backend_scan", "check_mix",
-           "check_scan", "mix_inputs", "run", "scan_inputs"]
+           "check_scan", "copy_bandwidth", "mix_inputs", "run", "scan_inputs", "time_ms"]
 
 FLOOR = {torch.float64: 1e-12, torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 5e-4}
 MIX_NAMES = ("y", "dx", "dgate_logits", "dlam", "du")
@@ -125,3 +130,34 @@ def backend_scan(backend):
     """gspn_scan's signature (chunk last) over a backend module's scan_forward / scan_backward, with autograd."""
     return lambda x, lam, g_up, g_mid, g_down, chunk=None: _BackendScan.apply(
         backend, *(t.contiguous() for t in (x, lam, g_up, g_mid, g_down)), chunk)
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU timing (the benchmarks and the GPU check's smoke step)
+
+
+def time_ms(fn, budget_s: float = 0.3, max_reps: int = 50) -> float:
+    """Median milliseconds of fn() by CUDA events, after warm-up; reps sized to about budget_s."""
+    for _ in range(2):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    reps = int(max(5, min(max_reps, budget_s / max(time.perf_counter() - t0, 1e-6))))
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    for start, end in events:
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in events)
+
+
+def copy_bandwidth(nbytes: int = 2**31) -> float:
+    """Device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written."""
+    buffers = [torch.empty(nbytes, dtype=torch.uint8, device="cuda").random_() for _ in range(2)]
+    ms = time_ms(functools.partial(buffers[1].copy_, buffers[0]), budget_s=0.2)
+    buffers.clear()
+    torch.cuda.empty_cache()
+    return 2 * nbytes / (ms * 1e-3)

@@ -7,7 +7,7 @@ shards from them (session fixtures of the same names: tests/conftest.py, tests/d
     images = make_image_folder(tmp / "images")
     root = make_latent_dataset(tmp / "latents", vae, images)   # in-process, one CPU device
 
-The CUDA backend with fixed launch settings (`backend`), for the emulation and the GPU tests; and
+The CUDA backend with fixed launch settings and variant (`backend`), for the emulation and the GPU tests; and
 `run_as_on_gpu_image`, which runs a script as on the GPU machines, where omegaconf, jsonargparse,
 torch-fidelity and diffusers are not installed. Standard library only at import (the GPU tests use it).
 """
@@ -113,11 +113,12 @@ def make_latent_dataset(out, vae, images, image_size: int = 32, shard_size: int 
 # The CUDA backend with fixed launch settings
 
 
-def backend(launch) -> SimpleNamespace:
-    """cupy_backend's four functions with `launch` fixed (the object testing.backend_mix expects)."""
+def backend(launch, variant: str | None = None) -> SimpleNamespace:
+    """cupy_backend's four functions with `launch` (and the CUDA variant, if given) fixed (the object
+    testing.backend_mix expects)."""
     from gspn_gen.kernels import cupy_backend
 
-    return SimpleNamespace(**{name: functools.partial(getattr(cupy_backend, name), launch=launch)
+    return SimpleNamespace(**{name: functools.partial(getattr(cupy_backend, name), launch=launch, variant=variant)
                               for name in ("mix_forward", "mix_backward", "scan_forward", "scan_backward")})
 
 

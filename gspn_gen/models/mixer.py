@@ -57,7 +57,7 @@ class GSPNConfig:
     conv_out: bool = False             # official output path: 1x1 conv, depthwise 3x3, y * relu(y)
     scan_dim: int | None = None        # channels the propagation runs in (GSPN-2 compact); None: the width
     recompute: bool = False            # recompute everything between in_proj and out_proj in backward
-    backend: Literal["auto", "cuda", "cpu", "torch", "reference"] = "auto"   # gspn_mix backend
+    backend: Literal["auto", "cuda", "cuda-cluster", "cuda-portable", "cpu", "torch", "reference"] = "auto"   # gspn_mix backend
 
 
 GSPN_DEFAULTS = GSPNConfig()

@@ -47,7 +47,7 @@ class ModelArgs:
     conv_out: bool | None = None              # official output path
     scan_dim: int | None = None               # propagation width (GSPN-2 compact)
     recompute: bool | None = None             # recompute the mixer's maps in backward (less memory)
-    gspn_backend: Literal["auto", "cuda", "cpu", "torch", "reference"] | None = None  # GSPNConfig.backend
+    gspn_backend: Literal["auto", "cuda", "cuda-cluster", "cuda-portable", "cpu", "torch", "reference"] | None = None  # GSPNConfig.backend
     # DiffusionBackbone
     fixed_pos_embed: bool | None = None       # DiT's sin-cos position embedding (default: attention only)
 

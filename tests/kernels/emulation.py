@@ -1,10 +1,10 @@
 """Helpers of the kernel tests around the CPU emulation of the CUDA kernels (fixtures: conftest.py).
 
 `cuda_emulation.cpp` compiles the real kernels/cuda sources with g++ (see its header). BUILDS lists
-the variants a session uses: the shared library driven through ctypes, the AddressSanitizer and
+the builds a session uses: the shared library driven through ctypes, the AddressSanitizer and
 ThreadSanitizer drivers, and deliberately broken copies of the sources. The emulated backend is
-cupy_backend itself (plan, argument struct, allocation) with its two CuPy hooks, `_kernels` and
-`_launch`, pointed at the emulation.
+cupy_backend itself (plan, argument struct, allocation, both variants) with its two CuPy hooks,
+`_kernels` and `_launch`, pointed at the emulation.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 from gspn_gen.kernels import cupy_backend
+from gspn_gen.kernels.cuda_plan import Launch
 
 CUDA_DIR = Path(cupy_backend.__file__).resolve().parent / "cuda"
 EMULATION = Path(__file__).with_name("cuda_emulation.cpp")
@@ -33,18 +34,26 @@ BUILDS = {
     "tsan": (["-O1", "-g", "-fsanitize=thread", "-DEMU_NO_F16", "-DEMU_NO_R8"], False, None),
     # One index off by one: each scan lane stores its partial plane one position too far.
     "mutant_index": (["-O1", "-DEMU_NO_BF16", "-DEMU_NO_F16", "-DEMU_NO_R8"], True,
-                     ("gspn_forward.cu", "write_row_f32<R>(plane + (s0 + ss) * g.Pp + p0, out)",
-                      "write_row_f32<R>(plane + (s0 + ss) * g.Pp + p0 + 1, out)")),
-    # One barrier removed: loaders refill the staging buffer the scan lanes are still reading.
+                     ("gspn_forward.cu", "write_row_f32<R>(plane + (s0 + ss) * g.Pp + ln.p0, out)",
+                      "write_row_f32<R>(plane + (s0 + ss) * g.Pp + ln.p0 + 1, out)")),
+    # The barrier that opens each tile removed: scan lanes read a staging buffer while the loaders'
+    # copies land in it.
     "mutant_barrier": (["-O1", "-g", "-fsanitize=thread", "-DEMU_NO_BF16", "-DEMU_NO_F16", "-DEMU_NO_R8"], False,
-                       ("gspn_forward.cu", "      }\n    }\n    __syncthreads();\n  }\n\n  write_output",
-                        "      }\n    }\n  }\n\n  write_output")),
+                       ("gspn_forward.cu", "    __syncthreads();  // tile it is staged and visible; the buffer of tile it - 1 is free\n", "")),
+    # The loaders' wait for the oldest tile removed: its asynchronous copies are read before they land.
+    "mutant_wait": (["-O1", "-DEMU_NO_BF16", "-DEMU_NO_F16", "-DEMU_NO_R8"], True,
+                    ("gspn_forward.cu", "    if (loader) wait_oldest_tile(a.S);\n", "")),
     # The named barrier of a line held by several warps removed: the exchange slots race.
     "mutant_line": (["-O1", "-g", "-fsanitize=thread", "-DEMU_NO_BF16", "-DEMU_NO_F16", "-DEMU_NO_R8"], False,
                     ("gspn_common.cuh", "    line_sync(1 + ln.j, 32 * W);\n", "")),
     # The cluster barrier before the sum removed: a CTA reads planes the others are still writing.
     "mutant_cluster": (["-O1", "-g", "-fsanitize=thread", "-DEMU_NO_BF16", "-DEMU_NO_F16", "-DEMU_NO_R8"], False,
-                       ("gspn_common.cuh", "    cluster_sync();  // the 4 directions' planes", "    // the 4 directions' planes")),
+                       ("gspn_common.cuh", "  cluster_sync();\n  const int total = cells(a, c.nplanes);\n",
+                        "  const int total = cells(a, c.nplanes);\n")),
+    # The portable sum's wait for the other three CTAs removed: the last CTA reads partial planes (and
+    # their directions) that may not be written yet.
+    "mutant_ticket": (["-O1", "-g", "-fsanitize=thread", "-DEMU_NO_BF16", "-DEMU_NO_F16", "-DEMU_NO_R8"], False,
+                      ("gspn_common.cuh", "    while (acquire_load(meta + 1) < 3) backoff();\n", "")),
 }
 
 
@@ -79,13 +88,35 @@ class Emulation:
         self.lib.emu_launch.argtypes = [ctypes.c_char_p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
         self.lib.emu_error_text.restype = ctypes.c_char_p
 
-    def launch(self, kernel: str, grid: int, block: int, smem: int, args, device) -> None:
+    def launch(self, kernel, name: str, grid: int, block: int, smem: int, args, device, what: str = "") -> None:
+        """cupy_backend._launch's signature; `kernel` is the name as well (the _kernels hook below)."""
         assert device.type == "cpu"
-        self.lib.emu_launch(kernel.encode(), grid, block, smem, ctypes.addressof(args))
+        self.lib.emu_launch(name.encode(), grid, block, smem, ctypes.addressof(args))
         if self.lib.emu_error_count():
             text = self.lib.emu_error_text().decode()
             self.lib.emu_reset()
-            raise RuntimeError(f"emulation error in {kernel}: {text}")
+            raise RuntimeError(f"emulation error in {name} ({what}): {text}")
+
+    def set_order(self, order: str) -> None:
+        """How the 4 CTAs of a portable group run: "concurrent", "in order" or "reversed"."""
+        self.lib.emu_set_order({"concurrent": 0, "in order": 1, "reversed": 2}[order])
+
+    def count_banks(self, on: bool) -> None:
+        self.lib.emu_bank_counting(int(on))
+
+    def bank_stats(self) -> dict:
+        """Shared-memory warp accesses since the last reset: their number, wavefronts, the worst conflict
+        (n-way), how many had each degree, and per call site (file:line) the worst degree."""
+        out = (ctypes.c_longlong * 10)()
+        self.lib.emu_bank_stats(out)
+        buf = ctypes.create_string_buffer(1 << 16)
+        self.lib.emu_bank_sites(buf, len(buf))
+        sites = {}
+        for line in buf.value.decode().splitlines():
+            site, worst, count = line.rsplit(" ", 2)
+            sites[site] = (int(worst), int(count))
+        return {"accesses": out[0], "wavefronts": out[1], "phases": out[2], "worst": out[3],
+                "by_degree": dict(zip(("1", "2", "3-4", "5-8", "9-16", "17-32"), out[4:10])), "sites": sites}
 
     def bytes_moved(self) -> tuple[int, int]:
         loaded, stored = ctypes.c_longlong(), ctypes.c_longlong()
@@ -106,12 +137,12 @@ def emulation_from(emulation_builds, name: str) -> Emulation:
 
 
 # Settings small enough for the emulation's threads and forcing several tiles, planes and warps.
-SMALL = cupy_backend.Launch(loaders=32, scan_lanes=64, tile=4, smem=96 * 1024)
+SMALL = Launch(loaders=32, scan_lanes=64, tile=4, smem=96 * 1024)
 
 
 def point_backend_at(monkeypatch, emulation: Emulation) -> None:
     """cupy_backend's compile and launch hooks -> the emulation (kernels are named by their expression)."""
-    monkeypatch.setattr(cupy_backend, "_kernels", lambda device_index: _Names())
+    monkeypatch.setattr(cupy_backend, "_kernels", lambda device_index, variant: _Names())
     monkeypatch.setattr(cupy_backend, "_launch", emulation.launch)
 
 
@@ -124,31 +155,40 @@ class _Names(dict):
 # Recorded launches, replayed by the standalone drivers (sanitizer builds) on their own buffers
 
 _POINTERS = [("x", 0), ("lam", 0), ("u", 0), ("gate", 0), ("gate", 1), ("gate", 2), ("dy", 0), ("y", 0), ("dx", 0),
-             ("dlam", 0), ("du", 0), ("dgate", 0), ("dgate", 1), ("dgate", 2), ("scratch", 0)]
-_OUTPUTS = {"y", "dx", "dlam", "du", "dgate", "scratch"}
+             ("dlam", 0), ("du", 0), ("dgate", 0), ("dgate", 1), ("dgate", 2), ("scratch", 0), ("part", 0), ("meta", 0)]
+_OUTPUTS = {"y", "dx", "dlam", "du", "dgate", "scratch", "part"}
+_TRANSIENT = ("scratch", "part", "meta")  # allocated per op and freed: never matched to the returned tensors
 
 
 def record_case(monkeypatch, run) -> bytes:
     """One case of the driver's file: run() calls cupy_backend on CPU tensors and returns every tensor
     it passed or got back; its launches are recorded (not executed) with pointers as buffer references."""
     launches = []
-    monkeypatch.setattr(cupy_backend, "_kernels", lambda device_index: _Names())
+    monkeypatch.setattr(cupy_backend, "_kernels", lambda device_index, variant: _Names())
     monkeypatch.setattr(cupy_backend, "_launch",
-                        lambda kernel, grid, block, smem, args, device: launches.append(
-                            (kernel, grid, block, smem, type(args).from_buffer_copy(args))))
+                        lambda kernel, name, grid, block, smem, args, device, what: launches.append(
+                            (name, grid, block, smem, type(args).from_buffer_copy(args))))
     tensors = [t for t in run() if t is not None]
-    buffers: list[tuple[int, int, int, int]] = []  # (bytes, kind, element bytes, fp16)
+    buffers: list[tuple[int, int, int, int]] = []  # (bytes, kind: 0 input, 1 output, 2 zeroed, element bytes, fp16)
     of_tensor: dict[int, int] = {}                 # id(tensor) -> buffer index
-    last_scratch: tuple[int, int] | None = None    # (address, buffer index) of the previous launch
+    last: dict[str, tuple[int, int]] = {}           # transient field -> (address, buffer index) of the previous launch
+
+    def transient_size(field: str, args) -> tuple[int, int]:
+        if field == "scratch":
+            return 4 * (args.N * args.scr_n if args.dirs == 4 else 3 * args.scr_k), 1
+        if field == "part":
+            return 4 * 3 * args.NC * args.HW, 1
+        return 4 * 8 * -(-args.NC // args.lb), 2  # meta: zeroed
 
     def buffer_of(address: int, field: str, args) -> tuple[int, int]:
-        nonlocal last_scratch
-        if field == "scratch":  # freed after its op, so its address may be reused: never matched to tensors
-            if last_scratch is None or last_scratch[0] != address:
-                size = 4 * (args.N * args.scr_n if args.dirs == 4 else 3 * args.scr_k)
-                buffers.append((size, 1, 4, 0))
-                last_scratch = (address, len(buffers) - 1)
-            return last_scratch[1], 0
+        if field in _TRANSIENT:  # freed after its op, so its address may be reused: never matched to tensors
+            # the gate scratch is shared by a backward launch and its epilogue; the portable sum's partial
+            # planes and zeroed tickets are fresh for every launch (torch.zeros per call in cupy_backend)
+            if field != "scratch" or field not in last or last[field][0] != address:
+                size, kind = transient_size(field, args)
+                buffers.append((size, kind, 4, 0))
+                last[field] = (address, len(buffers) - 1)
+            return last[field][1], 0
         for t in tensors:
             base, size = t.data_ptr(), t.numel() * t.element_size()
             if base <= address < base + size:
@@ -160,8 +200,9 @@ def record_case(monkeypatch, run) -> bytes:
 
     blobs = []
     for kernel, grid, block, smem, args in launches:
-        if not args.scratch:
-            last_scratch = None
+        for field in _TRANSIENT:
+            if not getattr(args, field):
+                last.pop(field, None)
         for field, k in _POINTERS:
             value = getattr(args, field)
             address = value[k] if field in ("gate", "dgate") else value

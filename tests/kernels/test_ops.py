@@ -209,7 +209,8 @@ def test_bad_chunk(chunk):
 
 
 def test_bad_backend():
-    message = r"backend must be one of \('auto', 'cuda', 'cpu', 'torch', 'reference'\), got 'gpu'"
+    message = (r"backend must be one of \('auto', 'cuda', 'cuda-cluster', 'cuda-portable', 'cpu', 'torch', "
+               r"'reference'\), got 'gpu'")
     with pytest.raises(ValueError, match=message):
         gspn_mix(**mix_args(), backend="gpu")
 
@@ -236,19 +237,21 @@ def test_cuda_backend_rejects_float64():
 
 
 def test_missing_cuda_backend(monkeypatch):
-    """backend='cuda' without usable kernels names the fix; 'auto' quietly takes the PyTorch backend."""
+    """backend='cuda' without usable kernels names the fix; 'auto' takes the PyTorch backend with one warning."""
     reason = "CuPy is not installed: pip install 'gspn-gen[cuda13]' (or 'gspn-gen[cuda12]' for CUDA 12)"
     monkeypatch.setattr(ops, "_cuda_backend", lambda: (None, reason))
     with pytest.raises(RuntimeError, match=r"backend='cuda' is unavailable: CuPy is not installed: "
                                            r"pip install 'gspn-gen\[cuda13\]'"):
         ops._resolve("cuda", _fake_cuda_x(torch.bfloat16), 4)
-    assert ops._resolve("auto", _fake_cuda_x(torch.bfloat16), 4) == "torch"
+    ops._announce.cache_clear()
+    with pytest.warns(ops.BackendFallbackWarning, match=r"the CUDA backend is unavailable \(CuPy is not installed"):
+        assert ops._resolve("auto", _fake_cuda_x(torch.bfloat16), 4) == "torch"
     assert "cuda" not in available_backends()
 
 
 def test_maps_the_kernels_cannot_run(monkeypatch):
     """A map outside the CUDA kernels' plan runs on the PyTorch backend under 'auto' and is an error under 'cuda'."""
-    kernels = SimpleNamespace(supports=lambda *shape_and_dtype: False)
+    kernels = SimpleNamespace(supports=lambda *shape_and_dtype, **options: False)
     monkeypatch.setattr(ops, "_cuda_backend", lambda: (kernels, None))
     assert ops._resolve("auto", _fake_cuda_x(torch.bfloat16), 4) == "torch"
     with pytest.raises(ValueError, match=r"backend='cuda' does not support x of shape \(1, 4, 8, 8\)"):
