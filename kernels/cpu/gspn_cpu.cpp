@@ -239,11 +239,23 @@ F* scratch(size_t n) {
 // Moving B planes between the image frame and the scan frame of a direction. fill(b, off, len, out)
 // writes elements [off, off + len) of plane b (image frame) to out; use(b, off, len, values) takes them.
 
+// Pixel order [i][j] <-> [j][i] of an H x W map of B-vectors (contiguous B values each).
+template <class F>
+void swap_pixel_axes(const F* src, int H, int W, int B, F* dst) {
+  for (int i = 0; i < H; ++i)
+    for (int j = 0; j < W; ++j) {
+      const F* __restrict__ s = src + ((i64)i * W + j) * B;
+      F* __restrict__ d = dst + ((i64)j * H + i) * B;
+#pragma omp simd
+      for (int b = 0; b < B; ++b) d[b] = s[b];
+    }
+}
+
 template <class F>
 struct Frame {
   int H, W, B;
   bool col;
-  F* tmp;  // B H W values (B > 1) or the strips, STRIP x W (B == 1)
+  F *tmp, *tmp2;  // B > 1: B H W values each; B == 1: tmp holds the strips (STRIP x W)
   i64 hw() const { return (i64)H * W; }
 
   template <class Fill>
@@ -260,7 +272,8 @@ struct Frame {
     }
     for (int b = 0; b < B; ++b) fill(b, 0, n, tmp + b * n);
     if (!col) return transpose(tmp, n, B, (int)n, dst, B);  // [b][i][j] -> [i][j][b]
-    for (int i = 0; i < H; ++i) transpose(tmp + (i64)i * W, n, B, W, dst + (i64)i * B, (i64)H * B);  // -> [j][i][b]
+    transpose(tmp, n, B, (int)n, tmp2, B);
+    swap_pixel_axes(tmp2, H, W, B, dst);                     // -> [j][i][b]
   }
 
   template <class Use>
@@ -276,10 +289,10 @@ struct Frame {
       return;
     }
     if (col) {
-      for (int i = 0; i < H; ++i) transpose(src + (i64)i * B, (i64)H * B, W, B, tmp + (i64)i * W, n);
-    } else {
-      transpose(src, B, (int)n, B, tmp, n);
+      swap_pixel_axes(src, W, H, B, tmp2);  // [j][i][b] -> [i][j][b]
+      src = tmp2;
     }
+    transpose(src, B, (int)n, B, tmp, n);
     for (int b = 0; b < B; ++b) use(b, 0, n, (const F*)(tmp + b * n));
   }
 };
@@ -322,8 +335,8 @@ struct Dir {
   Dir(int d, int H, int W, int K) : col(d < 2), L(col ? W : H), P(col ? H : W), st{L, K, (d & 1) != 0} {}
 };
 
-// Scratch of one work item: `planes` planes of B H W values, the frame's buffer, the adjoint's hand-back
-// (3 lines of B max(H, W) values) and the neighbour flags of a line.
+// Scratch of one work item: `planes` planes of B H W values, the frame's two buffers, the adjoint's
+// hand-back (3 lines of B max(H, W) values) and the neighbour flags of a line.
 template <class F>
 struct Scratch {
   i64 plane_len, tmp_len, line_len;
@@ -331,12 +344,12 @@ struct Scratch {
   F* base;
   Scratch(int H, int W, int B, int planes_)
       : plane_len((i64)B * H * W), tmp_len(std::max(plane_len, (i64)STRIP * W)), line_len((i64)B * std::max(H, W)),
-        planes(planes_), base(scratch<F>(plane_len * planes_ + tmp_len + 4 * line_len)) {}
+        planes(planes_), base(scratch<F>(plane_len * planes_ + 2 * tmp_len + 4 * line_len)) {}
   F* plane(int i) const { return base + i * plane_len; }
-  F* tmp() const { return base + planes * plane_len; }
-  F* hand() const { return tmp() + tmp_len; }
+  F* tmp(int i) const { return base + planes * plane_len + i * tmp_len; }
+  F* hand() const { return tmp(2); }
   unsigned char* flags() const { return (unsigned char*)(hand() + 3 * line_len); }  // 2 line_len bytes
-  Frame<F> frame(const Dir& g, int H, int W, int B) const { return Frame<F>{H, W, B, g.col, tmp()}; }
+  Frame<F> frame(const Dir& g, int H, int W, int B) const { return Frame<F>{H, W, B, g.col, tmp(0), tmp(1)}; }
 };
 
 // Normalised gates of direction d in the scan frame, w (and q = 1 - sigmoid when given), from the
