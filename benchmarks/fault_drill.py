@@ -192,7 +192,7 @@ def tiny_config(root: Path, steps: int, seed: int = 0, keep_steps: bool = False,
             **({"strategy": "ddp"} if devices > 1 else {}),
         },
         "model": {"model": "GSPN-T/2", "model_args": {"hidden_size": 32, "depth": 2, "num_heads": 2},
-                  "lr": 1e-3, "warmup_steps": 2, "lr_schedule": "cosine", "ema_decay": 0.9},
+                  "optim": {"lr": 1e-3, "warmup_steps": 2, "lr_schedule": "cosine"}, "ema_args": {"decay": 0.9}},
         "data": {"class_path": "gspn_gen.data.datamodule.DigitsDataModule",
                  "init_args": {"image_size": 8, "batch_size": 8}},
     }
@@ -1064,12 +1064,12 @@ def bad_input_cases(d: Drill) -> list[tuple[str, str, list[str], str]]:
     (files / "not_a_dir").write_text("")
     fit = ["fit", "--config", cfg]
     cases = [
-        ("lr abc", "train", [*fit, "--model.lr", "abc"], "model.lr"),
+        ("lr abc", "train", [*fit, "--model.optim.lr", "abc"], "model.optim.lr"),
         ("diffusion foo", "train", [*fit, "--model.diffusion", "foo"], "model.diffusion"),
         ("batch_size 2.5", "train", [*fit, "--data.init_args.batch_size", "2.5"], "batch_size"),
-        ("warmup_steps -5", "train", [*fit, "--model.warmup_steps", "-5"], "warmup_steps"),
-        ("min_lr_ratio 5", "train", [*fit, "--model.min_lr_ratio", "5"], "min_lr_ratio"),
-        ("lr 1e30", "train", [*fit, "--model.lr", "1e30"], "lr"),
+        ("warmup_steps -5", "train", [*fit, "--model.optim.warmup_steps", "-5"], "warmup_steps"),
+        ("min_lr_ratio 5", "train", [*fit, "--model.optim.min_lr_ratio", "5"], "min_lr_ratio"),
+        ("lr 1e30", "train", [*fit, "--model.optim.lr", "1e30"], "lr"),
         ("unwritable default_root_dir", "train",
          [*fit, "--trainer.default_root_dir", str(files / "not_a_dir" / "run")], "default_root_dir"),
         ("fashion-mnist root missing", "train",
