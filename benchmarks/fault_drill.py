@@ -225,6 +225,8 @@ class Drill:
             return [sys.executable, "-m", "fid_eval", *args]
         if entry == "convert":
             return [sys.executable, "-m", "gspn_gen.checkpoints", *args]
+        if entry == "sweep":
+            return [sys.executable, "-m", "gspn_gen.sweep", *args]
         return [sys.executable, "-c", DRIVER, entry, *args] if fault != "none" else \
             [sys.executable, {"train": "train_gen.py", "sample": "sample.py"}[entry], *args]
 
@@ -752,8 +754,8 @@ def drill_overwrite(d: Drill, runs: int) -> tuple[int, list[str]]:
         ("fid_eval stats --out", "fid", lambda out: ["stats", "--input", "digits:val", *fid, "--out", str(out)],
          "st.npz"),
         ("import-dit --out", "convert", lambda out: ["import-dit", str(dit), "--out", str(out)], "dit.ckpt"),
-        ("sweep --out (a folder of other files)", "fid",
-         lambda out: ["sweep", "--ckpt", str(s["A"]), "--cfg-scales", "1", "--num-samples", "10", "--steps", "1",
+        ("sweep --out (a folder of other files)", "sweep",
+         lambda out: ["--ckpt", str(s["A"]), "--cfg-scale", "1", "--num-samples", "10", "--steps", "1",
                       "--ref", "digits:val", "--extractor", "digits", "--device", "cpu", "--out", str(out.parent)],
          "notes.txt"),
     ]
@@ -768,7 +770,7 @@ def drill_overwrite(d: Drill, runs: int) -> tuple[int, list[str]]:
                 problems.append("silent overwrite: the file was replaced")
             if sorted(p.name for p in folder.iterdir()) != [filename]:
                 problems.append(f"left files: {sorted(p.name for p in folder.iterdir())}")
-            if entry != "fid" or "sweep" not in argv(target):  # with --overwrite it is replaced
+            if entry != "sweep":  # with --overwrite it is replaced
                 proc = d.run(entry, [*argv(target), "--overwrite"])
                 if proc.returncode != 0 or target.read_bytes() == b"a result of the user's":
                     problems.append(f"--overwrite did not replace it (exit {proc.returncode}: {last_lines(proc.stderr)})")

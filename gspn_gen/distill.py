@@ -6,7 +6,7 @@ An ordinary training run whose config has a `model.distill` section (`Distillati
     python train_gen.py fit --config ... --ckpt_path runs/x/checkpoints/last.ckpt        # resume
 
 The teacher is handed to the student (`GenerationModule.attach_teacher`; the training command loads it
-with gspn_gen.checkpoints.build.load_teacher). The student then starts as the teacher with each attention
+with gspn_gen.checkpoints.build.hand_teacher). The student then starts as the teacher with each attention
 replaced by a fresh GSPN mixer whose output projection is zero (`convert_to_gspn`). Each step draws x_t
 from a data batch at a random time (the process's `training_input`), with labels replaced by the null
 class at the student's class-dropout rate, and matches the student's whole output to the frozen

@@ -202,7 +202,7 @@ class GenerationModule(L.LightningModule):
         self._run_seed: int | None = None  # seed of the training steps' random streams (on_train_batch_start)
 
     def attach_teacher(self, teacher: L.LightningModule) -> None:
-        """Distil from `teacher`, a loaded GenerationModule (gspn_gen.checkpoints.build.load_teacher): checked
+        """Distil from `teacher`, a loaded GenerationModule (gspn_gen.checkpoints.build.hand_teacher loads it): checked
         against this model, which (and its EMA) starts from the teacher's weights (gspn_gen.distill)."""
         if self.distill is None:
             raise ValueError("attach_teacher: this module was built without distill settings")

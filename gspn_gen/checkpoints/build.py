@@ -1,5 +1,5 @@
 """A GenerationModule from a checkpoint: for sampling and evaluation (`load_module`), as a distillation
-teacher (`load_teacher`), and shapes only for a layout check (`module_kwargs` on the meta device).
+teacher (`hand_teacher`), and shapes only for a layout check (`module_kwargs` on the meta device).
 
 The file is read and its settings upgraded by gspn_gen.checkpoints; this module only builds.
 """
