@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 EXTRAS ?= dev,vae,cuda13
 DEMO_DIR ?= runs/demo
-# samples.npz is drawn at the guidance scale that `python -m fid_eval sweep` found best for FID on the demo
+# samples.npz is drawn at the guidance scale that the sweep (`python -m gspn_gen.sweep`) found best for FID on the demo
 # checkpoint (README: "What the demo gives"); the grid at 4, where digits look sharpest.
 DEMO_CFG ?= 1.5
 

@@ -11,8 +11,8 @@ Runs, one after another, each with `nice -n 10` (the machine may be shared):
   scratch-half  GSPN-T/4, the demo recipe cut to 1,000 steps (its own cosine schedule): equal steps
   scratch       GSPN-T/4, the demo recipe (demo_digits.yaml), 2,000 steps
 The checkpoints at steps 500, 1,000 and 2,000 (--score-steps; the teacher: its last) are scored with
-1,000 samples (25 DDIM steps, cfg 4) from sample.py, then `python -m fid_eval --ref digits:val
---extractor digits` (class agreement, FID, IS, precision/recall).
+1,000 samples (25 DDIM steps, cfg 4) drawn by the sampling library (as `sample.py` draws them), then
+fid_eval against digits:val with the digits extractor (class agreement, FID, IS, precision/recall).
 Every run also logs make demo's FID-during-training curve (FIDCallback: 200 EMA samples, 10 DDIM steps,
 cfg 2, every 250 steps) to its metrics.csv; `benchmarks/training_curves.py` plots those.
 Wall time (perf_counter) and CPU time (user + system of the child processes, getrusage) are recorded
@@ -37,8 +37,11 @@ from pathlib import Path
 
 import torch
 
+import fid_eval
 from gspn_gen.fileio import write_json
 from gspn_gen.report import cpu_name, plot_curves, read_evals, slug
+from gspn_gen.sampling.request import SampleRequest
+from gspn_gen.sampling.run import sample
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -100,12 +103,10 @@ def evaluate(ckpt: Path) -> dict:
     metrics = ckpt.with_suffix(".metrics.json")
     if not metrics.exists():
         npz = ckpt.with_suffix(".samples.npz")
-        py = sys.executable
         print(f"  scoring {ckpt.relative_to(REPO) if ckpt.is_relative_to(REPO) else ckpt} ...", flush=True)
-        timed([py, "sample.py", "--ckpt", str(ckpt), "--num-samples", "1000", "--cfg-scale", "4", "--steps", "25",
-               "--out", str(npz), "--overwrite"], ckpt.with_suffix(".sample.log"))  # a cut-short run's: redrawn
-        timed([py, "-m", "fid_eval", "--samples", str(npz), "--ref", "digits:val", "--extractor", "digits",
-               "--device", "cpu", "--out", str(metrics)], ckpt.with_suffix(".fid.log"))
+        sample(SampleRequest(ckpt=str(ckpt), num_samples=1000, cfg_scale=4.0, steps=25, out=str(npz),
+                             overwrite=True), verbose=False)  # overwrite: a cut-short run's samples are redrawn
+        write_json(metrics, fid_eval.evaluate(str(npz), "digits:val", None, "digits", device="cpu", progress=False))
         npz.unlink()
     return json.loads(metrics.read_text())
 

@@ -53,7 +53,7 @@ from gspn_gen.kernels import available_backends
 
 from gspn_gen.diffusion import cfg_model_fn
 from gspn_gen.fileio import write_json, write_text
-from gspn_gen.lit import GenerationModule
+from gspn_gen.lit import GenerationModule, Optim
 from gspn_gen.models.zoo import MODELS, count_params
 from gspn_gen.report import cpu_name, log_log_plot, slug
 
@@ -380,8 +380,8 @@ def build_module(spec: str, mode: Mode, device: torch.device) -> GenerationModul
     """The training module as the CLI builds it (constant LR: the cosine schedule needs a trainer)."""
     name, overrides = parse_preset(spec)
     with torch.device(device):  # weights initialised in place: no slow CPU init of a 700M model
-        module = GenerationModule(model=name, model_args=overrides, **mode.data, lr=1e-4,
-                                  lr_schedule="constant", fused_adamw=device.type == "cuda")
+        module = GenerationModule(model=name, model_args=overrides, **mode.data,
+                                  optim=Optim(lr=1e-4, lr_schedule="constant", fused_adamw=device.type == "cuda"))
     module.to(device)  # records the device on the LightningModule; the tensors are there already
     module.model.train()
     return module

@@ -192,7 +192,7 @@ def tiny_config(root: Path, steps: int, seed: int = 0, keep_steps: bool = False,
             **({"strategy": "ddp"} if devices > 1 else {}),
         },
         "model": {"model": "GSPN-T/2", "model_args": {"hidden_size": 32, "depth": 2, "num_heads": 2},
-                  "lr": 1e-3, "warmup_steps": 2, "lr_schedule": "cosine", "ema_decay": 0.9},
+                  "optim": {"lr": 1e-3, "warmup_steps": 2, "lr_schedule": "cosine"}, "ema_args": {"decay": 0.9}},
         "data": {"class_path": "gspn_gen.data.datamodule.DigitsDataModule",
                  "init_args": {"image_size": 8, "batch_size": 8}},
     }
@@ -225,6 +225,8 @@ class Drill:
             return [sys.executable, "-m", "fid_eval", *args]
         if entry == "convert":
             return [sys.executable, "-m", "gspn_gen.checkpoints", *args]
+        if entry == "sweep":
+            return [sys.executable, "-m", "gspn_gen.sweep", *args]
         return [sys.executable, "-c", DRIVER, entry, *args] if fault != "none" else \
             [sys.executable, {"train": "train_gen.py", "sample": "sample.py"}[entry], *args]
 
@@ -752,8 +754,8 @@ def drill_overwrite(d: Drill, runs: int) -> tuple[int, list[str]]:
         ("fid_eval stats --out", "fid", lambda out: ["stats", "--input", "digits:val", *fid, "--out", str(out)],
          "st.npz"),
         ("import-dit --out", "convert", lambda out: ["import-dit", str(dit), "--out", str(out)], "dit.ckpt"),
-        ("sweep --out (a folder of other files)", "fid",
-         lambda out: ["sweep", "--ckpt", str(s["A"]), "--cfg-scales", "1", "--num-samples", "10", "--steps", "1",
+        ("sweep --out (a folder of other files)", "sweep",
+         lambda out: ["--ckpt", str(s["A"]), "--cfg-scale", "1", "--num-samples", "10", "--steps", "1",
                       "--ref", "digits:val", "--extractor", "digits", "--device", "cpu", "--out", str(out.parent)],
          "notes.txt"),
     ]
@@ -768,7 +770,7 @@ def drill_overwrite(d: Drill, runs: int) -> tuple[int, list[str]]:
                 problems.append("silent overwrite: the file was replaced")
             if sorted(p.name for p in folder.iterdir()) != [filename]:
                 problems.append(f"left files: {sorted(p.name for p in folder.iterdir())}")
-            if entry != "fid" or "sweep" not in argv(target):  # with --overwrite it is replaced
+            if entry != "sweep":  # with --overwrite it is replaced
                 proc = d.run(entry, [*argv(target), "--overwrite"])
                 if proc.returncode != 0 or target.read_bytes() == b"a result of the user's":
                     problems.append(f"--overwrite did not replace it (exit {proc.returncode}: {last_lines(proc.stderr)})")
@@ -1064,12 +1066,12 @@ def bad_input_cases(d: Drill) -> list[tuple[str, str, list[str], str]]:
     (files / "not_a_dir").write_text("")
     fit = ["fit", "--config", cfg]
     cases = [
-        ("lr abc", "train", [*fit, "--model.lr", "abc"], "model.lr"),
+        ("lr abc", "train", [*fit, "--model.optim.lr", "abc"], "model.optim.lr"),
         ("diffusion foo", "train", [*fit, "--model.diffusion", "foo"], "model.diffusion"),
         ("batch_size 2.5", "train", [*fit, "--data.init_args.batch_size", "2.5"], "batch_size"),
-        ("warmup_steps -5", "train", [*fit, "--model.warmup_steps", "-5"], "warmup_steps"),
-        ("min_lr_ratio 5", "train", [*fit, "--model.min_lr_ratio", "5"], "min_lr_ratio"),
-        ("lr 1e30", "train", [*fit, "--model.lr", "1e30"], "lr"),
+        ("warmup_steps -5", "train", [*fit, "--model.optim.warmup_steps", "-5"], "warmup_steps"),
+        ("min_lr_ratio 5", "train", [*fit, "--model.optim.min_lr_ratio", "5"], "min_lr_ratio"),
+        ("lr 1e30", "train", [*fit, "--model.optim.lr", "1e30"], "lr"),
         ("unwritable default_root_dir", "train",
          [*fit, "--trainer.default_root_dir", str(files / "not_a_dir" / "run")], "default_root_dir"),
         ("fashion-mnist root missing", "train",

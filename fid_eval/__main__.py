@@ -1,16 +1,15 @@
-"""Command line: score samples against a reference, precompute statistics, or sweep the guidance scale.
+"""Command line: score samples against a reference, or precompute statistics.
 
     python -m fid_eval --samples samples.npz --ref VIRTUAL_imagenet256_labeled.npz --metrics fid,sfid,isc,prc
     python -m fid_eval --samples runs/demo/samples.npz --ref digits:val --extractor digits --out metrics.json
     python -m fid_eval --samples samples_stats.npz --ref VIRTUAL_imagenet256_labeled.npz --metrics fid,sfid
     python -m fid_eval stats --input VIRTUAL_imagenet256_labeled.npz --out ref_stats.npz
-    python -m fid_eval sweep --ckpt runs/demo/checkpoints/last.ckpt --cfg-scales 1 2 3 4 --num-samples 1000 \
-        --steps 25 --ref digits:val --extractor digits --out runs/demo/sweep
 
 Inputs: an image folder, an ADM-style .npz (arr_0 uint8 NHWC), a statistics .npz/.pt, or digits:train|val.
 Two statistics files need no network: FID and sFID are computed from them alone.
 Protocols: adm (default for Inception: ADM's evaluator, as DiT/SiT/GSPN report) or torch-fidelity.
 Any bad input, missing weights file or mismatch is one line on stderr and exit code 2.
+The guidance sweep samples a checkpoint, so it belongs to the generator: `python -m gspn_gen.sweep`.
 """
 
 from __future__ import annotations
@@ -43,7 +42,8 @@ def _eval_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m fid_eval",
                                 description="Score generated images against a reference: FID, sFID, IS, KID, "
                                             "precision/recall (features -> cached statistics -> metrics). "
-                                            "Subcommands: `stats` (save statistics), `sweep` (guidance scales).",
+                                            "Subcommand: `stats` (save statistics). The guidance sweep: "
+                                            "python -m gspn_gen.sweep.",
                                 epilog="examples:\n" + "\n\n".join(__doc__.split("\n\n")[1:]),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--samples", required=True, help="generated images: folder, .npz, or statistics file")
@@ -112,11 +112,11 @@ def _run_eval(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["sweep"]:
-        from fid_eval import sweep
-
-        args, run = sweep.parse_args(argv[1:]), sweep.run
-    elif argv[:1] == ["stats"]:
+    if argv[:1] == ["sweep"]:  # the sweep samples a checkpoint: it lives with the generator
+        print("fid_eval: error: the guidance sweep is `python -m gspn_gen.sweep` (sampling options as sample.py's, "
+              "see its --help)", file=sys.stderr)
+        return 2
+    if argv[:1] == ["stats"]:
         args, run = _stats_parser().parse_args(argv[1:]), _run_stats
     else:
         args, run = _eval_parser().parse_args(argv), _run_eval
@@ -124,8 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fid_eval: error: --batch-size must be >= 1, got {args.batch_size}", file=sys.stderr)
         return 2
     try:
-        if argv[:1] != ["sweep"] and args.out is not None:
-            check_output(args.out, args.overwrite)  # before any work; the sweep checks its folder itself
+        if args.out is not None:
+            check_output(args.out, args.overwrite)  # before any work
         run(args)
     except (FidEvalError, OutputError) as e:
         print(f"fid_eval: error: {e}", file=sys.stderr)

@@ -129,6 +129,11 @@ def sd_vae_spec(path: str, scale: float | None = None) -> dict:
     return {"name": "sd-vae", "path": path, "scale": DEFAULT_VAE_SCALE if scale is None else float(scale)}
 
 
+def codec_identity(spec: dict | None) -> dict:
+    """What a codec is, without where it is stored: that may change between machines, what it is may not."""
+    return {k: v for k, v in (spec or {"name": "identity"}).items() if k != "path"}
+
+
 def _looks_local(path: str) -> bool:
     """A local path rather than a hub id ("org/name")."""
     return os.path.exists(path) or os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") != 1

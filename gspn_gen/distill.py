@@ -5,34 +5,36 @@ An ordinary training run whose config has a `model.distill` section (`Distillati
     python train_gen.py fit --config configs/experiments/distill_dit-xl2_to_gspn-xl2_in256.yaml
     python train_gen.py fit --config ... --ckpt_path runs/x/checkpoints/last.ckpt        # resume
 
-The student starts as the teacher with each attention replaced by a fresh GSPN mixer whose output
-projection is zero (gspn_gen.convert.convert_to_gspn). Each step draws x_t from a data batch at a random
-time, with labels replaced by the null class at the student's class-dropout rate, and matches the
-student's whole output to the frozen teacher's on the same (x_t, t, y): epsilon and the sigma
-interpolant for the Gaussian process, the velocity for flow matching. Optionally (`layer_weight`) each
-block's mixer output is also matched to the teacher's attention on the same input (the student's own
-mixer input), and after `distill_steps` steps training continues with the ordinary diffusion loss.
+The teacher is handed to the student (`GenerationModule.attach_teacher`; the training command loads it
+with gspn_gen.checkpoints.build.hand_teacher). The student then starts as the teacher with each attention
+replaced by a fresh GSPN mixer whose output projection is zero (`convert_to_gspn`). Each step draws x_t
+from a data batch at a random time (the process's `training_input`), with labels replaced by the null
+class at the student's class-dropout rate, and matches the student's whole output to the frozen
+teacher's on the same (x_t, t, y): epsilon and the sigma interpolant for the Gaussian process, the
+velocity for flow matching. Optionally (`layer_weight`) each block's mixer output is also matched to
+the teacher's attention on the same input (the student's own mixer input), and after `distill_steps`
+steps training continues with the ordinary diffusion loss.
 
 Everything else is ordinary training: EMA, optimiser, schedule, logging, sample grids, resume. The
-teacher is loaded from its checkpoint path and is not saved in the student's checkpoints; each
-checkpoint records the teacher's path and the SHA-256 of its weights, and a resume with a different
-teacher is refused. `sample.py`, `fid_eval` and `load_module` read a distilled checkpoint without its
-teacher (gspn_gen.checkpoints drops the `distill` settings when it only rebuilds the model).
+teacher is not saved in the student's checkpoints; each checkpoint records the teacher's path and the
+SHA-256 of its weights, and a resume with a different teacher is refused. `sample.py`, `fid_eval` and
+`load_module` read a distilled checkpoint without its teacher.
 """
 
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from gspn_gen.diffusion import KINDS, FlowMatching, mean_flat
+from gspn_gen.codecs import codec_identity
+from gspn_gen.diffusion import mean_flat
+from gspn_gen.models.backbone import DiffusionBackbone
+from gspn_gen.models.mixer import GSPNMixer
 
-if TYPE_CHECKING:
-    from gspn_gen.lit import GenerationModule
+# Teacher and student are GenerationModules (gspn_gen.lit, which builds on this module): typed as nn.Module here.
 
 
 class DistillationError(ValueError):
@@ -73,26 +75,19 @@ class Distillation:
 class Distiller:
     """The frozen teacher of a GenerationModule and its distillation loss; built after the student."""
 
-    def __init__(self, settings: Distillation, student: GenerationModule):
-        """Load the teacher, check it fits, and start the student (model and EMA) from its weights."""
-        from gspn_gen.checkpoints import codec_identity, load_module, read_checkpoint
-        from gspn_gen.convert import convert_to_gspn
-
+    def __init__(self, settings: Distillation, teacher: nn.Module, student: nn.Module):
+        """Check that `teacher` (a loaded module) fits, and start the student (model and EMA) from its weights."""
         self.settings = settings
-        source = load_module(settings.teacher, accept=lambda ckpt: fits_as_teacher(ckpt["hyper_parameters"], student),
-                             kind=f"teacher for {student.hparams.model}")
-        check_compatible(source, student)
-        if source.model.y_embedder.dropout_prob == 0 < student.model.y_embedder.dropout_prob:
+        check_compatible(teacher, student)
+        if teacher.model.y_embedder.dropout_prob == 0 < student.model.y_embedder.dropout_prob:
             raise DistillationError(
                 f"teacher {settings.teacher!r} was trained without label dropout (no null class), so it cannot "
                 "teach the student's null class: set model.model_args.class_dropout_prob 0 for the student")
-        # the codec from the file: `source.hparams` may be the student's while LightningCLI builds it
-        theirs = codec_identity(read_checkpoint(settings.teacher, mmap=True)["hyper_parameters"].get("codec"))
-        ours = codec_identity(student.hparams.get("codec"))
+        theirs, ours = codec_identity(teacher.hparams.get("codec")), codec_identity(student.hparams.get("codec"))
         if theirs != ours:
             raise DistillationError(f"the teacher's latents come from codec {theirs} but the student's data from "
                                     f"{ours}: distil on data encoded like the teacher's")
-        net = source.ema if settings.teacher_ema else source.model
+        net = teacher.ema if settings.teacher_ema else teacher.model
         # Not a submodule of the student: the teacher stays out of state_dict, checkpoints and the optimiser.
         self.teacher = net.requires_grad_(False).eval()
         self.teacher_sha256 = weights_sha256(net)
@@ -103,7 +98,7 @@ class Distiller:
                                     f"{e}") from None
         student.ema.load_state_dict(student.model.state_dict())
 
-    def training_losses(self, student: GenerationModule, batch) -> dict[str, torch.Tensor]:
+    def training_losses(self, student: nn.Module, batch) -> dict[str, torch.Tensor]:
         """{"loss", "distill"[, "layer"]}, each (N,); the diffusion loss after `distill_steps`."""
         hp, model = self.settings, student.model
         if hp.distill_steps is not None and student.global_step >= hp.distill_steps:
@@ -114,7 +109,8 @@ class Distiller:
         teacher = self.teacher.to(x0.device)
         y = model.y_embedder.drop(y)       # teacher and student see the same (possibly null) labels,
         model.y_embedder.eval()            # so the student must not drop labels again
-        x_t, t = noisy_input(student.diffusion, x0)
+        noisy = student.diffusion.training_input(x0)
+        x_t, t = noisy.x_t, noisy.t_model
         records: list[tuple[torch.Tensor, tuple[int, int], torch.Tensor]] = []
         hooks = [block.mixer.register_forward_hook(lambda m, args, out: records.append((*args, out)))
                  for block in model.blocks] if hp.layer_weight else []
@@ -154,15 +150,14 @@ class Distiller:
                 f"{self.teacher_sha256[:12]}..., the checkpoint records {recorded['teacher_sha256'][:12]}...)")
 
 
-def check_compatible(teacher: GenerationModule, student: GenerationModule) -> None:
+def check_compatible(teacher: nn.Module, student: nn.Module) -> None:
     """Teacher and student must model the same data with the same process; else DistillationError.
 
-    Read from the built networks and processes, not from `hparams`: a module built while LightningCLI
-    instantiates another one is given that one's hyper-parameters.
+    Read from the built networks and processes, so a checkpoint of any version compares the same way.
     """
-    def facts(module: GenerationModule) -> dict:
+    def facts(module: nn.Module) -> dict:
         net, process = module.model, module.diffusion
-        out = {"diffusion": next(name for name, kind in KINDS.items() if isinstance(process, kind)),
+        out = {"diffusion": process.name,
                "learn_sigma": process.learn_sigma, "num_classes": net.num_classes,
                "in_channels": net.in_channels, "input_size": net.grid[0] * net.patch_size}
         out.update({k: process.config[k] for k in ("num_timesteps", "noise_schedule") if k in process.config})
@@ -174,36 +169,38 @@ def check_compatible(teacher: GenerationModule, student: GenerationModule) -> No
             raise DistillationError(f"the teacher has {name}={theirs.get(name)!r} but the student {name}={ours[name]!r}")
 
 
-def fits_as_teacher(hparams: dict, student: GenerationModule) -> bool:
-    """Whether a checkpoint with these hyper-parameters could teach `student` (an attention model of its
-    width and depth, for the same data and process); read from a shapes-only build of its model."""
-    from gspn_gen.checkpoints import module_kwargs
-    from gspn_gen.convert import shared_keys
-    from gspn_gen.lit import GenerationModule
-    from gspn_gen.models.mixer import GSPNMixer
-
-    try:
-        with torch.device("meta"):
-            teacher = GenerationModule(**module_kwargs(hparams))
-        check_compatible(teacher, student)
-    except Exception:  # noqa: BLE001 - any checkpoint that cannot be built or does not fit is no teacher
-        return False
-    net, own = teacher.model, student.model
-    if len(net.blocks) != len(own.blocks) or any(isinstance(b.mixer, GSPNMixer) for b in net.blocks):
-        return False
-    theirs, ours = net.state_dict(), own.state_dict()
-    return all(theirs[k].shape == ours[k].shape for k in shared_keys(net, own))
+def shared_keys(teacher: DiffusionBackbone, student: DiffusionBackbone) -> list[str]:
+    """State-dict keys the two backbones share: everything but the mixers."""
+    theirs = teacher.state_dict()
+    return [k for k in student.state_dict() if k in theirs and ".mixer." not in k]
 
 
-def noisy_input(diffusion, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A training input x_t of the process at uniform random times, and the times the model sees."""
-    n = x0.shape[0]
-    noise = torch.randn_like(x0)
-    if isinstance(diffusion, FlowMatching):
-        t = torch.rand(n, device=x0.device)
-        return diffusion.interpolate(x0, noise, t), t
-    t = torch.randint(0, diffusion.num_timesteps, (n,), device=x0.device)
-    return diffusion.q_sample(x0, t, noise), diffusion.model_timesteps(t)
+@torch.no_grad()
+def convert_to_gspn(teacher: DiffusionBackbone, student: DiffusionBackbone) -> list[str]:
+    """Start the GSPN `student` from the DiT `teacher`: copy every shared tensor bit for bit (the patch,
+    time and class embedders, every adaLN modulation and MLP, the final layer, the fixed position
+    embedding) and zero each mixer's output projection, so the student at step 0 is the DiT with its
+    attention branches removed. Returns the copied keys; a shape or layout mismatch raises ValueError."""
+    if len(teacher.blocks) != len(student.blocks):
+        raise ValueError(f"the teacher has {len(teacher.blocks)} blocks, the student {len(student.blocks)}")
+    if not all(isinstance(b.mixer, GSPNMixer) for b in student.blocks):
+        raise ValueError("the student must be a GSPN model (mixer 'gspn')")
+    if (teacher.pos_embed is None) != (student.pos_embed is None):
+        raise ValueError("teacher and student must both have the fixed position embedding or both lack it "
+                         "(build the student with fixed_pos_embed=True)")
+    src, dst = teacher.state_dict(), student.state_dict()
+    keys = shared_keys(teacher, student)
+    for key in keys:
+        if src[key].shape != dst[key].shape:
+            raise ValueError(f"{key}: teacher shape {tuple(src[key].shape)}, student {tuple(dst[key].shape)}")
+        dst[key].copy_(src[key])
+    missing = [k for k in src if ".mixer." not in k and k not in dst]
+    if missing:
+        raise ValueError(f"the student has no {missing[0]!r} to take the teacher's weights")
+    for block in student.blocks:
+        torch.nn.init.zeros_(block.mixer.out_proj.weight)
+        torch.nn.init.zeros_(block.mixer.out_proj.bias)
+    return keys
 
 
 def weights_sha256(net: nn.Module) -> str:

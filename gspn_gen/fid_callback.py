@@ -2,7 +2,8 @@
 
 Every `every_n_steps` optimizer steps it draws `num_samples` images (classes balanced, sample i from the
 noise of (seed, i), so every evaluation sees the same noise and only the weights change) with the EMA
-weights through gspn_gen.sampling.generate, scores them with fid_eval, and logs `eval/fid` (and
+weights through the sampling library (a `SampleRequest`, checked when the callback is built and against
+the model at fit start), scores them with fid_eval, and logs `eval/fid` (and
 `eval/class_agreement` for the digits extractor; `eval/seconds` and `eval/cpu_seconds`, its wall and
 process CPU time) to every logger: TensorBoard and metrics.csv. The reference statistics are computed once (fid_eval's content-hash cache) and kept.
 
@@ -18,10 +19,12 @@ from __future__ import annotations
 import time
 
 import lightning as L
-import numpy as np
 import torch
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
+
+from gspn_gen.sampling.request import SampleRequest
+from gspn_gen.sampling.run import sample
 
 
 class FIDCallback(L.Callback):
@@ -58,14 +61,16 @@ class FIDCallback(L.Callback):
             cache_dir: reference statistics cache (default $GSPN_FID_CACHE or ~/.cache/gspn_gen/fid_stats).
         """
         super().__init__()
-        for name, value, low in (("every_n_steps", every_n_steps, 1), ("num_samples", num_samples, 2),
-                                 ("batch_size", batch_size, 1)):
+        for name, value, low in (("every_n_steps", every_n_steps, 1), ("num_samples", num_samples, 2)):
             if value < low:
                 raise ValueError(f"FIDCallback {name} must be >= {low}, got {value}")
+        try:
+            self.request = SampleRequest(num_samples=num_samples, cfg_scale=cfg_scale, steps=steps, sampler=sampler,
+                                         seed=seed, batch_size=batch_size)
+        except ValueError as e:
+            raise ValueError(f"FIDCallback: {e}") from None
         self.every_n_steps, self.num_samples, self.ref, self.metrics = every_n_steps, num_samples, ref, metrics
         self.extractor_name, self.weights, self.cache_dir = extractor, weights, cache_dir
-        self.sample_kwargs = {"cfg_scale": cfg_scale, "steps": steps, "sampler": sampler, "seed": seed}
-        self.batch_size = batch_size
         self._extractor = None
         self._reference = None
         self._last_step = -1
@@ -82,6 +87,7 @@ class FIDCallback(L.Callback):
         from fid_eval.stats import cached_stats, stored_stats
 
         try:
+            self.request.check(pl_module)
             metrics = parse_metrics(self.metrics)
             self._extractor = build_extractor(self.extractor_name, self.weights, str(pl_module.device))
             ref = open_input(self.ref)
@@ -92,7 +98,7 @@ class FIDCallback(L.Callback):
                                and ("sfid" not in metrics or stored.mu_s is not None))
                 ref = stored if only_stored else cached_stats(ref, self._extractor, self.cache_dir, progress=False)
             self._reference = ref
-        except FidEvalError as e:
+        except (FidEvalError, ValueError) as e:
             raise ValueError(f"FIDCallback: {e}") from None
 
     def on_train_start(self, trainer, pl_module) -> None:
@@ -125,17 +131,11 @@ class FIDCallback(L.Callback):
         """Sample with the EMA weights and score: {"eval/fid": ..., ..., "eval/seconds": ...}."""
         from fid_eval import ArraySource, evaluate
         from fid_eval.evaluation import print_warnings
-        from gspn_gen.sampling import generate
 
         start, start_cpu = time.perf_counter(), time.process_time()
-        labels = torch.arange(self.num_samples) % pl_module.hparams.num_classes
-        images = np.concatenate([
-            generate(pl_module, labels[s:s + self.batch_size], indices=range(s, min(s + self.batch_size,
-                                                                                  self.num_samples)),
-                     **self.sample_kwargs)
-            for s in range(0, self.num_samples, self.batch_size)])
-        report = evaluate(ArraySource(images, labels.numpy(), name="EMA samples"), self._reference, self.metrics,
-                          self._extractor, progress=False)
+        samples = sample(self.request, module=pl_module, verbose=False)
+        report = evaluate(ArraySource(samples.images, samples.labels, name="EMA samples"), self._reference,
+                          self.metrics, self._extractor, progress=False)
         if not self._warned:
             print_warnings(report, "FIDCallback")
             self._warned = True

@@ -3,10 +3,11 @@
 The constructor's typed arguments are the `model:` section of a LightningCLI config, and
 `save_hyperparameters()` stores them in every checkpoint as plain containers (the process as
 {class_path, init_args}, every model_args field), so `sample.py` rebuilds the exact model, diffusion
-and codec from the checkpoint alone (gspn_gen.checkpoints.module_kwargs). The data-dependent arguments
+and codec from the checkpoint alone (gspn_gen.checkpoints.build). The data-dependent arguments
 (`num_classes`, `in_channels`, `input_size`, `codec`, `class_names`) are linked from the datamodule
 by the CLI; they, and the process's learn_sigma, are the only source of the backbone's input shape,
-classes and output channels.
+classes and output channels. The optimiser, EMA and grid settings come in groups (`Optim`, `EMAArgs`,
+`SampleGrids`: `model.optim.lr` in a config); a checkpoint stores each as a dict.
 """
 
 from __future__ import annotations
@@ -26,7 +27,10 @@ from lightning.pytorch.utilities import grad_norm, rank_zero_only, rank_zero_war
 from gspn_gen.data.sampler import derive_seed, run_seed
 from gspn_gen.diffusion import FlowMatching, GaussianDiffusion, describe
 from gspn_gen.distill import Distillation, Distiller
+from gspn_gen.lightning_compat import attached_trainer, keep_initial_hparams, set_last_lr, total_batch_index
 from gspn_gen.models.zoo import NO_OVERRIDES, ModelArgs, build_model, model_overrides
+from gspn_gen.sampling.draw import class_grid, generate, has_null_class, save_image
+from gspn_gen.sampling.request import check_cfg_scale
 
 # The EMA copy is deliberately kept in eval mode; Lightning would warn about it at every fit start.
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
@@ -44,6 +48,90 @@ class NonFiniteWeightsError(NonFiniteLossError):
 WEIGHT_LIMIT = 1e10
 
 
+@dataclasses.dataclass(frozen=True)
+class Optim:
+    """AdamW and its learning-rate schedule.
+
+    Args:
+        lr: peak AdamW learning rate, in (0, 1].
+        weight_decay: AdamW weight decay (>= 0).
+        betas: AdamW betas, each in [0, 1).
+        warmup_steps: linear LR warmup steps (>= 0).
+        lr_schedule: constant after warmup, or cosine decay to lr * min_lr_ratio at the last step.
+        min_lr_ratio: final LR fraction of the cosine schedule, in [0, 1].
+        fused_adamw: use the fused AdamW kernel (default: on CUDA only).
+    """
+
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 0
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    min_lr_ratio: float = 0.0
+    fused_adamw: bool | None = None
+
+    def __post_init__(self):
+        if not 0 < self.lr <= 1:  # AdamW moves every weight by about lr per step
+            raise ValueError(f"optim.lr must be in (0, 1], got {self.lr}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"optim.min_lr_ratio must be in [0, 1] (a fraction of lr), got {self.min_lr_ratio}")
+        if self.weight_decay < 0:
+            raise ValueError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"optim.betas must be two numbers in [0, 1), got {list(self.betas)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class EMAArgs:
+    """The exponential moving average of the weights that sampling uses.
+
+    Args:
+        decay: decay per optimizer step, in [0, 1).
+        warmup: use min(decay, (1 + step) / (10 + step)) so early EMA weights are not stale.
+    """
+
+    decay: float = 0.9999
+    warmup: bool = True
+
+    def __post_init__(self):
+        if not 0.0 <= self.decay < 1.0:
+            raise ValueError(f"ema_args.decay must be in [0, 1), got {self.decay}")
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleGrids:
+    """Class grids drawn from the EMA model during training (<log_dir>/samples/step-XXXXXXX.png, TensorBoard).
+
+    Args:
+        every: write a grid every this many steps (0 disables).
+        cfg_scale: guidance scale of the grids (a model without a null class is sampled unguided).
+        steps: sampling steps of the grids.
+        per_class: images per class.
+        max_classes: at most this many classes (the first ones).
+    """
+
+    every: int = 0
+    cfg_scale: float = 4.0
+    steps: int = 50
+    per_class: int = 4
+    max_classes: int = 10
+
+    def __post_init__(self):
+        check_cfg_scale(self.cfg_scale, "grids.cfg_scale")
+        for name in ("steps", "per_class", "max_classes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"grids.{name} must be >= 1, got {getattr(self, name)}")
+        if self.every < 0:
+            raise ValueError(f"grids.every must be >= 0 (0: no grids), got {self.every}")
+
+
+def as_group(cls, value):
+    """A settings group as given (dataclass) or as a checkpoint stores it (dict)."""
+    return value if isinstance(value, cls) else cls(**dict(value))
+
+
 class GenerationModule(L.LightningModule):
     """Class-conditional diffusion / flow training of a DiT-style backbone (GSPN or attention mixer)."""
 
@@ -57,20 +145,9 @@ class GenerationModule(L.LightningModule):
         input_size: int = 16,
         codec: dict | None = None,
         class_names: list[str] | None = None,
-        lr: float = 1e-4,
-        weight_decay: float = 0.0,
-        betas: tuple[float, float] = (0.9, 0.999),
-        warmup_steps: int = 0,
-        lr_schedule: Literal["constant", "cosine"] = "constant",
-        min_lr_ratio: float = 0.0,
-        ema_decay: float = 0.9999,
-        ema_warmup: bool = True,
-        sample_every: int = 0,
-        sample_cfg_scale: float = 4.0,
-        sample_steps: int = 50,
-        sample_per_class: int = 4,
-        sample_max_classes: int = 10,
-        fused_adamw: bool | None = None,
+        optim: Optim = Optim(),
+        ema_args: EMAArgs = EMAArgs(),
+        grids: SampleGrids = SampleGrids(),
         compile: bool = False,
         distill: Distillation | None = None,
     ):
@@ -88,58 +165,48 @@ class GenerationModule(L.LightningModule):
             input_size: spatial size of the model-space input, latent or pixels (linked from the datamodule).
             codec: how samples are decoded to images (linked from the datamodule's codec).
             class_names: class names for sample grids (linked from the datamodule).
-            lr: peak AdamW learning rate, in (0, 1].
-            weight_decay: AdamW weight decay.
-            betas: AdamW betas.
-            warmup_steps: linear LR warmup steps (>= 0).
-            lr_schedule: constant after warmup, or cosine decay to lr * min_lr_ratio at the last step.
-            min_lr_ratio: final LR fraction of the cosine schedule, in [0, 1].
-            ema_decay: decay of the EMA weights used for sampling.
-            ema_warmup: use min(ema_decay, (1 + step) / (10 + step)) so early EMA weights are not stale.
-            sample_every: write an EMA class grid every this many steps (0 disables).
-            sample_cfg_scale: guidance scale of those grids.
-            sample_steps: sampling steps of those grids.
-            sample_per_class: images per class in those grids.
-            sample_max_classes: at most this many classes (the first ones) in those grids.
-            fused_adamw: use the fused AdamW kernel (default: on CUDA only).
+            optim: AdamW and its learning-rate schedule (Optim).
+            ema_args: the EMA weights used for sampling (EMAArgs).
+            grids: class grids drawn during training (SampleGrids).
             compile: torch.compile the training model's blocks (in place: parameter names, checkpoints
                 and the EMA model used for sampling stay as they are); the first steps take longer.
-            distill: distil the model from a frozen attention teacher (gspn_gen.distill); null: ordinary
-                training.
+            distill: distil the model from a frozen attention teacher (gspn_gen.distill), handed over with
+                `attach_teacher`; null: ordinary training.
         """
         super().__init__()
         self.save_hyperparameters()
-        if not 0 < lr <= 1:  # AdamW moves every weight by about lr per step
-            raise ValueError(f"lr must be in (0, 1], got {lr}")
-        if warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
-        if not 0.0 <= min_lr_ratio <= 1.0:
-            raise ValueError(f"min_lr_ratio must be in [0, 1] (a fraction of lr), got {min_lr_ratio}")
-        if weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
-        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
-            raise ValueError(f"betas must be two numbers in [0, 1), got {list(betas)}")
-        if not 0.0 <= ema_decay < 1.0:
-            raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
+        self.optim, self.ema_args, self.grids = as_group(Optim, optim), as_group(EMAArgs, ema_args), \
+            as_group(SampleGrids, grids)
+        self.distill = None if distill is None else as_group(Distillation, distill)
         self.diffusion = GaussianDiffusion() if diffusion is None else diffusion
         overrides = model_overrides(model_args)
-        if distill is not None and overrides.get("fixed_pos_embed") is None:
+        if self.distill is not None and overrides.get("fixed_pos_embed") is None:
             overrides["fixed_pos_embed"] = True  # the student keeps the teacher's position embedding
         self.model = build_model(model, input_size=input_size, in_channels=in_channels, num_classes=num_classes,
                                  learn_sigma=self.diffusion.learn_sigma, **overrides)
         # Checkpoints hold plain containers only (they are read with weights_only=True).
-        self.hparams["model_args"] = {f.name: overrides.get(f.name) for f in dataclasses.fields(ModelArgs)}
-        self.hparams["diffusion"] = describe(self.diffusion)
-        self.hparams["distill"] = None if distill is None else dataclasses.asdict(distill)
-        self._hparams_initial = copy.deepcopy(self._hparams)
+        self.hparams.update(
+            model_args={f.name: overrides.get(f.name) for f in dataclasses.fields(ModelArgs)},
+            diffusion=describe(self.diffusion),
+            optim=dataclasses.asdict(self.optim), ema_args=dataclasses.asdict(self.ema_args),
+            grids=dataclasses.asdict(self.grids),
+            distill=None if self.distill is None else dataclasses.asdict(self.distill))
+        keep_initial_hparams(self)
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
-        self.distiller = None if distill is None else Distiller(distill, self)
+        self.distiller: Distiller | None = None  # attach_teacher
         if compile:
             self.model.compile_blocks()
         self._last_step_time: float | None = None
         self._last_grid_step = -1
         self._resumed = False  # set when Lightning restores a checkpoint into this module
         self._run_seed: int | None = None  # seed of the training steps' random streams (on_train_batch_start)
+
+    def attach_teacher(self, teacher: L.LightningModule) -> None:
+        """Distil from `teacher`, a loaded GenerationModule (gspn_gen.checkpoints.build.hand_teacher loads it): checked
+        against this model, which (and its EMA) starts from the teacher's weights (gspn_gen.distill)."""
+        if self.distill is None:
+            raise ValueError("attach_teacher: this module was built without distill settings")
+        self.distiller = Distiller(self.distill, teacher, self)
 
     @property
     def null_class(self) -> int:
@@ -165,7 +232,10 @@ class GenerationModule(L.LightningModule):
     def training_losses(self, batch) -> dict[str, torch.Tensor]:
         """Per-sample loss terms (N,) of a batch; "loss" is minimised, the others are logged.
         The diffusion loss, or the distillation loss (gspn_gen.distill) when distilling."""
-        if self.distiller is not None:
+        if self.distill is not None:
+            if self.distiller is None:
+                raise RuntimeError("this module distils (distill settings) but has no teacher: hand it one with "
+                                   "attach_teacher (train_gen.py does)")
             return self.distiller.training_losses(self, batch)
         x, y = batch  # (B, C, H, W), (B,)
         return self.diffusion.training_losses(self.model, x, y)
@@ -185,19 +255,19 @@ class GenerationModule(L.LightningModule):
             self.log("train/images_per_sec", images / max(now - self._last_step_time, 1e-9), prog_bar=True)
         self._last_step_time = now
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
-        every = self.hparams.sample_every
+        every = self.grids.every
         if every and self.global_step % every == 0 and self.global_step != self._last_grid_step:
             self._last_grid_step = self.global_step  # once per step, also with gradient accumulation
             if isinstance(self.trainer.strategy, FSDPStrategy):
                 # The sharded EMA cannot run on rank 0 alone; sample from a checkpoint with sample.py.
-                rank_zero_warn("sample_every is ignored under FSDP", category=UserWarning)
+                rank_zero_warn("grids.every is ignored under FSDP", category=UserWarning)
             else:
                 self.log_sample_grid()
 
     @torch.no_grad()
     def _update_ema(self) -> None:
-        decay = self.hparams.ema_decay
-        if self.hparams.ema_warmup:
+        decay = self.ema_args.decay
+        if self.ema_args.warmup:
             step = self.global_step
             decay = min(decay, (1 + step) / (10 + step))
         ema = list(self.ema.parameters())
@@ -210,7 +280,7 @@ class GenerationModule(L.LightningModule):
     # rank, batch index), so a resumed run draws what the unbroken run drew at the same step, on every
     # rank, whatever ran in between (data loading, sample grids, FID). The run seed travels in checkpoints.
     def on_train_batch_start(self, batch, batch_idx) -> None:
-        torch.manual_seed(derive_seed(self._run_seed, self.trainer.global_rank, self.trainer.fit_loop.total_batch_idx))
+        torch.manual_seed(derive_seed(self._run_seed, self.trainer.global_rank, total_batch_index(self.trainer)))
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         self._check_weights()
@@ -221,8 +291,10 @@ class GenerationModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if self.distiller is not None:
             self.distiller.check(checkpoint)
-        if self._trainer is None:  # plain load_from_checkpoint: not a resume
+        if attached_trainer(self) is None:  # plain load_from_checkpoint: not a resume
             return
+        if self.distill is not None and self.distiller is None:
+            raise RuntimeError("resuming a distillation needs its teacher: hand it over with attach_teacher")
         self._resumed = True
         if checkpoint.get("train_seed") is not None:
             self._run_seed = int(checkpoint["train_seed"])
@@ -232,7 +304,7 @@ class GenerationModule(L.LightningModule):
         params = [p.detach() for p in (*self.model.parameters(), *self.ema.parameters()) if p.numel()]
         biggest = float(torch.stack([p.abs().amax().float() for p in params]).max()) if params else 0.0
         sane = math.isfinite(biggest) and biggest <= WEIGHT_LIMIT
-        if self._trainer is not None:  # agree across ranks, so that no rank writes while another stops
+        if attached_trainer(self) is not None:  # agree across ranks, so that no rank writes while another stops
             sane = self.trainer.strategy.reduce_boolean_decision(sane, all=True)
         if not sane:
             raise NonFiniteWeightsError(
@@ -251,7 +323,7 @@ class GenerationModule(L.LightningModule):
         Lightning restores them from the checkpoint; the resume check allows (and reports) changing them.
         Unchanged settings give back exactly the restored values.
         """
-        hp = self.hparams
+        hp = self.optim
         for config in self.trainer.lr_scheduler_configs:
             sched = config.scheduler
             if not hasattr(sched, "lr_lambdas"):
@@ -260,14 +332,14 @@ class GenerationModule(L.LightningModule):
             for group, base, f in zip(sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
                 group.update(initial_lr=base, lr=base * f(sched.last_epoch), betas=tuple(hp.betas),
                              weight_decay=hp.weight_decay)
-            sched._last_lr = [group["lr"] for group in sched.optimizer.param_groups]
+            set_last_lr(sched, [group["lr"] for group in sched.optimizer.param_groups])
 
     def on_fit_start(self) -> None:
         if self._run_seed is None:  # not restored from a checkpoint
             self._run_seed = run_seed()
 
     def configure_optimizers(self):
-        hp = self.hparams
+        hp = self.optim
         fused = hp.fused_adamw if hp.fused_adamw is not None else self.device.type == "cuda"
         opt = torch.optim.AdamW(self.model.parameters(), lr=hp.lr, betas=tuple(hp.betas),
                                 weight_decay=hp.weight_decay, fused=fused)
@@ -281,14 +353,12 @@ class GenerationModule(L.LightningModule):
     @rank_zero_only
     def log_sample_grid(self) -> None:
         """Write a class grid from the EMA model to <log_dir>/samples/step-XXXXXXX.png (and TensorBoard)."""
-        from gspn_gen.sampling import class_grid, generate, has_null_class, save_image
-
-        hp = self.hparams
-        classes = list(range(min(hp.num_classes, hp.sample_max_classes)))
-        labels = torch.tensor(classes).repeat_interleave(hp.sample_per_class)
-        cfg_scale = hp.sample_cfg_scale if has_null_class(self) else 1.0  # no null class: unguided
-        images = generate(self, labels, seed=0, cfg_scale=cfg_scale, steps=hp.sample_steps)
-        grid = class_grid(images, labels.tolist(), hp.sample_per_class, hp.class_names)
+        hp = self.grids
+        classes = list(range(min(self.hparams.num_classes, hp.max_classes)))
+        labels = torch.tensor(classes).repeat_interleave(hp.per_class)
+        cfg_scale = hp.cfg_scale if has_null_class(self) else 1.0  # no null class: unguided
+        images = generate(self, labels, seed=0, cfg_scale=cfg_scale, steps=hp.steps)
+        grid = class_grid(images, labels.tolist(), hp.per_class, self.hparams.class_names)
         log_dir = self.trainer.log_dir or self.trainer.default_root_dir
         save_image(grid, f"{log_dir}/samples/step-{self.global_step:07d}.png")
         for logger in self.loggers:

@@ -22,6 +22,8 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from gspn_gen.lightning_compat import clear_received_sigterm, last_saved_step, mid_accumulation
+
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
@@ -110,7 +112,7 @@ class GracefulStop(L.Callback):
         # Lightning put its own SIGTERM handler in place when fit began; it would end the run with exit 0.
         if trainer.received_sigterm and self.signum is None:
             self.signum = signal.SIGTERM
-        trainer._signal_connector.received_sigterm = False
+        clear_received_sigterm(trainer)
         self.phase = "training"
         for signum in SIGNALS:
             self._previous.setdefault(signum, signal.getsignal(signum))
@@ -118,7 +120,7 @@ class GracefulStop(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
                            batch_idx: int) -> None:
-        if trainer.fit_loop._should_accumulate():  # mid gradient accumulation: not a step boundary
+        if mid_accumulation(trainer):  # not a step boundary
             return
         signum = self.signum or 0
         if trainer.world_size > 1:  # every rank stops at the same step
@@ -146,7 +148,7 @@ def save_last(trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, 
     for cb in callbacks:
         cb.on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
     for cb in callbacks:
-        if cb.save_last and cb._last_global_step_saved == trainer.global_step and cb.last_model_path:
+        if cb.save_last and last_saved_step(cb) == trainer.global_step and cb.last_model_path:
             return cb.last_model_path
     chosen = next((cb for cb in callbacks if cb.save_last), callbacks[0] if callbacks else None)
     if chosen is None or chosen.dirpath is None:

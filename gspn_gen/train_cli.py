@@ -29,7 +29,6 @@ import csv
 import inspect
 import io
 import os
-import re
 import signal
 import sys
 import tempfile
@@ -40,13 +39,10 @@ import lightning as L
 import torch
 import yaml
 from jsonargparse import ArgumentError
-from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
-from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -61,10 +57,20 @@ from gspn_gen.checkpoints import (
     read_checkpoint,
     upgrade_hparams,
 )
+from gspn_gen.checkpoints.build import hand_teacher
 from gspn_gen.data.datamodule import DataError
 from gspn_gen.diffusion import KINDS
 from gspn_gen.distill import Distillation, DistillationError
 from gspn_gen.fileio import atomic_write, remove_stale_temps, write_bytes
+from gspn_gen.lightning_compat import (
+    CompatCLI,
+    WriterCSVLogger,
+    WriterHooks,
+    last_checkpoints,
+    one_line,
+    parser_actions,
+    replace_checkpoints_in_place,
+)
 from gspn_gen.lit import GenerationModule, NonFiniteLossError
 from gspn_gen.runlock import LockHeld, RunLock, describe, dir_lock
 from gspn_gen.stopping import GracefulStop, TrainingStopped, exit_on_signals
@@ -148,7 +154,7 @@ def info(message: str) -> None:
         print(f"info: {message}", file=sys.stderr)
 
 
-class _AppendingWriter(ExperimentWriter):
+class _AppendingWriter(WriterHooks):
     """Lightning's CSV writer, except that an existing metrics.csv is continued instead of deleted.
 
     Rows the resumed run logs again are dropped first, so the log reads as one unbroken run: those of
@@ -161,7 +167,7 @@ class _AppendingWriter(ExperimentWriter):
         self.keep_below = keep_below
         super().__init__(log_dir)
 
-    def _check_log_dir_exists(self) -> None:
+    def open_existing(self) -> None:
         path = Path(self.metrics_file_path)
         remove_stale_temps(path.parent, path.name)
         if not path.is_file():
@@ -195,7 +201,7 @@ class _AppendingWriter(ExperimentWriter):
         training = any(v not in (None, "") for k, v in row.items() if k and k.startswith("train/"))
         return int(step) > self.keep_below or (int(step) == self.keep_below and (training or not self.keep_below))
 
-    def _rewrite_with_new_header(self, fieldnames: list[str]) -> None:
+    def rewrite_with_header(self, fieldnames: list[str]) -> None:
         with open(self.metrics_file_path, newline="") as f:
             rows = list(csv.DictReader(f))
         with atomic_write(self.metrics_file_path, "w") as f:
@@ -204,7 +210,7 @@ class _AppendingWriter(ExperimentWriter):
             writer.writerows(rows)
 
 
-class ContinuingCSVLogger(CSVLogger):
+class ContinuingCSVLogger(WriterCSVLogger):
     """CSVLogger whose metrics.csv survives a resume (rows are appended) and is written at every log step.
 
     `resume_step` (set before fit: the resumed checkpoint's step, 0 for a fresh run) drops the rows
@@ -216,16 +222,11 @@ class ContinuingCSVLogger(CSVLogger):
                          **kwargs)
         self.resume_step: int | None = None
 
-    @property
-    @rank_zero_experiment
-    def experiment(self) -> _AppendingWriter:
-        if self._experiment is None:
-            self._fs.makedirs(self.root_dir, exist_ok=True)
-            self._experiment = _AppendingWriter(log_dir=self.log_dir, keep_below=self.resume_step)
-        return self._experiment
+    def make_writer(self) -> _AppendingWriter:
+        return _AppendingWriter(log_dir=self.log_dir, keep_below=self.resume_step)
 
 
-class GenerationCLI(LightningCLI):
+class GenerationCLI(CompatCLI):
     """Links the datamodule's shape/codec into the model, logs to TensorBoard + CSV, checks resumes, holds
     the run directory's lock (in `locks`) and stops gracefully on SIGTERM/SIGINT (gspn_gen.stopping)."""
 
@@ -241,7 +242,7 @@ class GenerationCLI(LightningCLI):
         parser.set_defaults({"data": {"class_path": DEFAULT_DATA}, "model.diffusion": {"class_path": DEFAULT_DIFFUSION},
                              "trainer.default_root_dir": "runs/default"})
         listed = {"model.diffusion": KINDS.values(), "model.distill": [Distillation]}
-        for action in parser._actions:  # every field in --help, not only behind --model.X.help CLASS
+        for action in parser_actions(parser):  # every field in --help, not only behind --model.X.help CLASS
             if action.dest in listed:
                 action.help += " Fields: " + "; ".join(_fields(cls) for cls in listed[action.dest]) + "."
 
@@ -253,7 +254,7 @@ class GenerationCLI(LightningCLI):
         else:
             self.config = parser.parse_args(expand_configs(list(args)))
 
-    def _parse_ckpt_path(self) -> None:
+    def restore_ckpt_settings(self) -> None:
         # Lightning would load the checkpoint here, unchecked, and merge its hyper-parameters over the
         # command line (silently undoing a changed model or lr). `check_resume` compares them instead.
         pass
@@ -266,12 +267,14 @@ class GenerationCLI(LightningCLI):
             fail(f"--trainer.accelerator {accelerator!r}: no GPU is available on this machine (use cpu or auto)")
         try:
             super().instantiate_classes()
+            if self.model.distill is not None:  # the teacher is handed to the student, not loaded by it
+                hand_teacher(self.model)
         except (ValueError, FileNotFoundError, MisconfigurationException) as e:
-            fail(_one_line(str(e)))
+            fail(one_line(str(e), _kinds()))
         if self.subcommand:
             self.prepare_run(self.config_init[self.subcommand])
 
-    def _instantiate_trainer(self, config: dict, callbacks: list) -> L.Trainer:
+    def build_trainer(self, config: dict, callbacks: list) -> L.Trainer:
         if config.get("logger") in (None, True):
             root = config.get("default_root_dir") or "runs/default"
             config["logger"] = [TensorBoardLogger(root, name="", version=""), ContinuingCSVLogger(root)]
@@ -283,13 +286,13 @@ class GenerationCLI(LightningCLI):
             plugins.append(io)
             extra.insert(0, CommitCheckpoints(io))  # before the stopper, which may end the run at the same hook
         config["plugins"] = plugins
-        trainer = super()._instantiate_trainer(config, [*callbacks, *extra])
+        trainer = super().build_trainer(config, [*callbacks, *extra])
         for cb in trainer.checkpoint_callbacks:
             if isinstance(cb, ModelCheckpoint):
                 # A run directory holds one run (locked, fresh runs into a used one refused), so its
                 # checkpoints are replaced in place: last.ckpt is always the newest, never last-v1.ckpt.
                 # A symlinked last.ckpt is replaced by the file, its target left alone.
-                cb._enable_version_counter = False
+                replace_checkpoints_in_place(cb)
         return trainer
 
     def before_fit(self) -> None:
@@ -345,10 +348,7 @@ class GenerationCLI(LightningCLI):
 
     def refuse_used_directory(self) -> None:
         """A run starting from scratch may not write over the checkpoints of an earlier run."""
-        found = set()
-        for cb in self.trainer.checkpoint_callbacks:
-            if hasattr(cb, "_find_last_checkpoints"):
-                found |= cb._find_last_checkpoints(self.trainer)
+        found = last_checkpoints(self.trainer.checkpoint_callbacks, self.trainer)
         if found:
             newest = max(found, key=os.path.getmtime)
             try:
@@ -362,10 +362,7 @@ class GenerationCLI(LightningCLI):
         """(the checkpoint file a resume will load, its global step), after checking it fits this run;
         errors end the run."""
         if path == "last":
-            found = set()
-            for cb in self.trainer.checkpoint_callbacks:
-                if hasattr(cb, "_find_last_checkpoints"):
-                    found |= cb._find_last_checkpoints(self.trainer)
+            found = last_checkpoints(self.trainer.checkpoint_callbacks, self.trainer)
             if not found:
                 info("--ckpt_path last: no last checkpoint yet, starting from scratch")
                 return path, 0
@@ -373,7 +370,7 @@ class GenerationCLI(LightningCLI):
         elif path in ("best", "hpc") or path.startswith("registry"):
             return path, None  # resolved by Lightning; still read through SafeCheckpointIO
         try:
-            ckpt = read_checkpoint(path, mmap=True)
+            ckpt = read_checkpoint(path)  # once: Lightning is handed this copy below
             try:
                 saved = upgrade_hparams(ckpt["hyper_parameters"], ckpt.get("distillation"))
             except ValueError as e:
@@ -391,6 +388,8 @@ class GenerationCLI(LightningCLI):
                                       f"(e.g. {bad[0]}); resume from an earlier checkpoint")
         except CheckpointError as e:
             fail(str(e))
+        if isinstance(self.trainer.strategy.checkpoint_io, SafeCheckpointIO):
+            self.trainer.strategy.checkpoint_io.hand_over(path, ckpt)
         if self.trainer.is_global_zero:  # half-written checkpoints of the killed run
             remove_stale_temps(os.path.dirname(os.path.abspath(path)))
         for line in changed + self._config_changes():
@@ -408,7 +407,8 @@ class GenerationCLI(LightningCLI):
             old = yaml.safe_load(old_path.read_text()) or {}
         except (OSError, yaml.YAMLError):
             return []
-        new = yaml.safe_load(self._parser(self.subcommand).dump(self.config[self.subcommand], skip_none=False))
+        new = yaml.safe_load(self.subcommand_parser(self.subcommand).dump(self.config[self.subcommand],
+                                                                          skip_none=False))
         lines = []
         for section in ("trainer", "data"):
             a, b = _flatten(old.get(section)), _flatten(new.get(section))
@@ -425,58 +425,9 @@ def _flatten(d, prefix: str = "") -> dict:
     return out
 
 
-_SKIP = ("Does not validate", "Subtypes:", "Errors:", "Given value type", "Problem with given class_path")
-# Reports of a subclass-typed option (model.diffusion) that do not help: the other Union member's, and
-# the file-path reading of the value; "not a dot import path" is said in words that name the choices.
-_NOISE = re.compile(r"Import path \S+ does not correspond to a subclass of \S+|Expected a path but .* not accessible or invalid")
-_NOT_A_CLASS = re.compile(r"Expected a dot import path string: .*")
-
-
-def _readable_type(match: re.Match) -> str:
-    t = match.group(1)
-    cls = re.fullmatch(r"<class '(?:[\w.]+\.)?(\w+)'>", t)
-    if cls:
-        return f"expected {'an' if cls.group(1)[0] in 'aeiou' else 'a'} {cls.group(1)}"
-    lit = re.fullmatch(r"typing\.Literal\[(.*)\]", t)
-    return f"expected one of {lit.group(1)}" if lit else f"expected {t}"
-
-
-def _one_line(message: str) -> str:
-    """jsonargparse's multi-line report -> `--key: expected ..., got VALUE` on one line."""
-    keys, reasons, got = [], [], None
-    for line in (s.strip() for s in message.strip().splitlines()):
-        m = re.match(r'Parser key "([^"]+)":\s*(.*)', line)
-        if m:
-            keys.append(m.group(1))
-            line = m.group(2)
-        if line.startswith("Given value:"):
-            nested = re.fullmatch(r"Given value: NestedArg\(key='([^']*)', val='(.*)'\)", line)
-            if nested and len(keys) == 1:
-                keys.append(nested.group(1))
-            if got is None:
-                got = nested.group(2) if nested else line.split(":", 1)[1].strip()
-            continue
-        line = line.lstrip("- ").strip()
-        if not line or line.startswith(_SKIP) or line == "Expected a <class 'NoneType'>" or _NOISE.fullmatch(line):
-            continue
-        if _NOT_A_CLASS.fullmatch(line):
-            line = "expected a class name or import path (" + ", ".join(c.__name__ for c in KINDS.values()) + ")"
-        v = re.search(r"\.?\s*Got value: (.*)$", line)
-        if v:
-            got, line = got if got is not None else v.group(1), line[: v.start()]
-        line = re.sub(r"^Expected an? (.+?)$", _readable_type, line)
-        if line not in reasons:
-            reasons.append(line)
-    if not keys:
-        return "; ".join(reasons) if reasons else "invalid arguments"
-    key = keys[0] + "".join(f".init_args.{k}" for k in keys[1:]) if "class_path" in message else keys[0]
-    choices = [r.removeprefix("expected one of ") for r in reasons if r.startswith("expected one of ")]
-    expected = [r for r in reasons if r.startswith("expected ") and not r.startswith("expected one of ")]
-    if choices:
-        expected.append("expected one of " + ", ".join(choices))
-    others = [r for r in reasons if not r.startswith("expected ")]
-    text = "; ".join(others + ([" or ".join(expected)] if expected else [])) or "invalid value"
-    return f"--{key}: {text}" + (f", got {got!r}" if got is not None else "")
+def _kinds() -> list[str]:
+    """The diffusion classes, named when a config gives model.diffusion something that is not one."""
+    return [cls.__name__ for cls in KINDS.values()]
 
 
 def main(args: list[str] | None = None) -> None:
@@ -497,7 +448,7 @@ def main(args: list[str] | None = None) -> None:
                 locks=locks,
             )
     except ArgumentError as e:
-        print(f"error: {_one_line(str(e))}  (see: python train_gen.py fit --help)", file=sys.stderr)
+        print(f"error: {one_line(str(e), _kinds())}  (see: python train_gen.py fit --help)", file=sys.stderr)
         sys.exit(2)
     except (CheckpointError, DataError, ConfigError, DistillationError) as e:
         print(f"error: {e}", file=sys.stderr)

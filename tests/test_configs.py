@@ -58,12 +58,12 @@ def test_extends_reads_the_bases_first_and_refuses_cycles_and_missing_files(tmp_
     assert flow["trainer"]["default_root_dir"] == "runs/demo-flow"
     assert {k: v for k, v in flow["trainer"].items() if k != "default_root_dir"} == \
         {k: v for k, v in demo["trainer"].items() if k != "default_root_dir"}
-    assert flow["data"] == demo["data"] and flow["model"]["lr"] == demo["model"]["lr"]
+    assert flow["data"] == demo["data"] and flow["model"]["optim"] == demo["model"]["optim"]
     flow_path = str(CONFIGS / "experiments" / "demo_digits_flow.yaml")
     assert train_cli.expand_configs(["-c", flow_path]) == train_cli.expand_configs(["--config", flow_path]) \
         == train_cli.expand_configs([f"-c{flow_path}"])
 
-    (tmp_path / "a.yaml").write_text("extends: b.yaml\nmodel: {lr: 0.01}\n")
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\nmodel: {optim: {lr: 0.01}}\n")
     (tmp_path / "b.yaml").write_text("extends: [a.yaml]\n")
     (tmp_path / "c.yaml").write_text("extends: [missing.yaml]\n")
     for name, reason in (("a.yaml", "forms a cycle"), ("c.yaml", "'missing.yaml': no such file")):
@@ -93,7 +93,7 @@ def test_config_header_figures_match_the_config_and_the_preset(config, capsys):
         (trainer["num_nodes"], trainer["devices"], data["batch_size"])
     assert int(figures["global"]) == trainer["num_nodes"] * trainer["devices"] * data["batch_size"]
     assert (float(figures["lr"]), figures["schedule"], float(figures["ema"])) == \
-        (model["lr"], model["lr_schedule"], model["ema_decay"])
+        (model["optim"]["lr"], model["optim"]["lr_schedule"], model["ema_args"]["decay"])
     assert int(figures["steps"].replace(",", "")) == trainer["max_steps"]
     latent = int(re.search(r"_in(\d+)", config.name).group(1)) // 8
     params = params_m(model["model"], latent)

@@ -13,10 +13,11 @@ import pytest
 import torch
 from torch import nn
 
-from gspn_gen import checkpoints, sample_cli
-from gspn_gen.checkpoints import load_module, read_checkpoint
-from gspn_gen.convert import convert_to_gspn, shared_keys
+from gspn_gen import sample_cli
+from gspn_gen.checkpoints import convert, read_checkpoint
+from gspn_gen.checkpoints.build import load_module
 from gspn_gen.diffusion import FlowMatching
+from gspn_gen.distill import convert_to_gspn, shared_keys
 from gspn_gen.models.zoo import build_model
 
 
@@ -37,7 +38,7 @@ def official_layout(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def run_import(command: str, src: Path, out: Path, vae: str = "stabilityai/sd-vae-ft-ema") -> None:  # recorded only
-    checkpoints.main([command, str(src), "--out", str(out), "--vae", vae])
+    convert.main([command, str(src), "--out", str(out), "--vae", vae])
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +162,7 @@ def test_the_null_class_is_detected_not_assumed(tmp_path, capsys, tiny_vae):
     err = capsys.readouterr().err.strip()
     assert exc.value.code == 2 and len(err.splitlines()) == 1
     assert "label table has 10 rows" in err and "--num-classes 9 or --num-classes 10" in err
-    checkpoints.main(["import-dit", str(tmp_path / "nodrop.pt"), "--out", str(tmp_path / "a.ckpt"), "--vae",
+    convert.main(["import-dit", str(tmp_path / "nodrop.pt"), "--out", str(tmp_path / "a.ckpt"), "--vae",
                       tiny_vae, "--num-classes", "10"])
     assert "no null class" in capsys.readouterr().out
     hp = read_checkpoint(str(tmp_path / "a.ckpt"))["hyper_parameters"]
@@ -176,12 +177,12 @@ def test_the_null_class_is_detected_not_assumed(tmp_path, capsys, tiny_vae):
     assert exc.value.code == 2 and "no null class to guide with" in capsys.readouterr().err
     sample_cli.main([*args, "--cfg-scale", "1", "--out", str(tmp_path / "g.png")])
     # 10 rows read as 9 classes and the null class, when that is what the model was
-    checkpoints.main(["import-dit", str(tmp_path / "nodrop.pt"), "--out", str(tmp_path / "b.ckpt"), "--vae",
+    convert.main(["import-dit", str(tmp_path / "nodrop.pt"), "--out", str(tmp_path / "b.ckpt"), "--vae",
                       tiny_vae, "--num-classes", "9"])
     hp = read_checkpoint(str(tmp_path / "b.ckpt"))["hyper_parameters"]
     assert hp["num_classes"] == 9 and "class_dropout_prob" not in {k for k, v in hp["model_args"].items() if v}
     with pytest.raises(SystemExit):
-        checkpoints.main(["import-dit", str(tmp_path / "nodrop.pt"), "--out", str(tmp_path / "c.ckpt"),
+        convert.main(["import-dit", str(tmp_path / "nodrop.pt"), "--out", str(tmp_path / "c.ckpt"),
                           "--vae", tiny_vae, "--num-classes", "4"])
     assert "expected 5 with a null class or 4 without" in capsys.readouterr().err
 
@@ -211,5 +212,5 @@ def test_import_messages_say_what_happened(tmp_path, capsys, case, expected):
         assert "5000 bytes" in err and "argparse" not in err  # not blamed on pickled train.py arguments
     assert (out.read_bytes() == b"mine") if case == "exists" else not out.exists()
     if case == "exists":
-        checkpoints.main(["import-dit", str(src), "--out", str(out), "--overwrite"])
+        convert.main(["import-dit", str(src), "--out", str(out), "--overwrite"])
         assert read_checkpoint(str(out))["hyper_parameters"]["num_classes"] == 1000

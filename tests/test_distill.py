@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from gspn_gen import distill, train_cli
-from gspn_gen.checkpoints import compare_hparams, load_module, read_checkpoint, upgrade_hparams
+from gspn_gen.checkpoints import compare_hparams, read_checkpoint, upgrade_hparams
+from gspn_gen.checkpoints.build import hand_teacher, load_module
 from gspn_gen.diffusion import FlowMatching, GaussianDiffusion
 from gspn_gen.distill import Distillation
 from gspn_gen.lit import GenerationModule
@@ -45,6 +46,7 @@ def test_a_distillation_step_lowers_the_loss_on_a_fixed_batch(tmp_path, diffusio
     process = GaussianDiffusion() if diffusion == "gaussian" else FlowMatching()
     student = GenerationModule(model="GSPN-T/2", model_args=TINY, input_size=8, diffusion=process,
                                distill=Distillation(teacher=str(path), layer_weight=layer_weight))
+    hand_teacher(student)
     batch = (torch.rand(8, 1, 8, 8) * 2 - 1, torch.arange(8) % 10)
     optimizer = torch.optim.SGD(student.model.parameters(), lr=0.05)
 
@@ -116,17 +118,18 @@ def test_a_teacher_trained_on_other_latents_is_refused(tmp_path, teacher):
     ckpt["hyper_parameters"]["codec"] = {"name": "sd-vae", "scale": 0.18215, "path": "/models/vae"}
     torch.save(ckpt, tmp_path / "latent_teacher.ckpt")
     with pytest.raises(distill.DistillationError, match="codec"):
-        GenerationModule(model="GSPN-T/2", model_args=TINY, input_size=8, diffusion=GaussianDiffusion(),
-                         distill=Distillation(teacher=str(tmp_path / "latent_teacher.ckpt")))
+        hand_teacher(GenerationModule(model="GSPN-T/2", model_args=TINY, input_size=8, diffusion=GaussianDiffusion(),
+                                      distill=Distillation(teacher=str(tmp_path / "latent_teacher.ckpt"))))
     moved = {**ckpt["hyper_parameters"], "codec": {"name": "identity", "path": "/elsewhere"}}
     torch.save({**ckpt, "hyper_parameters": moved}, tmp_path / "moved.ckpt")  # where it is stored may differ
-    GenerationModule(model="GSPN-T/2", model_args=TINY, input_size=8, diffusion=GaussianDiffusion(),
-                     distill=Distillation(teacher=str(tmp_path / "moved.ckpt")))
+    hand_teacher(GenerationModule(model="GSPN-T/2", model_args=TINY, input_size=8, diffusion=GaussianDiffusion(),
+                                  distill=Distillation(teacher=str(tmp_path / "moved.ckpt"))))
 
 
 def test_resume_with_other_settings_is_refused_and_old_distillation_checkpoints_resume(teacher):
     student = GenerationModule(model="GSPN-T/2", model_args=TINY, input_size=8,
                                distill=Distillation(teacher=str(teacher), layer_weight=0.5))
+    hand_teacher(student)
     saved = dict(student.hparams)
     refused, _ = compare_hparams({**saved, "distill": {**saved["distill"], "layer_weight": 0.0}}, saved)
     assert refused and refused[0].startswith("distill:")
@@ -164,7 +167,18 @@ def test_a_teacher_without_a_null_class_cannot_teach_label_dropout(tmp_path):
     ckpt["hyper_parameters"]["model_args"] = {**TINY, "class_dropout_prob": 0.0}
     torch.save(ckpt, path)
     with pytest.raises(distill.DistillationError, match="without label dropout"):
-        GenerationModule(model="GSPN-T/2", model_args=TINY, input_size=8, diffusion=GaussianDiffusion(),
-                         distill=Distillation(teacher=str(path)))
-    GenerationModule(model="GSPN-T/2", model_args={**TINY, "class_dropout_prob": 0.0}, input_size=8,
-                     diffusion=GaussianDiffusion(), distill=Distillation(teacher=str(path)))
+        hand_teacher(GenerationModule(model="GSPN-T/2", model_args=TINY, input_size=8, diffusion=GaussianDiffusion(),
+                                      distill=Distillation(teacher=str(path))))
+    hand_teacher(GenerationModule(model="GSPN-T/2", model_args={**TINY, "class_dropout_prob": 0.0}, input_size=8,
+                                  diffusion=GaussianDiffusion(), distill=Distillation(teacher=str(path))))
+
+
+def test_a_student_is_handed_its_teacher_and_does_not_train_without_one(teacher):
+    student = GenerationModule(model="GSPN-T/2", model_args=TINY, input_size=8, distill=Distillation(teacher=str(teacher)))
+    assert student.distiller is None  # building the student loads nothing
+    batch = (torch.zeros(2, 1, 8, 8), torch.zeros(2, dtype=torch.long))
+    with pytest.raises(RuntimeError, match="has no teacher"):
+        student.training_losses(batch)
+    hand_teacher(student)
+    assert torch.equal(student.model.x_embedder.proj.weight, load_module(str(teacher)).ema.x_embedder.proj.weight)
+    assert set(student.training_losses(batch)) == {"loss", "distill"}

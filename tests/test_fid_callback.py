@@ -26,7 +26,7 @@ def _config(tmp_path, every: int, max_steps: int) -> str:
                                          "cache_dir": str(tmp_path / "cache")}}],
         },
         "model": {"model": "GSPN-T/2", "model_args": {"hidden_size": 32, "depth": 2, "num_heads": 2},
-                  "lr": 1e-3, "ema_decay": 0.9, "sample_every": 0},
+                  "optim": {"lr": 1e-3}, "ema_args": {"decay": 0.9}, "grids": {"every": 0}},
         "data": {"class_path": "gspn_gen.data.datamodule.DigitsDataModule",
                  "init_args": {"image_size": 8, "batch_size": 8}},
     }

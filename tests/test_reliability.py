@@ -16,7 +16,9 @@ import yaml
 
 from gspn_gen import checkpoints, sample_cli
 from gspn_gen.checkpoints import read_checkpoint
+from gspn_gen.checkpoints.build import load_module
 from gspn_gen.lit import GenerationModule
+from gspn_gen.sampling import run as sampling_run
 from tests.test_train_sample import fit, write_config
 
 
@@ -87,9 +89,9 @@ def test_resume_appends_logs_and_applies_reported_changes(tmp_path, capsys):
     saved["trainer"]["max_steps"] = 4
     (tmp_path / "resume.yaml").write_text(yaml.safe_dump(saved))
     capsys.readouterr()
-    fit(tmp_path / "resume.yaml", "--ckpt_path", str(tmp_path / "last.ckpt"), "--model.lr", "5e-4")
+    fit(tmp_path / "resume.yaml", "--ckpt_path", str(tmp_path / "last.ckpt"), "--model.optim.lr", "5e-4")
     err = capsys.readouterr().err
-    assert "info: resume with changed lr: 0.001 -> 0.0005" in err
+    assert "info: resume with changed optim.lr: 0.001 -> 0.0005" in err
     assert "info: resume with changed trainer.max_steps: 2 -> 4" in err
     lines = (tmp_path / "metrics.csv").read_text().splitlines()
     steps = [int(line.split(",")[1]) for line in lines[1:]]
@@ -148,7 +150,7 @@ def test_a_checkpoint_in_the_old_format_samples_loads_and_resumes(run_dir, tmp_p
     ckpt = read_checkpoint(str(run_dir / "last.ckpt"))
     ckpt["hyper_parameters"] = dict(LEGACY_HPARAMS)
     torch.save(ckpt, tmp_path / "last.ckpt")
-    module = checkpoints.load_module(str(tmp_path / "last.ckpt"))
+    module = load_module(str(tmp_path / "last.ckpt"))
     assert type(module.diffusion).__name__ == "GaussianDiffusion" and module.diffusion.learn_sigma
     assert all(torch.equal(v, ckpt["state_dict"][k]) for k, v in module.state_dict().items())
     sample("--ckpt", str(tmp_path / "last.ckpt"), "--classes", "1", "--per-class", "2", "--steps", "2",
@@ -192,7 +194,7 @@ def test_unreadable_resume_names_the_newest_readable_checkpoint(run_dir, tmp_pat
 
 
 @pytest.mark.parametrize("override, expected", [
-    (["--model.lr", "abc"], "--model.lr: expected a float, got 'abc'"),
+    (["--model.optim.lr", "abc"], "--model.optim.lr: expected a float, got 'abc'"),
     (["--model.diffusion", "foo"],
      "--model.diffusion: expected a class name or import path (GaussianDiffusion, FlowMatching), got 'foo'"),
     (["--model.diffusion.learn_sigm", "true"], "--model.diffusion.init_args.learn_sigm: Option 'learn_sigm' is not"),
@@ -202,9 +204,10 @@ def test_unreadable_resume_names_the_newest_readable_checkpoint(run_dir, tmp_pat
     (["--model.model_args.depth", "x"], "--model.model_args.depth: expected an int, got 'x'"),
     (["--model.model_args.input_size", "4"], "unrecognized arguments: --model.model_args.input_size"),  # data's
     (["--data.init_args.batch_size", "2.5"], "--data.init_args.batch_size: expected an int, got '2.5'"),
-    (["--model.warmup_steps", "-5"], "warmup_steps must be >= 0"),
-    (["--model.min_lr_ratio", "5"], "min_lr_ratio must be in [0, 1]"),
-    (["--model.lr", "1e30"], "lr must be in (0, 1]"),
+    (["--model.optim.warmup_steps", "-5"], "optim.warmup_steps must be >= 0"),
+    (["--model.optim.min_lr_ratio", "5"], "optim.min_lr_ratio must be in [0, 1]"),
+    (["--model.optim.lr", "1e30"], "optim.lr must be in (0, 1]"),
+    (["--model.grids.cfg_scale", "-1"], "grids.cfg_scale must be between 0 and 100"),
     (["--ckpt_path", "last", "--weights_only", "false"], "never unpickled"),
     (["--data", "gspn_gen.data.datamodule.FashionMNISTDataModule", "--data.init_args.root", "/nonexistent"],
      "Fashion-MNIST root '/nonexistent'"),
@@ -289,11 +292,11 @@ def test_sampling_resume_refuses_a_replaced_checkpoint_and_redraws_bad_shards(ru
     sample(*args, "--out", str(tmp_path / "full.npz"))
     full = np.load(tmp_path / "full.npz")["arr_0"]
 
-    real_assemble = sample_cli.assemble
-    monkeypatch.setattr(sample_cli, "assemble", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt("killed")))
+    real_assemble = sampling_run.assemble
+    monkeypatch.setattr(sampling_run, "assemble", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt("killed")))
     with pytest.raises(KeyboardInterrupt):  # every shard drawn, killed before assembly
         sample(*args)
-    monkeypatch.setattr(sample_cli, "assemble", real_assemble)
+    monkeypatch.setattr(sampling_run, "assemble", real_assemble)
     parts = tmp_path / "s.npz.parts"
 
     replaced = read_checkpoint(str(ckpt))

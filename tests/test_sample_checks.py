@@ -15,6 +15,7 @@ import torch
 from gspn_gen import fileio, sample_cli
 from gspn_gen.checkpoints import read_checkpoint
 from gspn_gen.runlock import RunLock, output_lock
+from gspn_gen.sampling import run as sampling_run
 from tests.test_reliability import error_lines
 from tests.test_train_sample import fit, write_config
 
@@ -32,7 +33,7 @@ def no_sampling(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a sample was drawn before the request was refused")
 
-    monkeypatch.setattr(sample_cli, "generate", refuse)
+    monkeypatch.setattr(sampling_run, "generate", refuse)
 
 
 def refused(capsys, *args: str) -> str:
@@ -118,7 +119,7 @@ def test_requests_out_of_bounds_are_refused_before_sampling(ckpt, tmp_path, caps
 
 
 def test_disk_space_bounds_the_sample_count(ckpt, tmp_path, capsys, monkeypatch, no_sampling):
-    monkeypatch.setattr(sample_cli, "free_bytes", lambda d: 10 * 1000)  # 10 kB: ~25 samples of 8x8x3 x 2
+    monkeypatch.setattr(sampling_run, "free_bytes", lambda d: 10 * 1000)  # 10 kB: ~25 samples of 8x8x3 x 2
     line = refused(capsys, "--ckpt", str(ckpt), "--num-samples", "100", "--out", str(tmp_path / "s.npz"))
     assert "10.0 kB free" in line and "at most about 25 samples fit" in line
 

@@ -13,6 +13,7 @@ import yaml
 
 from gspn_gen import sample_cli, train_cli
 from gspn_gen.checkpoints import read_checkpoint
+from gspn_gen.sampling import run as sampling_run
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -30,8 +31,8 @@ def write_config(tmp_path: Path, max_steps: int, every: int = 1, **model) -> Pat
                                          "every_n_train_steps": every}}],
         },
         "model": {"model": "GSPN-T/2", "model_args": {"hidden_size": 32, "depth": 2, "num_heads": 2},
-                  "lr": 1e-3, "warmup_steps": 2,
-                  "lr_schedule": "cosine", "ema_decay": 0.9, "sample_every": 0, **model},
+                  "optim": {"lr": 1e-3, "warmup_steps": 2, "lr_schedule": "cosine"}, "ema_args": {"decay": 0.9},
+                  "grids": {"every": 0}, **model},
         "data": {"class_path": "gspn_gen.data.datamodule.DigitsDataModule",
                  "init_args": {"image_size": 8, "batch_size": 8}},
     }
@@ -166,7 +167,8 @@ def run(*args: str) -> subprocess.CompletedProcess:
 def test_help_texts_explain_options():
     train = run("train_gen.py", "fit", "--help")
     assert train.returncode == 0
-    for opt in ("--model.model", "--model.ema_decay", "--trainer.devices", "--ckpt_path"):
+    for opt in ("--model.model", "--model.ema_args.decay", "--model.optim.lr", "--model.grids.cfg_scale",
+                "--trainer.devices", "--ckpt_path"):
         assert opt in train.stdout
     assert "preset name" in train.stdout  # option descriptions come from the docstrings
     sample = run("sample.py", "--help")
@@ -196,7 +198,7 @@ def test_interrupted_sampling_resumes_where_it_stopped(checkpoint, tmp_path, mon
 
     out = tmp_path / "resumed.npz"
     calls = {"n": 0}
-    real_save = sample_cli.save_npz
+    real_save = sampling_run.save_npz
 
     def crash_after_two(images, labels, path, **extra):
         if calls["n"] == 2:
@@ -204,16 +206,16 @@ def test_interrupted_sampling_resumes_where_it_stopped(checkpoint, tmp_path, mon
         calls["n"] += 1
         real_save(images, labels, path, **extra)
 
-    monkeypatch.setattr(sample_cli, "save_npz", crash_after_two)
+    monkeypatch.setattr(sampling_run, "save_npz", crash_after_two)
     with pytest.raises(KeyboardInterrupt):
         sample_cli.main([*args, "--out", str(out)])
     assert len(list((tmp_path / "resumed.npz.parts").glob("shard-*.npz"))) == 2 and not out.exists()
 
-    monkeypatch.setattr(sample_cli, "save_npz", real_save)
+    monkeypatch.setattr(sampling_run, "save_npz", real_save)
     drawn = []
-    real_range = sample_cli.sample_range
-    monkeypatch.setattr(sample_cli, "sample_range",
-                        lambda m, lab, s, e, *a, **k: drawn.append((s, e)) or real_range(m, lab, s, e, *a, **k))
+    real_range = sampling_run.draw_range
+    monkeypatch.setattr(sampling_run, "draw_range",
+                        lambda m, req, lab, s, e, *a, **k: drawn.append((s, e)) or real_range(m, req, lab, s, e, *a, **k))
     sample_cli.main([*args, "--out", str(out)])
     assert drawn == [(8, 12)]  # only the missing shard
     np.testing.assert_array_equal(np.load(out)["arr_0"], np.load(full)["arr_0"])

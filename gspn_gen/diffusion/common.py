@@ -1,9 +1,10 @@
 """What every diffusion process shares: the model-call type, `mean_flat`, and the opening of
-`training_losses` (default noise and times, checked shapes)."""
+`training_losses` (default noise and times, checked shapes), which each process's `training_input` wraps."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
@@ -14,6 +15,15 @@ ModelFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 def mean_flat(x: torch.Tensor) -> torch.Tensor:
     """Mean over all but the batch dimension: (N, ...) -> (N,)."""
     return x.mean(dim=tuple(range(1, x.dim())))
+
+
+class TrainingInput(NamedTuple):
+    """What a process feeds its model in one training step (`training_input`), and how it got there."""
+
+    x_t: torch.Tensor       # (N, C, H, W) the noisy input
+    t_model: torch.Tensor   # (N,) float32: the times the model sees
+    noise: torch.Tensor     # (N, C, H, W) the noise mixed into x_0
+    t: torch.Tensor         # (N,) the process's own times (indices for the Gaussian process)
 
 
 def loss_inputs(

@@ -6,7 +6,7 @@ The model predicts the velocity v = dx_t/dt = n - x_0, and sampling integrates f
 t = 0. Time runs the same way as in the Gaussian process (noise at large t), so a guidance interval
 (lo, hi) on t / time_scale means the same region for both. SiT's "Linear" path uses t_SiT = 1 - t and
 v_SiT = x_0 - n = -v; `python -m gspn_gen.checkpoints import-sit` folds both flips into a SiT
-checkpoint's weights (gspn_gen.convert).
+checkpoint's weights (gspn_gen.checkpoints.convert).
 
 Samplers over a uniform grid t_k = 1 - k / steps:
   "euler"  x <- x + (t_next - t) v(x, t)                      (steps model calls)
@@ -26,7 +26,7 @@ from typing import Literal
 
 import torch
 
-from .common import ModelFn, loss_inputs, mean_flat
+from .common import ModelFn, TrainingInput, loss_inputs, mean_flat
 
 SAMPLERS = ("euler", "heun", "sde")
 
@@ -84,6 +84,16 @@ class FlowMatching:
             )
         return out
 
+    def training_input(
+        self,
+        x0: torch.Tensor,                        # (N, C, H, W) clean data
+        noise: torch.Tensor | None = None,       # (N, C, H, W); default randn
+        t: torch.Tensor | None = None,           # (N,) float in [0, 1]; default uniform
+    ) -> TrainingInput:
+        """x_t on the straight path at uniform random times, and those times (what the model sees)."""
+        noise, t = loss_inputs(x0, noise, t, lambda n: torch.rand(n, device=x0.device))
+        return TrainingInput(self.interpolate(x0, noise, t), t.to(torch.float32), noise, t)
+
     def training_losses(
         self,
         model: ModelFn,                          # model(x_t, t, y), t float in [0, 1]
@@ -93,9 +103,8 @@ class FlowMatching:
         t: torch.Tensor | None = None,           # (N,) float in [0, 1]; default uniform
     ) -> dict[str, torch.Tensor]:
         """{"loss", "mse"}, each (N,): velocity MSE, mean over dimensions (SiT, no weighting)."""
-        noise, t = loss_inputs(x0, noise, t, lambda n: torch.rand(n, device=x0.device))
-        x_t = self.interpolate(x0, noise, t)                           # (N, C, H, W)
-        out = self._check(model(x_t, t.to(torch.float32), y), x0)      # (N, C, H, W)
+        x_t, t_model, noise, t = self.training_input(x0, noise, t)
+        out = self._check(model(x_t, t_model, y), x0)                  # (N, C, H, W)
         dtype = torch.promote_types(x0.dtype, torch.float32)
         mse = mean_flat((out.to(dtype) - (noise - x0).to(dtype)) ** 2)
         return {"loss": mse, "mse": mse}

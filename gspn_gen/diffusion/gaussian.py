@@ -23,7 +23,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from .common import ModelFn, loss_inputs, mean_flat
+from .common import ModelFn, TrainingInput, loss_inputs, mean_flat
 from .respace import space_timesteps
 
 SAMPLERS = ("ddim", "ddpm")
@@ -243,6 +243,17 @@ class GaussianDiffusion:
     # ----------------------------------------------------------------------------------------------
     # Training
 
+    def training_input(
+        self,
+        x0: torch.Tensor,                        # (N, C, H, W) clean data
+        noise: torch.Tensor | None = None,       # (N, C, H, W); default randn
+        t: torch.Tensor | None = None,           # (N,) long indices into this process; default uniform
+    ) -> TrainingInput:
+        """x_t ~ q(x_t | x_0) at uniform random steps, and the original timesteps the model sees."""
+        noise, t = loss_inputs(x0, noise, t,
+                               lambda n: torch.randint(0, self.num_timesteps, (n,), device=x0.device))
+        return TrainingInput(self.q_sample(x0, t, noise), self.model_timesteps(t), noise, t)
+
     def training_losses(
         self,
         model: ModelFn,                          # model(x_t, t, y), t original timesteps as float
@@ -252,10 +263,8 @@ class GaussianDiffusion:
         t: torch.Tensor | None = None,           # (N,) long indices into this process; default uniform
     ) -> dict[str, torch.Tensor]:
         """{"loss", "mse"[, "vb"]}, each (N,). loss = mse + vb (vb only with learn_sigma)."""
-        noise, t = loss_inputs(x0, noise, t,
-                               lambda n: torch.randint(0, self.num_timesteps, (n,), device=x0.device))
-        x_t = self.q_sample(x0, t, noise)                              # (N, C, H, W)
-        out = model(x_t, self.model_timesteps(t), y)                   # (N, 2C or C, H, W)
+        x_t, t_model, noise, t = self.training_input(x0, noise, t)
+        out = model(x_t, t_model, y)                                   # (N, 2C or C, H, W)
         dtype = torch.promote_types(x0.dtype, torch.float32)
         eps, v = self._split_output(out.to(dtype), x0)
         terms = {"mse": mean_flat((noise.to(dtype) - eps) ** 2)}

@@ -18,7 +18,7 @@ def test_train_five_steps_from_shards_then_sample(extracted, tmp_path):
                     "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                                    "init_args": {"dirpath": str(run), "save_top_k": 0, "save_last": True}}]},
         "model": {"model": "GSPN-T/2", "model_args": {"hidden_size": 32, "depth": 2, "num_heads": 2},
-                  "lr": 1e-3},
+                  "optim": {"lr": 1e-3}},
         "data": {"class_path": "gspn_gen.data.datamodule.LatentDataModule",
                  "init_args": {"root": str(extracted), "batch_size": 4, "num_workers": 0}},
     }

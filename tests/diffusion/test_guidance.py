@@ -83,13 +83,6 @@ def test_guided_sampling_runs_with_learned_sigma():
     assert out.shape == x.shape and torch.isfinite(out).all()
 
 
-def test_bad_arguments():
-    with pytest.raises(ValueError, match="interval"):
-        cfg_model_fn(Recorder(), 2.0, NULL, interval=(0.7, 0.2))
-    with pytest.raises(ValueError, match="finite"):
-        cfg_model_fn(Recorder(), float("nan"), NULL)
-
-
 def official_dit_forward_with_cfg(model, x, t, y, cfg_scale):
     """facebookresearch/DiT's DiT.forward_with_cfg on a batch [x; x] with labels [y; null], written out:
     guidance on channels 0..2 only, every other channel (and the learned sigma) from each half itself."""
@@ -110,11 +103,3 @@ def test_guide_channels_3_reproduces_official_dit_guidance(extra_channels):
     ours = cfg_model_fn(model, 1.5, NULL, channels=3)(x, t, y)
     assert torch.equal(ours, official)
     assert not torch.equal(cfg_model_fn(model, 1.5, NULL)(x, t, y), official)  # the default guides all 4
-
-
-def test_guide_channels_must_fit_the_samples():
-    with pytest.raises(ValueError, match="integer >= 1"):
-        cfg_model_fn(Recorder(), 2.0, NULL, channels=0)
-    x, t, y = inputs(c=4)
-    with pytest.raises(ValueError, match="cannot guide 5 channels"):
-        cfg_model_fn(Recorder(), 2.0, NULL, channels=5)(x, t, y)

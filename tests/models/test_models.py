@@ -169,7 +169,7 @@ STORED_MODEL_ARGS = {
 
 
 def test_stored_model_args_rebuild_the_model_they_describe():
-    from gspn_gen.checkpoints import build_module
+    from gspn_gen.checkpoints.build import build_module
     from gspn_gen.lit import GenerationModule
 
     module = GenerationModule(model="GSPN-T/2", model_args=STORED_MODEL_ARGS, num_classes=10, in_channels=1,

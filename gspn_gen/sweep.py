@@ -1,14 +1,15 @@
-"""`python -m fid_eval sweep`: sample a checkpoint at several guidance scales, score each scale, plot FID
+"""`python -m gspn_gen.sweep`: sample a checkpoint at several guidance scales, score each scale, plot FID
 against the scale and the FID-IS trade-off curve (the figure of the ADM and DiT papers), name the best scale.
 
-    python -m fid_eval sweep --ckpt runs/demo/checkpoints/last.ckpt --cfg-scales 1 1.5 2 3 4 \\
+    python -m gspn_gen.sweep --ckpt runs/demo/checkpoints/last.ckpt --cfg-scale 1 1.5 2 3 4 \\
         --num-samples 1000 --steps 25 --ref digits:val --extractor digits --out runs/demo/sweep
-    python -m fid_eval sweep --ckpt runs/x/checkpoints/last.ckpt --cfg-scales 1 1.25 1.5 1.75 2 \\
+    python -m gspn_gen.sweep --ckpt runs/x/checkpoints/last.ckpt --cfg-scale 1 1.25 1.5 1.75 2 \\
         --num-samples 10000 --sampler ddpm --steps 250 --ref VIRTUAL_imagenet256_labeled.npz --out sweep/
 
-Every scale is sampled by sample.py's sharded, resumable sampler with the same seeds (OUT/cfg-<scale>/
-samples.npz, sample i from the noise of (seed, i)), so the scales differ only in guidance, and scored by
-fid_eval (OUT/cfg-<scale>/metrics.json). Rerunning the same command resumes: scored scales are read
+The checkpoint is loaded once; every scale is one request of the sampling library (gspn_gen.sampling:
+the sharded, resumable .npz of sample.py, OUT/cfg-<scale>/samples.npz) with the same seeds (sample i
+from the noise of (seed, i)), so the scales differ only in guidance, and is scored by fid_eval
+(OUT/cfg-<scale>/metrics.json). Every request is checked against the model before anything is written. Rerunning the same command resumes: scored scales are read
 back, a half-sampled one continues from its shards; more scales may be added to the same OUT later.
 Writes OUT/sweep.json and OUT/sweep.png and prints the scale with the lowest FID.
 """
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 from pathlib import Path
@@ -25,18 +25,21 @@ from pathlib import Path
 from fid_eval.errors import FidEvalError
 from fid_eval.evaluation import METRICS, PROTOCOLS, evaluate, parse_metrics, print_warnings, resolve_protocol
 from fid_eval.extractors import EXTRACTORS, build_extractor
-from fid_eval.fileio import atomic_write, write_json
+from gspn_gen.fileio import atomic_write, write_json
 from gspn_gen.runlock import LOCK_NAME, LockHeld, RunLock, dir_lock
+from gspn_gen.sample_cli import run_command
+from gspn_gen.sampling.request import SampleRequest, SamplingError, resolve_device
+from gspn_gen.sampling.run import load, sample
 
 MANIFEST = "sweep_settings.json"
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m fid_eval sweep", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m gspn_gen.sweep", description=__doc__.split("\n\n")[0],
                                 epilog="examples:\n" + __doc__.split("\n\n")[1] + "\n\n" + __doc__.split("\n\n")[2],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="training checkpoint to sample (EMA weights)")
-    p.add_argument("--cfg-scales", type=float, nargs="+", required=True, metavar="S",
+    p.add_argument("--cfg-scale", "--cfg-scales", dest="cfg_scales", type=float, nargs="+", required=True, metavar="S",
                    help="guidance scales to try, e.g. 1 1.5 2 3 4 (1 = no guidance)")
     p.add_argument("--num-samples", type=int, required=True, help="samples per scale, classes balanced")
     p.add_argument("--ref", required=True, help="reference: ADM .npz, folder, statistics file, or digits:val")
@@ -50,7 +53,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     g.add_argument("--guide-channels", type=int, default=None, metavar="K",
                    help="guide only the first K latent channels (default: all; 3 reproduces official DiT/SiT)")
     g.add_argument("--seed", type=int, default=0, help="global seed: sample i uses the noise of (seed, i)")
-    g.add_argument("--sample-batch-size", type=int, default=64, help="samples per forward pass")
+    g.add_argument("--batch-size", type=int, default=64, help="samples per forward pass")
     g.add_argument("--vae", default=None, metavar="ID_OR_DIR", help="local copy of the checkpoint's VAE")
     g = p.add_argument_group("scoring (as python -m fid_eval)")
     g.add_argument("--metrics", default=None,
@@ -58,9 +61,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     g.add_argument("--protocol", choices=PROTOCOLS, default=None, help="adm (default for Inception) or torch-fidelity")
     g.add_argument("--extractor", choices=EXTRACTORS, default="inception")
     g.add_argument("--weights", default=None, help="extractor weights file (default: its usual location)")
-    g.add_argument("--batch-size", type=int, default=64, help="images per extractor forward pass")
+    g.add_argument("--score-batch-size", type=int, default=64, help="images per extractor forward pass")
     g.add_argument("--cache-dir", type=Path, default=None, help="reference statistics cache")
-    p.add_argument("--device", default=None, help="cpu or cuda, for sampling and scoring (default: cuda when available)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto, for sampling and scoring (default: "
+                                                     "cuda when available)")
     p.add_argument("--delete-samples", action="store_true",
                    help="delete each scale's samples.npz once it is scored (metrics.json stays)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars while scoring")
@@ -99,27 +103,13 @@ def check_manifest(out: Path, settings: dict, overwrite: bool = False) -> None:
     write_json(path, settings)
 
 
-def sample_scale(args: argparse.Namespace, scale: float, path: Path) -> None:
-    """Draw OUT/cfg-<scale>/samples.npz with sample.py (resumable shards; exits 2 on a bad setting)."""
-    from gspn_gen import sample_cli
-
-    argv = ["--ckpt", args.ckpt, "--out", str(path), "--num-samples", str(args.num_samples),
-            "--cfg-scale", repr(scale), "--seed", str(args.seed), "--batch-size", str(args.sample_batch_size)]
-    if args.steps is not None:
-        argv += ["--steps", str(args.steps)]
-    if args.sampler is not None:
-        argv += ["--sampler", args.sampler]
-    if args.guidance_interval is not None:
-        argv += ["--guidance-interval", *map(repr, args.guidance_interval)]
-    if args.guide_channels is not None:
-        argv += ["--guide-channels", str(args.guide_channels)]
-    if args.vae is not None:
-        argv += ["--vae", args.vae]
-    if args.overwrite:  # shards left by a sweep with other settings
-        argv += ["--overwrite"]
-    if args.device is not None:
-        argv += ["--accelerator", "cpu" if args.device == "cpu" else "gpu"]
-    sample_cli.main(argv)
+def scale_request(args: argparse.Namespace, scale: float, path: Path | None = None) -> SampleRequest:
+    """The sampling request of one scale (OUT/cfg-<scale>/samples.npz)."""
+    return SampleRequest(ckpt=args.ckpt, out=None if path is None else str(path), num_samples=args.num_samples,
+                         cfg_scale=scale, guidance_interval=None if args.guidance_interval is None else
+                         tuple(args.guidance_interval), guide_channels=args.guide_channels, sampler=args.sampler,
+                         steps=args.steps, seed=args.seed, batch_size=args.batch_size, device=args.device,
+                         vae=args.vae, overwrite=args.overwrite)  # overwrite: shards left by other settings
 
 
 def best_row(rows: list[dict]) -> dict | None:
@@ -176,31 +166,15 @@ def format_rows(rows: list[dict], best: dict | None) -> str:
     return "\n".join(lines)
 
 
-def _latent_channels(ckpt: str) -> int | None:
-    from gspn_gen.checkpoints import CheckpointError, read_checkpoint
-
-    try:
-        return read_checkpoint(ckpt, mmap=True).get("hyper_parameters", {}).get("in_channels")
-    except CheckpointError as e:
-        raise FidEvalError(str(e)) from None
-
-
 def run(args: argparse.Namespace) -> dict:
-    for flag, value in (("--num-samples", args.num_samples), ("--sample-batch-size", args.sample_batch_size),
-                        ("--batch-size", args.batch_size)):
-        if value < 1:
-            raise FidEvalError(f"{flag} must be >= 1, got {value}")
-    if args.guide_channels is not None and args.guide_channels < 1:
-        raise FidEvalError(f"--guide-channels must be >= 1, got {args.guide_channels}")
-    bad = [s for s in args.cfg_scales if not math.isfinite(s) or s < 0]
-    if bad:
-        raise FidEvalError(f"--cfg-scales must be finite and >= 0 (1 = no guidance), got {bad}")
-    if not os.path.isfile(args.ckpt):
-        raise FidEvalError(f"checkpoint {args.ckpt!r} does not exist")
-    if args.guide_channels is not None:  # checked before the settings are recorded, so a corrected rerun may follow
-        channels = _latent_channels(args.ckpt)
-        if channels is not None and args.guide_channels > channels:
-            raise FidEvalError(f"--guide-channels {args.guide_channels} exceeds the model's {channels} latent channels")
+    """The sweep of `args` (parse_args); FidEvalError or SamplingError for anything it refuses."""
+    if args.score_batch_size < 1:
+        raise FidEvalError(f"--score-batch-size must be >= 1, got {args.score_batch_size}")
+    requests = [scale_request(args, scale) for scale in args.cfg_scales]  # every value checked, once, there
+    # checked against the model before the settings are recorded, so a corrected rerun may follow
+    module = load(requests[0], resolve_device(args.device))
+    for request in requests[1:]:
+        request.check(module)
     scales = list(dict.fromkeys(args.cfg_scales))  # in order, without repeats
     metrics = parse_metrics(args.metrics or [m for m in METRICS if m != "kid" and
                                              (m != "sfid" or args.extractor == "inception")])
@@ -217,12 +191,13 @@ def run(args: argparse.Namespace) -> dict:
         raise FidEvalError(f"--out {args.out}: cannot create it ({e.strerror or e})") from None
     try:
         with RunLock(dir_lock(args.out), f"--out {str(args.out)!r}"):  # one sweep per folder
-            return _sweep(args, settings, scales, metrics, protocol)
+            return _sweep(args, module, settings, scales, metrics, protocol)
     except LockHeld as e:
         raise FidEvalError(f"{e}: wait for that sweep to end, or use another --out") from None
 
 
-def _sweep(args: argparse.Namespace, settings: dict, scales: list[float], metrics: list[str], protocol: str) -> dict:
+def _sweep(args: argparse.Namespace, module, settings: dict, scales: list[float], metrics: list[str],
+           protocol: str) -> dict:
     check_manifest(args.out, settings, args.overwrite)
 
     extractor, rows = None, []
@@ -235,10 +210,10 @@ def _sweep(args: argparse.Namespace, settings: dict, scales: list[float], metric
         else:
             if not samples_path.exists():
                 print(f"cfg {scale:g}: sampling {args.num_samples} images", file=sys.stderr)
-                sample_scale(args, scale, samples_path)
+                sample(scale_request(args, scale, samples_path), module)
             if extractor is None:
-                extractor = build_extractor(args.extractor, args.weights, args.device)
-            report = evaluate(str(samples_path), args.ref, metrics, extractor, batch_size=args.batch_size,
+                extractor = build_extractor(args.extractor, args.weights, str(next(module.parameters()).device))
+            report = evaluate(str(samples_path), args.ref, metrics, extractor, batch_size=args.score_batch_size,
                               cache_dir=args.cache_dir, protocol=protocol, progress=not args.no_progress)
             report["cfg_scale"] = scale
             print_warnings(report)
@@ -264,3 +239,12 @@ def _sweep(args: argparse.Namespace, settings: dict, scales: list[float], metric
         print(f"best guidance scale for FID: {best['cfg_scale']:g} (FID {best['fid']:.4f})")
     return summary
 
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m gspn_gen.sweep ...`: 0, or 2 with one `error:` line."""
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    return run_command(lambda: run(args), (FidEvalError, SamplingError), resumable=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

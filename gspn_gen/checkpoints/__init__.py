@@ -1,4 +1,7 @@
-"""Checkpoints: safe loading, crash-safe writing, and the rules for resuming a run.
+"""Checkpoint files: safe reading, crash-safe writing, their settings in today's form, and the rules for
+resuming a run. Nothing here builds a model: `gspn_gen.checkpoints.build` rebuilds a GenerationModule from
+a checkpoint, `gspn_gen.checkpoints.convert` imports official DiT/SiT files
+(`python -m gspn_gen.checkpoints import-dit|import-sit`).
 
 Reading: every checkpoint is read with `torch.load(weights_only=True)` (tensors and plain containers,
 never arbitrary pickled objects), whoever asks: `sample.py`, the resume check of `train_gen.py` and
@@ -11,11 +14,12 @@ filesystem and whatever $TMPDIR is; a failed write (full disk) is one line namin
 
 Resuming: the model, diffusion process and data shape of a run are fixed by its first checkpoint
 (`RUN_KEYS`); `compare_hparams` tells which keys a resume would change. Execution settings that change
-neither the model's function nor its weights (`EXECUTION_ARGS`, `compile`) may change.
+neither the model's function nor its weights (`EXECUTION_ARGS`, `compile`) may change. The resume
+check reads the file once and hands it to Lightning (`SafeCheckpointIO.hand_over`).
 
 Older checkpoints (process as `diffusion: gaussian|flow` plus a `diffusion_args` dict, a `model_args`
-dict that may repeat the data shape, distillation settings beside the hyper-parameters) are read
-through `upgrade_hparams`, the one place that knows those forms.
+dict that may repeat the data shape, distillation settings beside the hyper-parameters, optimiser, EMA
+and grid settings as flat names) are read through `upgrade_hparams`, the one place that knows those forms.
 """
 
 from __future__ import annotations
@@ -31,16 +35,26 @@ import lightning as L
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
+from gspn_gen.codecs import codec_identity
 from gspn_gen.diffusion import KINDS, describe, from_description
-from gspn_gen.distill import Distillation
 from gspn_gen.fileio import publish, remove_stale_temps, staged_write
-from gspn_gen.lit import GenerationModule
 from gspn_gen.models.zoo import DATA_FIELDS
 
 # Hyper-parameters that define what a run trains; a resume may not change them.
 RUN_KEYS = ("model", "model_args", "diffusion", "num_classes", "in_channels", "input_size", "codec", "distill")
 # model_args that change how a step runs (memory, kernels), not the model's function or weights.
 EXECUTION_ARGS = ("recompute", "gspn_backend")
+# The distillation settings older checkpoints kept beside the hyper-parameters (gspn_gen.distill.Distillation).
+DISTILL_FIELDS = ("teacher", "teacher_ema", "output_weight", "layer_weight", "distill_steps")
+# Settings written as flat hyper-parameters before they were grouped: old name -> (group, field).
+FLAT_SETTINGS = {
+    "lr": ("optim", "lr"), "weight_decay": ("optim", "weight_decay"), "betas": ("optim", "betas"),
+    "warmup_steps": ("optim", "warmup_steps"), "lr_schedule": ("optim", "lr_schedule"),
+    "min_lr_ratio": ("optim", "min_lr_ratio"), "fused_adamw": ("optim", "fused_adamw"),
+    "ema_decay": ("ema_args", "decay"), "ema_warmup": ("ema_args", "warmup"),
+    "sample_every": ("grids", "every"), "sample_cfg_scale": ("grids", "cfg_scale"), "sample_steps": ("grids", "steps"),
+    "sample_per_class": ("grids", "per_class"), "sample_max_classes": ("grids", "max_classes"),
+}
 
 
 class CheckpointError(ValueError):
@@ -126,7 +140,8 @@ def upgrade_hparams(hparams: dict, distillation: dict | None = None) -> dict:
     Older forms: `diffusion: "gaussian" | "flow"` with a `diffusion_args` dict (now the process's
     {class_path, init_args}); `model_args` repeating the data shape or learn_sigma (now only from the
     data and the process: equal values are dropped, different ones refused); a distillation run's
-    settings in the checkpoint's `distillation` entry (now `distill`). Raises ValueError.
+    settings in the checkpoint's `distillation` entry (now `distill`); optimiser, EMA and grid settings as
+    flat names (now the groups `optim`, `ema_args`, `grids`: FLAT_SETTINGS). Raises ValueError.
     """
     hp = init_args(hparams)
     if isinstance(hp.get("diffusion"), str) or "diffusion_args" in hp:
@@ -148,29 +163,14 @@ def upgrade_hparams(hparams: dict, distillation: dict | None = None) -> dict:
             if given != actual:
                 raise ValueError(f"model_args.{key}={given!r} contradicts {source} ({actual!r})")
     hp["model_args"] = model_args
+    for name in [k for k in FLAT_SETTINGS if k in hp]:
+        group, field = FLAT_SETTINGS[name]
+        hp[group] = {**(hp.get(group) or {}), field: hp.pop(name)}
     if "distill" not in hp:
         old = distillation or {}
-        settings = {k: old[k] for k in Distillation.__dataclass_fields__ if k in old}
+        settings = {k: old[k] for k in DISTILL_FIELDS if k in old}
         hp["distill"] = settings if "teacher" in settings else None
     return hp
-
-
-def module_kwargs(hparams: dict) -> dict:
-    """GenerationModule arguments that rebuild a checkpoint's model for sampling or evaluation (any
-    version's hyper-parameters; the distillation teacher is not needed for that and is left out)."""
-    kwargs = upgrade_hparams(hparams)
-    kwargs.pop("distill", None)
-    kwargs["diffusion"] = from_description(kwargs["diffusion"]) if kwargs.get("diffusion") else None
-    return kwargs
-
-
-def build_module(path: str, hparams: dict) -> GenerationModule:
-    """GenerationModule from a checkpoint's hyper-parameters; a config it cannot build is a CheckpointError."""
-    try:
-        return GenerationModule(**module_kwargs(hparams))
-    except Exception as e:  # noqa: BLE001 - a crafted or foreign file can hold any value
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise CheckpointError(f"checkpoint {path!r} holds a config that cannot be built: {reason}") from None
 
 
 def check_state_dict(path: str, module: torch.nn.Module, state_dict: dict) -> None:
@@ -192,17 +192,6 @@ def nonfinite_tensors(state_dict: dict, prefix: str = "") -> list[str]:
             and v.is_floating_point() and not bool(torch.isfinite(v).all())]
 
 
-def load_module(path: str, device: str | torch.device = "cpu", accept: Callable[[dict], bool] | None = None,
-                kind: str = "checkpoint") -> GenerationModule:
-    """Rebuild the GenerationModule of a checkpoint with its weights (model and EMA), in eval mode
-    (`accept`, `kind`: see read_checkpoint)."""
-    ckpt = read_checkpoint(path, mmap=True, accept=accept, kind=kind)
-    module = build_module(path, ckpt["hyper_parameters"])
-    check_state_dict(path, module, ckpt["state_dict"])
-    module.load_state_dict(ckpt["state_dict"])
-    return module.to(device).eval()
-
-
 def fingerprint(path: str) -> str:
     """Size and SHA-256 of a checkpoint file: changes whenever the file is replaced by another."""
     h = hashlib.sha256()
@@ -212,11 +201,6 @@ def fingerprint(path: str) -> str:
     return f"{os.path.getsize(path)}:{h.hexdigest()}"
 
 
-def codec_identity(codec: dict | None) -> dict:
-    """What a codec is, without where it is stored: that may change between machines, what it is may not."""
-    return {k: v for k, v in (codec or {"name": "identity"}).items() if k != "path"}
-
-
 def _normalised(key: str, value: Any) -> Any:
     if key == "model_args":  # unset fields keep the preset; execution settings may change
         return {k: v for k, v in (value or {}).items() if v is not None and k not in EXECUTION_ARGS}
@@ -224,20 +208,24 @@ def _normalised(key: str, value: Any) -> Any:
         return None if value is None else {k: v for k, v in value.items() if k != "teacher"}
     if key == "codec":
         return codec_identity(value)
+    return _plain(value)
+
+
+def _plain(value: Any) -> Any:
+    """Tuples as lists, at any depth (a checkpoint may hold either)."""
     if isinstance(value, (list, tuple)):
-        return list(value)
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
     return value
 
 
 def compare_hparams(saved: dict, current: dict) -> tuple[list[str], list[str]]:
     """(refused, changed): RUN_KEYS whose values differ, then the other differing keys, one line each.
 
-    `saved` may be of any version (`upgrade_hparams`); `current` is a module's hparams.
+    Both in today's form: `saved` through `upgrade_hparams`, `current` a module's hparams.
     """
-    try:
-        saved, current = upgrade_hparams(saved), upgrade_hparams(current)
-    except ValueError as e:
-        raise CheckpointError(f"the checkpoint's settings cannot be read: {e}") from None
+    saved, current = init_args(saved), init_args(current)
     refused, changed = [], []
     for key in sorted(set(saved) | set(current)):
         old, new = saved.get(key), current.get(key)
@@ -249,6 +237,9 @@ def compare_hparams(saved: dict, current: dict) -> tuple[list[str], list[str]]:
                             if old.get(k) != new.get(k)]
             elif old != new:
                 changed.append(f"{key}: {old!r} -> {new!r}")
+        elif isinstance(old, dict) and isinstance(new, dict):  # a settings group: one line per field
+            a, b = _plain(old), _plain(new)
+            changed += [f"{key}.{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
         elif _normalised(key, old) != _normalised(key, new):
             changed.append(f"{key}: {old!r} -> {new!r}")
     return refused, changed
@@ -271,6 +262,15 @@ class SafeCheckpointIO(TorchCheckpointIO):
         self.deferred = deferred
         self._pending: dict[Path, Path] = {}  # target -> finished temp file
         self._removals: list[str] = []
+        self._handed: tuple[str, dict] | None = None  # a checkpoint read already (hand_over)
+
+    def hand_over(self, path: str, checkpoint: dict) -> None:
+        """Serve `checkpoint`, already read from `path`, to the next load of that path instead of reading
+        it again (the resume check reads it first); kept until then or until `forget`."""
+        self._handed = (os.path.abspath(path), checkpoint)
+
+    def forget(self) -> None:
+        self._handed = None
 
     def save_checkpoint(self, checkpoint: dict, path, storage_options: Any | None = None) -> None:
         if storage_options is not None:
@@ -307,6 +307,9 @@ class SafeCheckpointIO(TorchCheckpointIO):
                 super().remove_checkpoint(path)
 
     def load_checkpoint(self, path, map_location: Any = None, weights_only: bool | None = None) -> dict:
+        handed, self._handed = self._handed, None
+        if handed is not None and handed[0] == os.path.abspath(path) and map_location in (None, "cpu"):
+            return handed[1]
         return read_checkpoint(os.fspath(path), map_location=map_location or "cpu")
 
 
@@ -316,6 +319,9 @@ class CommitCheckpoints(L.Callback):
 
     def __init__(self, io: SafeCheckpointIO):
         self.io = io
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.io.forget()  # a handed-over checkpoint a strategy read by other means
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self.io.commit()
@@ -328,14 +334,3 @@ class CommitCheckpoints(L.Callback):
 
     def teardown(self, trainer, pl_module, stage) -> None:
         self.io.commit()
-
-
-def main(argv: list[str] | None = None) -> None:
-    """`python -m gspn_gen.checkpoints import-dit|import-sit SRC --out DST`: see gspn_gen.convert."""
-    from gspn_gen.convert import main as convert_main
-
-    convert_main(argv)
-
-
-if __name__ == "__main__":
-    main()

@@ -1,12 +1,12 @@
-"""Generation from a trained GenerationModule: guided sampling, decoding, grids, image files.
+"""Drawing images from a GenerationModule: guided sampling, decoding, grids, image and batch files.
 
-Used by the training callback (periodic EMA grids) and by `sample.py`, so both draw the same way.
-Sample i's noise depends only on (seed, indices[i]) (gspn_gen.diffusion.rng), never on batching.
+Any object with the module's `hparams`, `model`, `ema`, `diffusion` and `null_class` will do, so the
+training module draws its grids here (gspn_gen.lit) and `gspn_gen.sampling.run` draws requests here:
+both draw the same way. Sample i's noise depends only on (seed, indices[i]) (gspn_gen.diffusion.rng),
+never on batching. Values arrive checked (gspn_gen.sampling.request); nothing here validates them again.
 
-Checks a request passes before its first sample is drawn (`check_sampling`, `preflight`,
-`image_bytes`): the sampler and step count the process allows, guidance only where the model has a
-trained null class, the codec (VAE) loads and the network runs on the device (its kernel backend
-included), and the size of what will be written.
+`preflight` and `image_bytes` serve the checks made before a request's first sample: the codec (VAE)
+loads and the network runs on the device (its kernel backend included), and the size of what is written.
 """
 
 from __future__ import annotations
@@ -19,13 +19,10 @@ import numpy as np
 import torch
 
 from gspn_gen.codecs import build_codec
-from gspn_gen.diffusion import GaussianDiffusion, PerSampleRNG, cfg_model_fn
+from gspn_gen.diffusion import PerSampleRNG, cfg_model_fn
 from gspn_gen.fileio import atomic_write
 
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}  # by lower-case extension
-# Flow matching integrates a continuous ODE/SDE; beyond this many steps a run only costs more (the
-# Gaussian process is bounded by its own number of timesteps).
-MAX_FLOW_STEPS = 1000
 
 
 class NonFiniteSamplesWarning(RuntimeWarning):
@@ -51,8 +48,9 @@ def generate(
     use_ema: bool = True,
     progress: bool = False,
 ) -> np.ndarray:
-    """Sample images for `labels`; returns uint8 (N, H, W, 3) RGB (grey repeated to 3 channels)."""
-    check_guidance(module, cfg_scale)
+    """Sample images for `labels`; returns uint8 (N, H, W, 3) RGB (grey repeated to 3 channels).
+
+    Guidance (cfg_scale != 1) needs a model with a null class (`has_null_class`)."""
     hp = module.hparams
     net = module.ema if use_ema else module.model
     was_training = net.training
@@ -77,39 +75,6 @@ def generate(
 def has_null_class(module) -> bool:
     """Whether the model learned a null class (trained with label dropout), which guidance needs."""
     return module.model.y_embedder.dropout_prob > 0
-
-
-def check_guidance(module, cfg_scale: float) -> None:
-    """Guided (cfg != 1) and unconditional (cfg 0) sampling need a trained null class; ValueError if absent."""
-    if cfg_scale != 1 and not has_null_class(module):
-        raise ValueError(f"--cfg-scale {cfg_scale:g}: this model was trained without label dropout "
-                         "(class_dropout_prob 0), so it has no null class to guide with; sample with --cfg-scale 1")
-
-
-def check_sampling(module, sampler: str | None, steps: int | str | None, cfg_scale: float = 1.0,
-                   guide_channels: int | None = None) -> None:
-    """Everything about a sampling request that the module decides, before any work; ValueError says what."""
-    process = module.diffusion
-    if sampler is not None and sampler not in process.samplers:
-        raise ValueError(f"--sampler {sampler!r}: this checkpoint's {process.name} process has "
-                         f"{', '.join(process.samplers)}")
-    if steps is not None:
-        if isinstance(process, GaussianDiffusion):
-            limit = process.original_num_steps
-            if isinstance(steps, int) and steps > limit:
-                raise ValueError(f"--steps {steps}: this checkpoint's gaussian process has {limit} timesteps, "
-                                 f"so at most {limit} sampling steps")
-            try:
-                process.respaced(steps)
-            except (ValueError, TypeError) as e:
-                raise ValueError(f"--steps {steps}: {e}") from None
-        elif isinstance(steps, int) and steps > MAX_FLOW_STEPS:
-            raise ValueError(f"--steps {steps}: at most {MAX_FLOW_STEPS} integration steps (the default is "
-                             f"{process.sampling_steps})")
-    check_guidance(module, cfg_scale)
-    channels = module.hparams.in_channels
-    if guide_channels is not None and guide_channels > channels:
-        raise ValueError(f"--guide-channels {guide_channels} exceeds the model's {channels} latent channels")
 
 
 @torch.no_grad()

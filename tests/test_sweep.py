@@ -1,4 +1,5 @@
-"""`python -m fid_eval sweep`: per-scale samples and metrics, sweep.json, the PNG, resume and refusals."""
+"""`python -m gspn_gen.sweep`: per-scale samples and metrics, sweep.json, the PNG, resume and refusals; every
+scale is a request of the sampling library (no command line built, no exit inside it)."""
 
 import json
 
@@ -6,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from fid_eval.__main__ import main
+from gspn_gen import sweep
+from gspn_gen.sweep import main
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +25,7 @@ def checkpoint(tmp_path_factory):
 
 
 def _sweep(checkpoint, out, *extra):
-    return main(["sweep", "--ckpt", str(checkpoint), "--num-samples", "30", "--steps", "2", "--ref", "digits:val",
+    return main(["--ckpt", str(checkpoint), "--num-samples", "30", "--steps", "2", "--ref", "digits:val",
                  "--extractor", "digits", "--device", "cpu", "--no-progress", "--cache-dir", str(out / "cache"),
                  "--out", str(out), *extra])
 
@@ -31,7 +33,7 @@ def _sweep(checkpoint, out, *extra):
 def test_sweep_writes_json_png_and_best_scale_then_resumes(checkpoint, tmp_path, capsys, monkeypatch):
     from PIL import Image
 
-    assert _sweep(checkpoint, tmp_path, "--cfg-scales", "1", "3") == 0
+    assert _sweep(checkpoint, tmp_path, "--cfg-scale", "1", "3") == 0
     out = capsys.readouterr().out
     summary = json.loads((tmp_path / "sweep.json").read_text())
     rows = summary["scales"]
@@ -48,21 +50,22 @@ def test_sweep_writes_json_png_and_best_scale_then_resumes(checkpoint, tmp_path,
 
     # Rerun with one more scale: the two scored ones are read back, only the new one is sampled.
     sampled = []
-    real = __import__("fid_eval.sweep", fromlist=["sample_scale"]).sample_scale
-    monkeypatch.setattr("fid_eval.sweep.sample_scale", lambda args, s, p: sampled.append(s) or real(args, s, p))
-    assert _sweep(checkpoint, tmp_path, "--cfg-scales", "1", "2", "3") == 0
+    real = sweep.sample
+    monkeypatch.setattr(sweep, "sample", lambda request, module: sampled.append(request.cfg_scale) or
+                        real(request, module))
+    assert _sweep(checkpoint, tmp_path, "--cfg-scale", "1", "2", "3") == 0
     assert sampled == [2.0]
     assert [r["cfg_scale"] for r in json.loads((tmp_path / "sweep.json").read_text())["scales"]] == [1.0, 2.0, 3.0]
 
     # Other settings in the same folder are refused in one line.
     capsys.readouterr()
-    assert _sweep(checkpoint, tmp_path, "--cfg-scales", "1", "--seed", "5") == 2
+    assert _sweep(checkpoint, tmp_path, "--cfg-scale", "1", "--seed", "5") == 2
     err = capsys.readouterr().err
     assert "holds a sweep made with other settings" in err and "'seed': (0, 5)" in err and err.count("\n") == 1
     assert "--overwrite" in err
 
     # --overwrite replaces that sweep: the other settings' results go, none is read back as this one's.
-    assert _sweep(checkpoint, tmp_path, "--cfg-scales", "1", "--seed", "5", "--overwrite") == 0
+    assert _sweep(checkpoint, tmp_path, "--cfg-scale", "1", "--seed", "5", "--overwrite") == 0
     summary = json.loads((tmp_path / "sweep.json").read_text())
     assert summary["settings"]["seed"] == 5 and [r["cfg_scale"] for r in summary["scales"]] == [1.0]
     assert not (tmp_path / "cfg-3" / "metrics.json").exists() and not (tmp_path / "cfg-3" / "samples.npz").exists()
@@ -70,37 +73,36 @@ def test_sweep_writes_json_png_and_best_scale_then_resumes(checkpoint, tmp_path,
 
 def test_sweep_refuses_a_folder_of_other_files(checkpoint, tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("mine")
-    assert _sweep(checkpoint, tmp_path, "--cfg-scales", "1") == 2
+    assert _sweep(checkpoint, tmp_path, "--cfg-scale", "1") == 2
     assert "holds files but no sweep" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
 
 
 def test_sweep_refuses_bad_scales(checkpoint, tmp_path, capsys):
-    assert _sweep(checkpoint, tmp_path, "--cfg-scales", "2", "nan") == 2
-    assert "--cfg-scales must be finite and >= 0" in capsys.readouterr().err
+    assert _sweep(checkpoint, tmp_path, "--cfg-scale", "2", "nan") == 2
+    assert "--cfg-scale must be between 0 and 100 (1: no guidance, 0: unconditional), got nan" in \
+        capsys.readouterr().err
     assert not (tmp_path / "sweep_settings.json").exists()
 
 
 def test_sweep_passes_guide_channels_to_sampling_and_refuses_another_on_resume(checkpoint, tmp_path, capsys,
                                                                                  monkeypatch):
-    from gspn_gen import sample_cli
-
-    calls = []
-    real = sample_cli.main
-    monkeypatch.setattr(sample_cli, "main", lambda argv: calls.append(argv) or real(argv))
-    assert _sweep(checkpoint, tmp_path, "--cfg-scales", "3", "--guide-channels", "1",
-                  "--metrics", "fid") == 0
-    assert len(calls) == 1 and calls[0][calls[0].index("--guide-channels") + 1] == "1"
+    requests = []
+    real = sweep.sample
+    monkeypatch.setattr(sweep, "sample", lambda request, module: requests.append(request) or real(request, module))
+    assert _sweep(checkpoint, tmp_path, "--cfg-scale", "3", "--guide-channels", "1", "--metrics", "fid") == 0
+    assert [r.guide_channels for r in requests] == [1]
     assert json.loads((tmp_path / "sweep.json").read_text())["settings"]["guide_channels"] == 1
     assert json.loads((tmp_path / "sweep_settings.json").read_text())["guide_channels"] == 1
 
     capsys.readouterr()
-    assert _sweep(checkpoint, tmp_path, "--cfg-scales", "3", "--metrics", "fid") == 2
+    assert _sweep(checkpoint, tmp_path, "--cfg-scale", "3", "--metrics", "fid") == 2
     err = capsys.readouterr().err
     assert "error:" in err and "'guide_channels': (1, None)" in err and err.count("\n") == 1
-    assert len(calls) == 1
+    assert len(requests) == 1
 
     fresh = tmp_path / "fresh"  # more channels than the model has: refused before anything is recorded
-    assert _sweep(checkpoint, fresh, "--cfg-scales", "3", "--guide-channels", "2", "--metrics", "fid") == 2
-    assert "exceeds the model's 1 latent channels" in capsys.readouterr().err
-    assert not (fresh / "sweep_settings.json").exists() and len(calls) == 1
+    for channels in ("2", "0"):
+        assert _sweep(checkpoint, fresh, "--cfg-scale", "3", "--guide-channels", channels, "--metrics", "fid") == 2
+        assert f"--guide-channels {channels}: expected 1 to 1 (the model's latent channels)" in capsys.readouterr().err
+    assert not (fresh / "sweep_settings.json").exists() and len(requests) == 1

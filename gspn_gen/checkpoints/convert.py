@@ -1,4 +1,4 @@
-"""Pretrained models in: official DiT/SiT checkpoints to ours, and a DiT to a GSPN model (DESIGN.md §10).
+"""Official DiT/SiT checkpoints in: `python -m gspn_gen.checkpoints import-dit|import-sit` (DESIGN.md §10).
 
 Import. The official checkpoints (facebookresearch/DiT `DiT-XL-2-256x256.pt`, willisma/SiT
 `SiT-XL-2-256x256.pt`) are plain state dicts of EMA weights (a train.py checkpoint holds them under
@@ -20,10 +20,7 @@ guidance intervals need nothing special):
     (exact in real arithmetic; float32 rounding of about 1e-7 relative);
   - SiT's learned-sigma half of the output, which its forward drops, is removed from the final layer.
 
-Conversion. `convert_to_gspn` starts a GSPN backbone of the same width and depth from a DiT: the
-patch, time and class embedders, every adaLN modulation, every MLP, the final layer and the fixed
-position embedding are copied bit for bit; each attention becomes a fresh GSPN mixer whose output
-projection is zero, so the converted model at step 0 is the DiT with its attention branches removed.
+A GSPN model starts from an imported (or trained) DiT through distillation: gspn_gen.distill.convert_to_gspn.
 """
 
 from __future__ import annotations
@@ -36,13 +33,12 @@ import sys
 
 import torch
 
-from gspn_gen.checkpoints import CheckpointError, SafeCheckpointIO, init_args, module_kwargs, why_unreadable
+from gspn_gen.checkpoints import CheckpointError, SafeCheckpointIO, init_args, why_unreadable
+from gspn_gen.checkpoints.build import module_kwargs
 from gspn_gen.codecs import CodecLoadError, check_vae_source, sd_vae_spec
 from gspn_gen.diffusion import FlowMatching, GaussianDiffusion, describe
 from gspn_gen.fileio import OutputError, check_output
 from gspn_gen.lit import GenerationModule
-from gspn_gen.models.backbone import DiffusionBackbone
-from gspn_gen.models.mixer import GSPNMixer
 from gspn_gen.models.zoo import MODELS
 
 DEFAULT_VAE = "stabilityai/sd-vae-ft-ema"
@@ -233,40 +229,6 @@ def import_official(src: str, out: str, family: str, vae: str = DEFAULT_VAE, num
             "imported_from": {"file": os.path.basename(src), "family": family}}
     SafeCheckpointIO().save_checkpoint(ckpt, out)  # crash-safe, like every checkpoint we write
     return hparams
-
-
-# ------------------------------------------------------------------------------------ DiT -> GSPN
-
-def shared_keys(teacher: DiffusionBackbone, student: DiffusionBackbone) -> list[str]:
-    """State-dict keys the two backbones share: everything but the mixers."""
-    theirs = teacher.state_dict()
-    return [k for k in student.state_dict() if k in theirs and ".mixer." not in k]
-
-
-@torch.no_grad()
-def convert_to_gspn(teacher: DiffusionBackbone, student: DiffusionBackbone) -> list[str]:
-    """Copy every shared tensor of the DiT `teacher` into the GSPN `student` and zero each mixer's output
-    projection (module docstring). Returns the copied keys; any shape or layout mismatch raises ValueError."""
-    if len(teacher.blocks) != len(student.blocks):
-        raise ValueError(f"the teacher has {len(teacher.blocks)} blocks, the student {len(student.blocks)}")
-    if not all(isinstance(b.mixer, GSPNMixer) for b in student.blocks):
-        raise ValueError("the student must be a GSPN model (mixer 'gspn')")
-    if (teacher.pos_embed is None) != (student.pos_embed is None):
-        raise ValueError("teacher and student must both have the fixed position embedding or both lack it "
-                         "(build the student with fixed_pos_embed=True)")
-    src, dst = teacher.state_dict(), student.state_dict()
-    keys = shared_keys(teacher, student)
-    for key in keys:
-        if src[key].shape != dst[key].shape:
-            raise ValueError(f"{key}: teacher shape {tuple(src[key].shape)}, student {tuple(dst[key].shape)}")
-        dst[key].copy_(src[key])
-    missing = [k for k in src if ".mixer." not in k and k not in dst]
-    if missing:
-        raise ValueError(f"the student has no {missing[0]!r} to take the teacher's weights")
-    for block in student.blocks:
-        torch.nn.init.zeros_(block.mixer.out_proj.weight)
-        torch.nn.init.zeros_(block.mixer.out_proj.bias)
-    return keys
 
 
 # ------------------------------------------------------------------------------------ command line
