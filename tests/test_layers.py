@@ -11,7 +11,7 @@ REPO = Path(__file__).resolve().parents[1]
 # Module (or package prefix) -> layer: 3 entry points, 2 training and sampling, 1 models, diffusion, data
 # and what they store, 0 the GSPN kernels and the evaluation suite (neither imports the generator).
 LAYERS = {
-    "train_gen": 3, "sample": 3, "gspn_gen.checkpoints.__main__": 3,
+    "train_gen": 3, "sample": 3, "gspn_gen.entry": 3, "gspn_gen.checkpoints.__main__": 3,
     "gspn_gen.train_cli": 2, "gspn_gen.sample_cli": 2, "gspn_gen.sweep": 2, "gspn_gen.lit": 2,
     "gspn_gen.distill": 2, "gspn_gen.fid_callback": 2, "gspn_gen.lightning_compat": 2, "gspn_gen.stopping": 2,
     "gspn_gen.sampling": 2, "gspn_gen.checkpoints.build": 2, "gspn_gen.checkpoints.convert": 2,
