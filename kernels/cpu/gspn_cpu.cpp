@@ -4,12 +4,12 @@
 // Work split: one work item per group of B gate planes (n, j0 .. j0 + B - 1) of one sample and all the
 // k = C / Cg channels each serves, items spread over OpenMP threads (torch's thread count). An item
 // owns every output it writes, so results do not depend on the thread count (no reduction crosses
-// items). B is 1 on maps of 32 x 32 and more, and grows on smaller ones so that lines stay long.
+// items). B is 1 on maps of 64 x 64 and more, and grows on smaller ones so that lines stay long.
 //
 // The scan frame. A direction scans L steps of lines of P positions. In the scan frame a step is one
 // contiguous line and the recurrence is vectorised along it: position p of plane b of the group sits
 // at p B + b, so the B planes of a group are interleaved and a neighbour is B values away (a 4 x 4 map
-// scans lines of 64 values). Row lines (d = 2, 3: steps are rows i) of a single plane are the image
+// scans lines of up to 256 values). Row lines (d = 2, 3: steps are rows i) of a single plane are the image
 // frame itself. Column lines (d = 0, 1: steps are columns j) of a single plane are made from strips of
 // 8 image rows, computed elementwise (contiguous, vectorised) into a small buffer and transposed in
 // 8x8 register blocks, and read back the same way. A group of B > 1 planes is made from whole planes,
@@ -476,12 +476,13 @@ void backward_item(const Problem<F>& pb, const Item& it) {
   }
 }
 
-// Gate planes per work item: 1 on maps of 32 x 32 and more; on smaller ones enough for lines of about
-// 64 values, a multiple of 8 (the transposes' blocks) where Cg allows.
+// Gate planes per work item: 1 on maps of 64 x 64 and more; on smaller ones enough for lines of about
+// 256 values, a multiple of 8 (the transposes' blocks) where Cg allows. (Measured on 2 AVX2 cores: lines of
+// 256 beat 64 and 512 from 4 x 4 to 32 x 32 maps; at 64 x 64, interleaving 8 planes doubles the backward.)
 inline int group_size(int Cg, int H, int W) {
   const int side = std::min(H, W);
-  if (side >= 32) return 1;
-  return std::max(1, std::min(Cg, ((64 + side - 1) / side + 7) / 8 * 8));
+  if (side >= 64) return 1;
+  return std::max(1, std::min(Cg, ((256 + side - 1) / side + 7) / 8 * 8));
 }
 
 template <class F>

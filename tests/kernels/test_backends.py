@@ -27,6 +27,8 @@ MIX_CASES = [
     ((1, 4, 2, 17, 9), None),   # the blocked 8x8 transposes with ragged edges
     ((1, 3, 3, 16, 24), 5),
     ((2, 4, 1, 8, 8), 8),
+    ((1, 24, 12, 40, 33), None),  # CPU kernel: groups of 8 interleaved planes and a partial one
+    ((1, 100, 100, 4, 5), 2),     # CPU kernel: a group of 64 planes (lines of 256) and a partial one
 ]
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 
