@@ -14,8 +14,8 @@ that rebuilds when the sources change and a file lock that lets DDP ranks share 
 no dependency beyond a C++ compiler (numba brings llvmlite and its own JIT cache).
 
 Arithmetic is fp32, or fp64 for fp64 inputs; bf16 and fp16 inputs are computed in fp32 and rounded once.
-Threads: torch's intra-op thread count (`torch.set_num_threads`); one work item per gate plane, so the
-result does not depend on it.
+Threads: torch's intra-op thread count (`torch.set_num_threads`) over work items (groups of gate planes,
+interleaved on small maps); no reduction crosses items, so the result does not depend on the thread count.
 
 Functions (inputs valid and contiguous; `ops.py` checks them): mix_forward, mix_backward, scan_forward,
 scan_backward.

@@ -117,9 +117,10 @@ class _Oracle:
 
 
 def _module(name: str):
+    if name == "cuda":
+        return _cuda_backend()[0]
     if name in _CUDA_NAMES:
-        module = _cuda_backend()[0] if name == "cuda" else _cupy_backend()
-        return module if name == "cuda" else module.bound(_CUDA_NAMES[name])
+        return _cupy_backend().bound(_CUDA_NAMES[name])
     if name == "cpu":
         return _cpu_backend()[0]
     return torch_backend if name == "torch" else _Oracle

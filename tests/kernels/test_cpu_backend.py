@@ -32,7 +32,7 @@ def test_gradcheck_float64(chunk):
 
 @needs_kernel
 def test_thread_count_does_not_change_results():
-    """One work item per gate plane, no reduction across items: 1, 2 and 3 threads agree bit for bit."""
+    """Work items are groups of gate planes, no reduction crosses them: 1, 2 and 3 threads agree bit for bit."""
     (x, logits, lam, u), dy = mix_inputs(2, 8, 4, 9, 12, seed=5)
     sins, sdy = scan_inputs(2, 6, 3, 10, 7, seed=6)
     threads = torch.get_num_threads()
