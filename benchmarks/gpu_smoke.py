@@ -13,7 +13,8 @@ JSON as soon as it is measured (a run cut short keeps what it did):
   copy     the device-to-device copy bandwidth;
   time     gspn_mix forward and backward of each variant at the target shapes (bf16 32x16², 8x32², 4x64²,
            1x128², fp32 4x64², C = 1152): milliseconds, bytes by design through DRAM / time / copy bandwidth,
-           and the design model's fraction for the same plan.
+           and the design model's fraction for the same plan; where the backward plan loads its resident
+           tiles ahead (lookahead D > 0), the backward also without (bwd_ms_lookahead_0).
 Exit status 0 when every compile and check passed (timings are reported, not judged), 1 otherwise, 3
 without a usable GPU. Rows past --max-seconds are skipped and recorded as such.
 """
@@ -38,6 +39,7 @@ CHECKS = [((2, 8, 4, 16, 16), torch.bfloat16, None), ((1, 6, 3, 33, 20), torch.f
 TARGETS = [(32, 16, 16, torch.bfloat16), (8, 32, 32, torch.bfloat16), (4, 64, 64, torch.bfloat16),
            (1, 128, 128, torch.bfloat16), (4, 64, 64, torch.float32)]
 CHANNELS = 1152
+NO_LOOKAHEAD = cuda_plan.Launch(lookahead=0)   # the backward's resident copies kept with the ring
 NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
@@ -138,6 +140,13 @@ def time_step(report: Report, index: int, variants: list[str], bandwidth: float)
                 row[f"{key}_ms"] = ms
                 row[f"{key}_of_copy_bw"] = design["dram_bytes"] / (ms * 1e-3) / bandwidth
                 row[f"{key}_modelled_of_copy_bw"] = design.get("modelled_of_copy_bw")
+                if backward and any(design["plan"]["lookahead"]):  # the resident lookahead measured against none
+                    row["bwd_lookahead"] = design["plan"]["lookahead"]
+                    try:
+                        row["bwd_ms_lookahead_0"] = time_ms(functools.partial(fn, launch=NO_LOOKAHEAD), budget_s=0.1,
+                                                            max_reps=20)
+                    except Exception as err:  # noqa: BLE001
+                        row["bwd_ms_lookahead_0"] = f"error: {cupy_backend._first_line(err)}"
             failed = [v for v in row.values() if isinstance(v, str) and v.startswith("error")]
             print(f"time {variant:8} {NAMES[dtype]} {N}x{H}x{W}: " + ", ".join(
                 f"{k} {row[f'{k}_ms']:.3f} ms ({100 * row[f'{k}_of_copy_bw']:.0f}% of copy bw, model "

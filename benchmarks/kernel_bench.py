@@ -67,7 +67,8 @@ HEADS, HEAD_DIM = 16, 72
 TARGETS = [(32, 16, 16), (8, 32, 32), (4, 64, 64), (1, 128, 128)]   # (N, H, W), bf16
 EXTRA = [(4, 64, 64, torch.float32)]                                # and fp32 at 64 x 64
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-TUNE_GRID = {"loaders": (64, 128, 256), "scan_lanes": (64, 128), "tile": (8, 16), "smem": (None, 113 * 1024)}
+TUNE_GRID = {"loaders": (64, 128, 256), "scan_lanes": (64, 128), "tile": (8, 16), "smem": (None, 113 * 1024),
+             "lookahead": (None, 0)}
 
 
 # ---------------------------------------------------------------------------------------------

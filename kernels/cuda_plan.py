@@ -1,8 +1,10 @@
 """Launch plans of the GSPN CUDA kernels and their design figures, computed without a GPU.
 
 A plan fixes how one launch runs: planes per CTA (``lb``), positions per scan lane (``R``), warps per line,
-steps per staged tile (``ts``), pipeline stages (``S``) and the shared-memory layout of each line kind
-(``struct Geo`` in cuda/gspn_common.cuh, mirrored by ``Geo`` here). Both CUDA variants run the same plan:
+steps per staged tile (``ts``), pipeline stages (``S``) and, per line kind (``struct Geo`` in
+cuda/gspn_common.cuh, mirrored by ``Geo`` here), the shared-memory layout and the backward's resident
+lookahead ``D`` (tiles its first pass copies the gates and dy ahead beyond the ring's S - 1, straight into
+the resident arrays, so they need no staging buffer). Both CUDA variants run the same plan:
 
   cluster   (sm_90+)  clusters of 4 CTAs, CTA d scans direction d of a group of planes; the four fp32
                       partial planes are summed through distributed shared memory;
@@ -12,13 +14,15 @@ steps per staged tile (``ts``), pipeline stages (``S``) and the shared-memory la
 
 The planner picks, among the plans that fit a device's shared memory per block, the one with the most
 scan lanes per SM (up to ``LANES_SM``), then the most load bytes in flight per SM (up to ``INFLIGHT_SM``),
-then the most planes per CTA. ``design`` gives a plan's figures: threads, CTAs, CTAs per SM and what limits
-them, bytes in flight per SM, bytes by design against the floor, and a modelled fraction of the copy
-bandwidth (``python benchmarks/kernel_bench.py --plans`` prints them for every target architecture).
+then the most planes per CTA; the backward's D is the least that brings its first pass to ``INFLIGHT_SM``.
+``design`` gives a plan's figures: threads, CTAs, CTAs per SM and what limits them, bytes in flight per SM,
+bytes by design against the floor, and a modelled fraction of the copy bandwidth (``python
+benchmarks/kernel_bench.py --plans`` prints them for every target architecture).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass, fields
 
@@ -81,10 +85,11 @@ ARCHS = {
                     l2_bytes=50 << 20, source="copy bw: ~3.0 TB/s measured on an H100 of this workplace"),
 }
 
-# Registers per thread the planner assumes for gspn_mix's kernels when it has no compiled kernel to ask: the
-# most ptxas (NVRTC 13) gives over sm_80, sm_89 and sm_90, every dtype and variant (forward 58 / 69 / 91 / 112,
-# backward 126 / 128 / 130 / 171 for R = 1 / 2 / 4 / 8; kernel_bench.py --plans lists them, the compile test
-# checks them, sm_86 included). On a GPU the planner uses the loaded kernels' own counts.
+# Registers per thread the planner assumes for gspn_mix's kernels when it has no compiled kernel to ask. Forward:
+# the most ptxas (NVRTC 13) gives over sm_80, sm_86, sm_89 and sm_90, every dtype and variant (58 / 69 / 91 / 112
+# for R = 1 / 2 / 4 / 8). Backward: the caps the kernels are compiled with (__maxnreg__, backward_regs in
+# gspn_backward.cu; ptxas gives 93-129 / 95-125 / 96-130 / 121-173). kernel_bench.py --plans lists them, the
+# compile test checks them. On a GPU the planner uses the loaded kernels' own counts.
 ASSUMED_REGS = {"fwd": {1: 64, 2: 72, 4: 96, 8: 120}, "bwd": {1: 128, 2: 128, 4: 136, 8: 176}}
 
 
@@ -99,6 +104,8 @@ class Launch:
     line_warps: most warps holding one line (1, 2 or 4).
     tile: most scan steps per staged tile (a power of two).
     stages: pipeline depth (tiles staged at once, 2 or 3); None lets the planner choose.
+    lookahead: the backward's resident lookahead D (tiles beyond the ring's S - 1 its first pass loads the
+        gates and dy ahead); None lets the planner choose, 0 keeps those copies with the ring.
     smem: shared-memory budget per CTA in bytes; None = the device's opt-in maximum.
     """
 
@@ -107,6 +114,7 @@ class Launch:
     line_warps: int = 4
     tile: int = 16
     stages: int | None = None
+    lookahead: int | None = None
     smem: int | None = None
 
 
@@ -141,6 +149,7 @@ class Geo:
     ostage_f: int
     ostage_buf: int
     xchg: int
+    D: int    # backward: resident lookahead, tiles beyond the ring's S - 1 (0 in the forward and until planned)
     end: int  # bytes of shared memory this kind uses (not passed to the kernel)
 
 
@@ -221,7 +230,7 @@ def _geo(col: bool, P: int, L: int, R: int, line: tuple[int, int], lb: int, ts: 
     ostage, at = at, at + 2 * ostage_buf
     xchg, at = at, at + (_a16(2 * lb * W * 2 * 4) if W > 1 else 0)
     return Geo(P, L, G, W, -(-L // ts), Ps, Q, Qw, Pp, nscan, stage, stage_arr, stage_buf, plane, res, res_arr,
-               ostage, ostage_t, ostage_f, ostage_buf, xchg, at)
+               ostage, ostage_t, ostage_f, ostage_buf, xchg, 0, at)
 
 
 def ctas_per_sm(threads: int, smem: int, regs: int, device: Device) -> tuple[int, str]:
@@ -234,15 +243,36 @@ def ctas_per_sm(threads: int, smem: int, regs: int, device: Device) -> tuple[int
     return limits[kind], kind
 
 
+def resident_ahead(S: int, D: int, nt: int) -> int:
+    """Tiles of the resident arrays the backward's first pass has in flight in steady state: S - 1 + D, at
+    most the tiles after the current one (and never fewer than the ring's S - 1)."""
+    return max(S - 1, min(S - 1 + D, nt - 1))
+
+
 def _loads_in_flight(p: Plan, e: int, backward: bool, mix: bool) -> int:
     """Load bytes one CTA has in flight by design, the least over its phases and line kinds: S - 1 tiles
-    of every array it stages (forward: x, lam, u, 3 gates; backward pass 1: 3 gates, dy, u; pass 2: x, lam)."""
+    of every array it stages (forward: x, lam, u, 3 gates; backward pass 1: u, and the 3 gates and dy
+    `resident_ahead` tiles ahead; pass 2: x, lam)."""
     least = None
     for g in p.geo:
         tile = p.ts * p.lb * g.P * e
-        phases = [(3 + 1 + int(mix)) * tile, 2 * tile] if backward else [(6 if mix else 5) * tile]
+        if backward:
+            phases = [((p.S - 1) * int(mix) + resident_ahead(p.S, g.D, g.nt) * 4) * tile, (p.S - 1) * 2 * tile]
+        else:
+            phases = [(p.S - 1) * (6 if mix else 5) * tile]
         least = min([least, *phases] if least is not None else phases)
-    return (p.S - 1) * least
+    return least
+
+
+def _lookahead(p: Plan, g: Geo, e: int, mix: bool, ctas: int, launch: Launch) -> int:
+    """The backward's D for line kind g: launch.lookahead, else the least that brings the first pass's load
+    bytes in flight per SM to INFLIGHT_SM (or as far as the kind's tiles go)."""
+    if launch.lookahead is not None:
+        return launch.lookahead
+    most = max(0, g.nt - p.S)
+    tile = p.ts * p.lb * g.P * e
+    return next((D for D in range(most) if ctas * ((p.S - 1) * int(mix) + resident_ahead(p.S, D, g.nt) * 4) * tile
+                 >= INFLIGHT_SM), most)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -293,6 +323,9 @@ def plan(N: int, C: int, Cg: int, H: int, W: int, e: int, backward: bool, mix: b
                     p = Plan(R, lb, ts, S, V, gmode if backward else 0, launch.loaders, threads, smem, -(-NC // lb),
                              kinds)
                     k, _ = ctas_per_sm(p.threads, p.smem, reg_table[p.R], device)
+                    if backward:
+                        geo = tuple(dataclasses.replace(g, D=_lookahead(p, g, e, mix, k, launch)) for g in p.geo)
+                        p = dataclasses.replace(p, geo=geo)
                     lanes = k * max(g.nscan for g in p.geo)
                     inflight = k * _loads_in_flight(p, e, backward, mix)
                     candidates.append(((min(lanes, LANES_SM), min(inflight, INFLIGHT_SM), ts, S, lb), p))
@@ -342,8 +375,9 @@ def _moved(p: Plan, N: int, C: int, Cg: int, H: int, W: int, e: int, backward: b
 
 
 def _plan_summary(p: Plan) -> dict:
-    return {"planes_per_cta": p.lb, "tile": p.ts, "stages": p.S, "vector": p.V, "threads": p.threads,
-            "smem": p.smem, "R": p.R, "line_warps": max(g.W for g in p.geo), "gmode": p.gmode}
+    return {"planes_per_cta": p.lb, "tile": p.ts, "stages": p.S, "lookahead": [g.D for g in p.geo],
+            "vector": p.V, "threads": p.threads, "smem": p.smem, "R": p.R, "line_warps": max(g.W for g in p.geo),
+            "gmode": p.gmode}
 
 
 def mix_traffic(N: int, C: int, Cg: int, H: int, W: int, dtype: torch.dtype, launch: Launch | None = None,
@@ -395,7 +429,9 @@ def _phase_loads(p: Plan, e: int, backward: bool, gate_frac: float) -> list[tupl
     HW = p.geo[0].P * p.geo[0].L
     if not backward:
         return [((3 + 3 * gate_frac) * HW * e, int((p.S - 1) * 6 * tile))]
-    return [((2 + 3 * gate_frac) * HW * e, int((p.S - 1) * 5 * tile)), (2 * HW * e, int((p.S - 1) * 2 * tile))]
+    ahead = sum(resident_ahead(p.S, g.D, g.nt) for g in p.geo) / 2   # resident tiles in flight, pass 1
+    return [((2 + 3 * gate_frac) * HW * e, int((p.S - 1 + 4 * ahead) * tile)),
+            (2 * HW * e, int((p.S - 1) * 2 * tile))]
 
 
 def design(N: int, C: int, Cg: int, H: int, W: int, dtype: torch.dtype, backward: bool, variant: str,

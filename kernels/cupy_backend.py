@@ -571,8 +571,9 @@ def supports(N: int, C: int, Cg: int, H: int, W: int, dtype: torch.dtype, device
 
 
 def _describe(p: Plan) -> str:
-    return (f"plan R={p.R}, {p.lb} planes per CTA, tile {p.ts} x {p.S} stages, vectors of {p.V}, "
-            f"{max(g.W for g in p.geo)} warps per line, gmode {p.gmode}")
+    ahead = "/".join(str(g.D) for g in p.geo)
+    return (f"plan R={p.R}, {p.lb} planes per CTA, tile {p.ts} x {p.S} stages, resident lookahead {ahead}, "
+            f"vectors of {p.V}, {max(g.W for g in p.geo)} warps per line, gmode {p.gmode}")
 
 
 def _run(kernel: str, x: torch.Tensor, p: Plan, args: _Args, mix: bool, variant_: str) -> None:

@@ -123,3 +123,14 @@ def test_bad_metric_names_are_refused_at_fit_start(tmp_path):
     callback = FIDCallback(ref="digits:val", extractor="digits", metrics="fid,fdi", cache_dir=str(tmp_path))
     with pytest.raises(ValueError, match=r"unknown metrics \['fdi'\].*fid, sfid, isc, kid, prc"):
         callback.on_fit_start(None, _tiny_module())
+
+
+def test_guidance_without_a_null_class_is_refused_at_fit_start(tmp_path):
+    from gspn_gen.lit import GenerationModule
+
+    module = GenerationModule(model="GSPN-T/2", input_size=8,
+                              model_args={"hidden_size": 32, "depth": 2, "num_heads": 2, "class_dropout_prob": 0.0})
+    callback = FIDCallback(ref="digits:val", extractor="digits", cfg_scale=2.0, cache_dir=str(tmp_path))
+    with pytest.raises(ValueError, match=r"FIDCallback: --cfg-scale 2: .*no null class"):
+        callback.on_fit_start(None, module)
+    assert not list(tmp_path.iterdir()), "the reference statistics were computed before the refusal"

@@ -4,7 +4,8 @@
 //
 // Nothing is saved by the forward pass: each CTA (direction d, lb planes) keeps the direction's gate
 // inputs and dy resident in shared memory and makes two passes over its tiles (virtual tiles 0..2nt-1,
-// one pipeline: the loaders keep S - 1 tiles of copies in flight across the two passes).
+// one pipeline: the loaders keep S - 1 tiles of copies in flight across the two passes; in pass 1 the
+// copies into the resident arrays, which need no staging buffer, run up to D tiles further ahead).
 //   Pass 1, reverse scan order: the adjoint b[s] = u * dy[s] + M_{next}^T b[next], i.e.
 //     b[s, p] = u dy + w_0[next, p + 1] b[next, p + 1] + w_1[next, p] b[next, p] + w_2[next, p - 1] b[next, p - 1],
 //     the lane carrying c_k = w_k * b of the last step; b goes to the fp32 plane. Gates and dy are
@@ -20,19 +21,29 @@
 // global stores run along rows. dx = ((A_0 + A_1) + A_2) + A_3, written once. No float atomics.
 #include "gspn_common.cuh"
 
+// The last pass-1 tile whose resident arrays (gates, dy) pipeline slot j loads: j + min(D, j), at most the
+// last tile. Slot j loads the tiles after resident_last(j - 1) up to this one: tile j itself at the latest,
+// and a lookahead growing by one tile per slot up to D (so the first tile waits for one tile's copies).
+__device__ __forceinline__ int resident_last(const Geo& g, int j) {
+  return j < 0 ? -1 : min(g.nt - 1, j + min(g.D, j));
+}
+
 template <class D, bool MIX, bool COL>
 __device__ void load_backward_tile(const Args& a, const Cta& c, int vt, int buf, int li, int nl) {
   typedef typename D::T T;
   const Geo& g = c.g;
   unsigned char* stage = c.smem + g.stage + buf * g.stage_buf;
   int s0, n;
-  if (vt < g.nt) {  // pass 1: gates and dy into the resident arrays (rows = steps), u staged
-    tile_span(c, vt, !c.desc, a.ts, s0, n);
-    for (int k = 0; k < 3; ++k) {
-      stage_tile<D, COL>(a, c, (const T*)a.gate[k], c.gate_off, c.ngp, s0, n, c.smem + g.res + k * g.res_arr, s0, li,
-                         nl);
+  if (vt < g.nt) {  // pass 1: gates and dy into the resident arrays (rows = steps), up to D tiles early; u staged
+    for (int r = resident_last(g, vt - 1) + 1; r <= resident_last(g, vt); ++r) {
+      tile_span(c, r, !c.desc, a.ts, s0, n);
+      for (int k = 0; k < 3; ++k) {
+        stage_tile<D, COL>(a, c, (const T*)a.gate[k], c.gate_off, c.ngp, s0, n, c.smem + g.res + k * g.res_arr, s0,
+                           li, nl);
+      }
+      stage_tile<D, COL>(a, c, (const T*)a.dy, c.x_off, c.nplanes, s0, n, c.smem + g.res + 3 * g.res_arr, s0, li, nl);
     }
-    stage_tile<D, COL>(a, c, (const T*)a.dy, c.x_off, c.nplanes, s0, n, c.smem + g.res + 3 * g.res_arr, s0, li, nl);
+    tile_span(c, vt, !c.desc, a.ts, s0, n);
     if (MIX) stage_tile<D, COL>(a, c, (const T*)a.u, c.map_off, c.nplanes, s0, n, stage, 0, li, nl);
   } else {  // pass 2: x and lam staged
     tile_span(c, vt - g.nt, c.desc, a.ts, s0, n);
@@ -280,19 +291,27 @@ __device__ void backward_cta(const Args& a, int d, int group) {
   if (a.dx) write_output<D, VARIANT>(a, c, group, (T*)a.dx);  // uniform over the group
 }
 
-// Entry points, as the forward ones (gspn_forward.cu).
+// Entry points, as the forward ones (gspn_forward.cu). Each is held to the registers per thread the planner
+// assumes (cuda_plan.ASSUMED_REGS["bwd"]): ptxas's own choice drifts by a few registers with unrelated code
+// changes, and 128 lets two CTAs of up to 8 warps share an SM. The compile test checks that none spills.
+template <int R>
+__device__ constexpr int backward_regs() { return R <= 2 ? 128 : (R == 4 ? 136 : 176); }
+
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
 template <class D, int R>
-__global__ void __cluster_dims__(4, 1, 1) gspn_mix_bwd(const __grid_constant__ Args a) {
+__global__ void __cluster_dims__(4, 1, 1) __maxnreg__(backward_regs<R>())
+    gspn_mix_bwd(const __grid_constant__ Args a) {
   backward_cta<D, R, true, CLUSTER>(a, blockIdx.x & 3, blockIdx.x >> 2);
 }
 #endif
 template <class D, int R>
-__global__ void gspn_mix_bwd_portable(const __grid_constant__ Args a) {
+__global__ void __maxnreg__(backward_regs<R>()) gspn_mix_bwd_portable(const __grid_constant__ Args a) {
   backward_cta<D, R, true, PORTABLE>(a, blockIdx.x & 3, blockIdx.x >> 2);
 }
 template <class D, int R>
-__global__ void gspn_scan_bwd(const __grid_constant__ Args a) { backward_cta<D, R, false, SINGLE>(a, 0, blockIdx.x); }
+__global__ void __maxnreg__(backward_regs<R>()) gspn_scan_bwd(const __grid_constant__ Args a) {
+  backward_cta<D, R, false, SINGLE>(a, 0, blockIdx.x);
+}
 
 // Compact-gate epilogue (gmode 2): for every (n, d, gate channel cg, pixel), the fp32 D_k of its kk
 // channels added in channel order, then (mix) the normalisation's gradient with the logits; written

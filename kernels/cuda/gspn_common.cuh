@@ -127,6 +127,7 @@ struct Geo {      // the plan of one line kind: [0] column lines (d = 0, 1), [1]
   int res, res_arr;                     // byte offset of the resident arrays (backward), bytes per array
   int ostage, ostage_t, ostage_f, ostage_buf;  // backward outputs: offset, bytes per T / fp32 array, per buffer
   int xchg;       // byte offset of the exchange slots between the warps of a line
+  int D;          // backward pass 1: tiles the resident arrays are loaded ahead beyond the ring's S - 1
 };
 
 struct Args {

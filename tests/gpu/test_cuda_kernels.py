@@ -101,13 +101,15 @@ def test_scan_matches_oracle(shape, chunk, dtype):
 
 
 # Launch settings that take other paths than the defaults: several planes and tiles per CTA, compact
-# gates through the scratch and epilogue, tiles too short for vectors, 2 and 3 stages, the largest plans.
+# gates through the scratch and epilogue, tiles too short for vectors, 2 and 3 stages, the largest plans,
+# the backward's resident copies 5 tiles ahead.
 LAUNCH_CASES = [
     ((1, 6, 3, 7, 8), 3, F32, Launch(loaders=32, scan_lanes=64, tile=4, smem=96 * 1024)),
     ((1, 4, 1, 6, 6), 2, BF16, Launch(loaders=32, scan_lanes=16, tile=4, smem=96 * 1024)),
     ((2, 8, 2, 16, 16), None, F16, Launch(loaders=64, scan_lanes=32, tile=4, stages=2)),
     ((1, 4, 2, 64, 64), 5, BF16, Launch(loaders=128, scan_lanes=64, tile=32, stages=3, smem=113 * 1024)),
     ((1, 2, 2, 104, 104), None, F32, Launch()),   # the largest fp32 square on H100 / H200 (bf16: 128, above)
+    ((2, 4, 4, 48, 40), None, BF16, Launch(loaders=64, scan_lanes=64, tile=8, stages=2, lookahead=4)),  # resident tiles
 ]
 
 

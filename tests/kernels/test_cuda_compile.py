@@ -27,7 +27,7 @@ SUBSETS = {  # every dtype, R, kernel and variant at least once over the four
     90: ["gspn_mix_fwd<F16, 2>", "gspn_mix_bwd<BF16, 1>", "gspn_scan_bwd<F32, 4>", "gspn_gate_grad<F16>"],
     80: ["gspn_mix_fwd_portable<BF16, 1>", "gspn_mix_bwd_portable<F32, 2>"],
     86: ["gspn_mix_bwd_portable<F16, 8>"],
-    89: ["gspn_mix_bwd_portable<BF16, 4>", "gspn_scan_fwd<F16, 8>"],
+    89: ["gspn_mix_bwd_portable<BF16, 4>", "gspn_mix_bwd_portable<BF16, 1>", "gspn_scan_fwd<F16, 8>"],
 }
 
 
@@ -115,3 +115,13 @@ def test_nvcc_builds_the_portable_kernels_for_sm80(tmp_path):
                           capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr[-4000:]
     assert "0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads" in done.stderr, done.stderr[-2000:]
+
+
+def test_backward_register_caps_are_the_planners_assumption():
+    """The backward kernels are compiled with __maxnreg__(backward_regs<R>()): the caps are ASSUMED_REGS["bwd"]."""
+    text = (Path(cupy_backend.__file__).resolve().parent / "cuda" / "gspn_backward.cu").read_text()
+    m = re.search(r"backward_regs\(\) \{ return R <= 2 \? (\d+) : \(R == 4 \? (\d+) : (\d+)\); \}", text)
+    assert m, "backward_regs not found in gspn_backward.cu"
+    caps = dict(zip((1, 2, 4, 8), map(int, (m.group(1), m.group(1), m.group(2), m.group(3)))))
+    assert caps == ASSUMED_REGS["bwd"]
+    assert text.count("__maxnreg__(backward_regs<R>())") == 3  # gspn_mix_bwd, gspn_mix_bwd_portable, gspn_scan_bwd

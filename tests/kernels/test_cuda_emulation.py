@@ -71,6 +71,9 @@ def test_cases_cover_every_path():
     assert any((s[0] * s[1]) % p.lb for p, s in plans)                     # partial last group
     assert all(max(g.nt for g in p.geo) > 1 for p, _ in plans[:3])         # several tiles per scan
     assert {p.S for p, _ in plans if p.V > 1 and max(g.nt for g in p.geo) > 2} == {2, 3}
+    # the backward's resident lookahead: none, some with vectors, and as far as the last tile
+    assert any(g.D == 0 for p, _ in plans for g in p.geo) and any(g.D > 0 and p.V > 1 for p, _ in plans for g in p.geo)
+    assert any(p.S - 1 + g.D >= g.nt - 1 > p.S for p, _ in plans for g in p.geo)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -96,6 +99,20 @@ def test_variants_are_bitwise_identical(emulation, shape, chunk, dtype, launch):
         finally:
             emulation.set_order("concurrent")
         assert all(torch.equal(a, b) for a, b in zip(got, want)), order
+
+
+@pytest.mark.parametrize("shape, chunk, dtype", [((1, 4, 2, 24, 32), 5, BF16), ((2, 3, 3, 20, 28), None, F32)])
+def test_resident_lookahead_changes_nothing(emulation, shape, chunk, dtype):
+    """The backward's first pass loading its resident tiles 0, 1, 3 or all tiles further ahead only moves
+    copies earlier: the gradients are bitwise the same, and right."""
+    inputs, dy = testing.mix_inputs(*shape, dtype, seed=5)
+    got = {}
+    for D in (0, 1, 3, 100):
+        launch = Launch(loaders=32, scan_lanes=64, tile=16 // dtype.itemsize, stages=2, lookahead=D, smem=96 * 1024)
+        assert all(g.D == D for g in _plan(shape, dtype, launch).geo)
+        got[D] = testing.run(testing.backend_mix(backend(launch, "portable")), inputs, dy, chunk)
+    assert all(torch.equal(a, b) for D in (1, 3, 100) for a, b in zip(got[D], got[0]))
+    testing.check_mix(testing.backend_mix(backend(launch, "portable")), shape, dtype, chunk, inputs=(inputs, dy))
 
 
 SCAN_CASES = [
@@ -208,6 +225,11 @@ def test_target_shapes_have_plans_within_the_design_bar(arch):
                 bar = 1.15 if variant == "cluster" else 1.5
                 assert d["dram_x_floor"] <= bar, (arch, N, H, W, dtype, variant, backward, d["dram_x_floor"])
                 assert d["inflight_sm"] > 0 and d["ctas_per_sm"] >= 1
+                if backward:  # the first pass's copies reach INFLIGHT_SM per SM, or run to the last tile
+                    p = cuda_plan.plan(N, 1152, 1152, H, W, dtype.itemsize, True, True, True, Launch(), device)
+                    reach = d["inflight_sm_by_phase"][0] >= cuda_plan.INFLIGHT_SM
+                    assert reach or all(p.S - 1 + g.D >= g.nt - 1 for g in p.geo), (arch, N, H, dtype, p.geo)
+                    assert reach or arch != "sm_90", (N, H, dtype, d["inflight_sm_by_phase"])
 
 
 # One group of the production plan per target shape (N * C = planes per CTA), its shared-memory warp

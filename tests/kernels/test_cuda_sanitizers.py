@@ -27,8 +27,10 @@ CASES = [
     ((1, 2, 1, 4, 70), 4, torch.float32, NARROW, ("cluster",)),           # row lines of 70, gate scratch (gmode 2)
     ((2, 2, 2, 8, 16), 5, torch.bfloat16, Launch(loaders=32, scan_lanes=32, tile=8, smem=96 * 1024),
      ("cluster", "portable")),                                            # bf16 copies of 16 and 4 bytes
+    ((1, 2, 2, 12, 20), None, torch.float32, Launch(loaders=32, scan_lanes=32, tile=4, stages=2, lookahead=2,
+                                                    smem=96 * 1024), ("portable",)),  # resident tiles 3 ahead
     ((1, 1, 1, 70, 9), 4, torch.float32, Launch(loaders=32, scan_lanes=128, tile=4, smem=96 * 1024),
-     ("cluster",)),                                                       # 4 warps per line
+     ("cluster",)),                                                       # 4 warps per line (the last case)
 ]
 
 
