@@ -296,20 +296,25 @@ __device__ void backward_cta(const Args& a, int d, int group) {
 // changes, and 128 lets two CTAs of up to 8 warps share an SM. The compile test checks that none spills.
 template <int R>
 __device__ constexpr int backward_regs() { return R <= 2 ? 128 : (R == 4 ? 136 : 176); }
+#if defined(__CUDACC_VER_MAJOR__) && __CUDACC_VER_MAJOR__ * 100 + __CUDACC_VER_MINOR__ >= 1204
+#define GSPN_MAXNREG(n) __maxnreg__(n)
+#else  // __maxnreg__ came with CUDA 12.4: older compilers build the kernels uncapped
+#define GSPN_MAXNREG(n)
+#endif
 
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
 template <class D, int R>
-__global__ void __cluster_dims__(4, 1, 1) __maxnreg__(backward_regs<R>())
+__global__ void __cluster_dims__(4, 1, 1) GSPN_MAXNREG(backward_regs<R>())
     gspn_mix_bwd(const __grid_constant__ Args a) {
   backward_cta<D, R, true, CLUSTER>(a, blockIdx.x & 3, blockIdx.x >> 2);
 }
 #endif
 template <class D, int R>
-__global__ void __maxnreg__(backward_regs<R>()) gspn_mix_bwd_portable(const __grid_constant__ Args a) {
+__global__ void GSPN_MAXNREG(backward_regs<R>()) gspn_mix_bwd_portable(const __grid_constant__ Args a) {
   backward_cta<D, R, true, PORTABLE>(a, blockIdx.x & 3, blockIdx.x >> 2);
 }
 template <class D, int R>
-__global__ void __maxnreg__(backward_regs<R>()) gspn_scan_bwd(const __grid_constant__ Args a) {
+__global__ void GSPN_MAXNREG(backward_regs<R>()) gspn_scan_bwd(const __grid_constant__ Args a) {
   backward_cta<D, R, false, SINGLE>(a, 0, blockIdx.x);
 }
 

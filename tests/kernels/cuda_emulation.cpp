@@ -63,7 +63,6 @@
 #define __align__(n) alignas(n)
 #define __grid_constant__
 #define __cluster_dims__(...)
-#define __maxnreg__(...)
 
 struct dim3 {
   unsigned x = 1, y = 1, z = 1;

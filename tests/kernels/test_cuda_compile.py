@@ -118,10 +118,11 @@ def test_nvcc_builds_the_portable_kernels_for_sm80(tmp_path):
 
 
 def test_backward_register_caps_are_the_planners_assumption():
-    """The backward kernels are compiled with __maxnreg__(backward_regs<R>()): the caps are ASSUMED_REGS["bwd"]."""
+    """The backward kernels are compiled with __maxnreg__(backward_regs<R>()) (CUDA 12.4+): the caps are
+    ASSUMED_REGS["bwd"]."""
     text = (Path(cupy_backend.__file__).resolve().parent / "cuda" / "gspn_backward.cu").read_text()
     m = re.search(r"backward_regs\(\) \{ return R <= 2 \? (\d+) : \(R == 4 \? (\d+) : (\d+)\); \}", text)
     assert m, "backward_regs not found in gspn_backward.cu"
     caps = dict(zip((1, 2, 4, 8), map(int, (m.group(1), m.group(1), m.group(2), m.group(3)))))
     assert caps == ASSUMED_REGS["bwd"]
-    assert text.count("__maxnreg__(backward_regs<R>())") == 3  # gspn_mix_bwd, gspn_mix_bwd_portable, gspn_scan_bwd
+    assert text.count("GSPN_MAXNREG(backward_regs<R>())") == 3  # gspn_mix_bwd, gspn_mix_bwd_portable, gspn_scan_bwd
