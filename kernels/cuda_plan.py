@@ -249,6 +249,12 @@ def resident_ahead(S: int, D: int, nt: int) -> int:
     return max(S - 1, min(S - 1 + D, nt - 1))
 
 
+def _first_pass_in_flight(p: Plan, g: Geo, D: int, e: int, mix: bool) -> int:
+    """Load bytes one CTA of the backward has in flight in its first pass on line kind g with lookahead D:
+    S - 1 tiles of u, `resident_ahead` tiles of the 3 gates and dy."""
+    return ((p.S - 1) * int(mix) + resident_ahead(p.S, D, g.nt) * 4) * p.ts * p.lb * g.P * e
+
+
 def _loads_in_flight(p: Plan, e: int, backward: bool, mix: bool) -> int:
     """Load bytes one CTA has in flight by design, the least over its phases and line kinds: S - 1 tiles
     of every array it stages (forward: x, lam, u, 3 gates; backward pass 1: u, and the 3 gates and dy
@@ -257,7 +263,7 @@ def _loads_in_flight(p: Plan, e: int, backward: bool, mix: bool) -> int:
     for g in p.geo:
         tile = p.ts * p.lb * g.P * e
         if backward:
-            phases = [((p.S - 1) * int(mix) + resident_ahead(p.S, g.D, g.nt) * 4) * tile, (p.S - 1) * 2 * tile]
+            phases = [_first_pass_in_flight(p, g, g.D, e, mix), (p.S - 1) * 2 * tile]
         else:
             phases = [(p.S - 1) * (6 if mix else 5) * tile]
         least = min([least, *phases] if least is not None else phases)
@@ -270,9 +276,7 @@ def _lookahead(p: Plan, g: Geo, e: int, mix: bool, ctas: int, launch: Launch) ->
     if launch.lookahead is not None:
         return launch.lookahead
     most = max(0, g.nt - p.S)
-    tile = p.ts * p.lb * g.P * e
-    return next((D for D in range(most) if ctas * ((p.S - 1) * int(mix) + resident_ahead(p.S, D, g.nt) * 4) * tile
-                 >= INFLIGHT_SM), most)
+    return next((D for D in range(most) if ctas * _first_pass_in_flight(p, g, D, e, mix) >= INFLIGHT_SM), most)
 
 
 @functools.lru_cache(maxsize=1024)
